@@ -1,0 +1,29 @@
+// Every schema of the i2v_kernels namespace lives here; kernels register per dispatch key in the
+// family folders (TORCH_LIBRARY_IMPL(i2v_kernels, CPU|CUDA, m)). Importing i2v_kernels._C loads this
+// library, which runs the registrations; the Python module itself is empty.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "i2v-kernels C++/CUDA kernels (registered as torch.ops.i2v_kernels.*)",
+      -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(i2v_kernels, m) {
+  // Fused adaLN forward, one row of C channels at a time (x: [..., C]):
+  //   r   = x + gate * y                        (y given; gate optional, 1 when absent)
+  //   out = r                                   norm == 0 (gated residual)
+  //   out = modulate(affine(layer_norm(r)))     norm == 1
+  //   out = modulate(affine(rms_norm(r)))       norm == 2
+  // with affine(n) = n * weight + bias and modulate(n) = n * (1 + scale) + shift, each term only when
+  // its tensor is given. y, gate, shift, scale come expanded to x's shape (stride-0 views, never
+  // materialized); weight and bias are [C]. Statistics in fp32 (fp64 for double). `residual` is r in
+  // x's dtype when y is given and norm != 0, else an empty tensor.
+  m.def(
+      "_adaln_fwd(Tensor x, Tensor? y, Tensor? gate, Tensor? shift, Tensor? scale, Tensor? weight, "
+      "Tensor? bias, int norm, float eps) -> (Tensor out, Tensor residual)");
+}

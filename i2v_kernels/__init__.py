@@ -1,0 +1,21 @@
+"""i2v-kernels: GPU kernels for image-to-video diffusion transformers.
+
+Every function below runs through one ``torch.library`` op (``torch.ops.i2v_kernels.<name>``); the
+backend inside it (cuda, triton, cpu, torch) is chosen per call -- see ``i2v_kernels.info()``.
+"""
+
+from i2v_kernels._backend import BackendUnavailableError, available_backends, info, use_backend
+from i2v_kernels.nn import AdaLNModulate
+from i2v_kernels.ops.adaln import adaln_modulate, gated_residual, gated_residual_adaln, rms_norm
+
+__all__ = [
+    "AdaLNModulate",
+    "BackendUnavailableError",
+    "adaln_modulate",
+    "available_backends",
+    "gated_residual",
+    "gated_residual_adaln",
+    "info",
+    "rms_norm",
+    "use_backend",
+]

@@ -1,0 +1,275 @@
+"""Backend registry and per-call selection.
+
+Backends, in the order ``auto`` tries them:
+
+* ``cuda``   -- CUDA C++ kernels of the extension ``i2v_kernels._C`` (CUDA tensors);
+* ``triton`` -- Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``, and then
+  only when asked for explicitly: ``auto`` never picks the interpreter, a debugging tool);
+* ``cpu``    -- C++ CPU kernels of ``i2v_kernels._C`` (CPU tensors);
+* ``torch``  -- the pure-PyTorch reference (fp32 math, fp64 for fp64 inputs): runs everywhere.
+
+The backend is chosen per call from the tensors' device, dtype and shape. ``use_backend(name)`` or the
+environment variable ``I2V_KERNELS_BACKEND`` forces one; a forced backend that cannot run raises
+:class:`BackendUnavailableError` saying why. ``auto`` falls back to the next backend, warns once per
+(op, backend, reason) and records the fallback for :func:`info`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import platform
+import threading
+import warnings
+from typing import Callable, Iterator, Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+CHOICES = ("auto",) + BACKENDS
+ENV_VAR = "I2V_KERNELS_BACKEND"
+
+# Oldest GPU architecture the kernels are written for (cp.async-era features, bf16 math).
+MIN_CUDA_CAPABILITY = (8, 0)
+
+_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("i2v_kernels_backend", default=None)
+_lock = threading.Lock()
+_fallbacks: dict[tuple[str, str, str], int] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend that was asked for explicitly cannot run this call."""
+
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or name not in CHOICES:
+        raise ValueError(f"{what} must be one of {', '.join(CHOICES)}; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend inside a ``with`` block (``"auto"`` restores per-call selection).
+
+    Example::
+
+        with i2v_kernels.use_backend("torch"):
+            y = i2v_kernels.adaln_modulate(x, shift, scale)
+    """
+    token = _forced.set(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def requested_backend() -> str:
+    """The backend asked for now: ``use_backend`` first, then ``I2V_KERNELS_BACKEND``, else ``auto``."""
+    name = _forced.get()
+    if name is not None:
+        return name
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    if not env:
+        return "auto"
+    return _check_name(env, f"environment variable {ENV_VAR}")
+
+
+# --------------------------------------------------------------------------------------------------
+# What loaded, and why not
+
+
+class _Lazy:
+    """Import a module once, keeping the error (shown by info()) instead of raising it."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._done = False
+        self.module = None
+        self.error: Optional[str] = None
+
+    def get(self):
+        if not self._done:
+            with _lock:
+                if not self._done:
+                    try:
+                        self.module = importlib.import_module(self.name)
+                    except ImportError as e:  # missing build, missing triton, ABI mismatch ...
+                        self.error = f"{type(e).__name__}: {e}"
+                    self._done = True
+        return self.module
+
+
+_ext = _Lazy("i2v_kernels._C")
+_triton = _Lazy("triton")
+
+
+def load_extension() -> Optional[str]:
+    """Load ``i2v_kernels._C`` (registers the C++ ops); return why it is unusable, or None."""
+    if _ext.get() is None:
+        return f"extension i2v_kernels._C did not load ({_ext.error}); build it with `pip install --no-build-isolation -e .`"
+    return None
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"i2v_kernels::{op}", key)
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _cuda_build_reason() -> Optional[str]:
+    reason = load_extension()
+    if reason:
+        return reason
+    if not _has_kernel("_adaln_fwd", "CUDA"):
+        return "i2v_kernels._C was built without CUDA kernels (no nvcc or a CPU-only torch at build time)"
+    return None
+
+
+def _cuda_reason(device: torch.device) -> Optional[str]:
+    reason = _cuda_build_reason()
+    if reason:
+        return reason
+    if device.type != "cuda":
+        return f"tensors are on {device}, not a CUDA device"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < MIN_CUDA_CAPABILITY:
+        return f"GPU capability {cap} is below {MIN_CUDA_CAPABILITY}"
+    return None
+
+
+def _triton_reason(device: torch.device) -> Optional[str]:
+    if _triton.get() is None:
+        return f"triton did not import ({_triton.error})"
+    if device.type == "cpu" and not triton_interpreted():
+        return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton kernels do not run on {device.type} tensors"
+    return None
+
+
+def _cpu_reason(device: torch.device) -> Optional[str]:
+    if device.type != "cpu":
+        return f"tensors are on {device}, not the CPU"
+    return load_extension()
+
+
+_GENERIC: dict[str, Callable[[torch.device], Optional[str]]] = {
+    "cuda": _cuda_reason,
+    "triton": _triton_reason,
+    "cpu": _cpu_reason,
+    "torch": lambda device: None,
+}
+
+
+def _auto_candidate(backend: str, device: torch.device) -> bool:
+    """Does ``auto`` consider this backend for tensors on ``device`` at all (no warning when not)."""
+    if backend == "cuda" or backend == "triton":
+        return device.type == "cuda"
+    if backend == "cpu":
+        return device.type == "cpu"
+    return True
+
+
+def _warn_fallback(op: str, backend: str, reason: str) -> None:
+    key = (op, backend, reason)
+    with _lock:
+        first = key not in _fallbacks
+        _fallbacks[key] = _fallbacks.get(key, 0) + 1
+    if first:
+        warnings.warn(f"i2v_kernels.{op}: backend {backend!r} cannot run this call ({reason}); falling back",
+                      RuntimeWarning, stacklevel=4)
+
+
+def select(op: str, device: torch.device, why_not: Callable[[str], Optional[str]]) -> str:
+    """Pick the backend for one call of ``op``.
+
+    ``why_not(backend)`` returns the op-specific reason a backend cannot take this call (dtype,
+    shape ...) or None; device-level availability is checked here first.
+    """
+    wanted = requested_backend()
+    if wanted != "auto":
+        reason = _GENERIC[wanted](device) or why_not(wanted)
+        if reason:
+            raise BackendUnavailableError(f"i2v_kernels.{op}: backend {wanted!r} was requested but cannot run: {reason}")
+        return wanted
+    for backend in BACKENDS:
+        if not _auto_candidate(backend, device):
+            continue
+        reason = _GENERIC[backend](device) or why_not(backend)
+        if reason is None:
+            return backend
+        _warn_fallback(op, backend, reason)
+    raise AssertionError("unreachable: the torch backend always runs")
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process for some device (``torch`` always)."""
+    usable = []
+    if torch.cuda.is_available() and _cuda_reason(torch.device("cuda")) is None:
+        usable.append("cuda")
+    if _triton_reason(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is None:
+        usable.append("triton")
+    if _cpu_reason(torch.device("cpu")) is None:
+        usable.append("cpu")
+    usable.append("torch")
+    return usable
+
+
+def info() -> dict:
+    """Versions, build configuration, GPU, and which backends are usable (and why not)."""
+    load_extension()
+    try:
+        from i2v_kernels._build_info import BUILD_INFO
+    except ImportError as e:
+        BUILD_INFO = {"error": f"no build information ({e}); the extension was not built with setup.py"}
+    triton = _triton.get()
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = {
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "count": torch.cuda.device_count(),
+        }
+    cuda_dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backends = {}
+    for name in BACKENDS:
+        if name == "cuda":
+            reason = _cuda_build_reason() or (None if torch.cuda.is_available() else "no CUDA GPU visible")
+            if reason is None:
+                reason = _cuda_reason(torch.device("cuda"))
+        elif name == "triton":
+            reason = _triton_reason(cuda_dev)
+        else:
+            reason = _GENERIC[name](torch.device("cpu"))
+        backends[name] = {"usable": reason is None, "why_not": reason}
+    return {
+        "i2v_kernels": _version(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": getattr(triton, "__version__", None),
+        "triton_interpret": triton_interpreted(),
+        "gpu": gpu,
+        "build": BUILD_INFO,
+        "extension_error": _ext.error,
+        "requested_backend": requested_backend(),
+        "backends": backends,
+        "fallbacks": [
+            {"op": op, "backend": b, "reason": r, "count": n} for (op, b, r), n in sorted(_fallbacks.items())
+        ],
+    }
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("i2v-kernels")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"

@@ -1,0 +1,310 @@
+"""Fused adaLN family: LayerNorm + modulation, gated residual, both fused, and RMSNorm.
+
+Layouts: ``x`` is ``[..., C]``. ``shift``, ``scale`` and ``gate`` are any shape that broadcasts to ``x``
+with last dim ``C`` -- per-sample ``[B, 1, C]``, per-frame ``[B, T, 1, C]`` against ``x [B, T, S, C]``,
+per-token ``[B, N, C]``, shared ``[C]`` -- and are read through their strides, never expanded in
+memory. ``weight``/``bias`` are the LayerNorm (or RMSNorm) affine, ``[C]``.
+
+Each public function is one ``torch.library`` op (``torch.ops.i2v_kernels.<name>``) with a fake
+implementation and autograd; the backend (cuda, triton, cpu, torch) is chosen inside it per call.
+Numerics: statistics and math in fp32 (fp64 for fp64 inputs), outputs in ``x``'s dtype. Autocast
+policy: inputs are not cast (modulation tensors may be fp32 next to a bf16 ``x``, as Wan keeps them).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from i2v_kernels import _backend
+from i2v_kernels.ops.adaln import reference
+from i2v_kernels.ops.adaln.reference import NORM_LAYER, NORM_NONE, NORM_RMS
+
+__all__ = ["adaln_modulate", "gated_residual", "gated_residual_adaln", "rms_norm"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NATIVE_DTYPES = {
+    "cuda": (torch.float16, torch.bfloat16, torch.float32),
+    "cpu": _FLOAT_DTYPES,
+}
+
+_backend.load_extension()  # registers the C++ schemas before the Python ops join the namespace
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks (shared by the real and fake implementations, so torch.compile reports them too)
+
+
+def _check_eps(eps, op: str) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, Real):
+        raise TypeError(f"{op}: eps must be a positive float, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{op}: eps must be a positive finite float (it keeps 1/sqrt(var + eps) finite), got {eps}")
+    return float(eps)
+
+
+def _check_types(op: str, **tensors) -> None:
+    """Before the op's schema sees them: non-tensors get our error, not the dispatcher's cast error."""
+    for name, t in tensors.items():
+        required = name in ("x", "y")
+        if (required or t is not None) and not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor" + ("" if required else " or None") +
+                            f", got {type(t).__name__}")
+
+
+def _check_tensor(name: str, t: Tensor, x: Tensor, op: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; move them to one device")
+
+
+def _check(op: str, x, y=None, gate=None, shift=None, scale=None, weight=None, bias=None) -> None:
+    _check_tensor("x", x, x, op)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must be [..., C] with C >= 1 channels, got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    if y is not None:
+        _check_tensor("y", y, x, op)
+        if y.shape != x.shape:
+            raise ValueError(f"{op}: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+        if y.dtype != x.dtype:
+            raise TypeError(f"{op}: y must have x's dtype {x.dtype}, got {y.dtype}")
+    for name, m in (("gate", gate), ("shift", shift), ("scale", scale)):
+        if m is None:
+            continue
+        _check_tensor(name, m, x, op)
+        if m.dim() == 0 or m.shape[-1] != C or m.dim() > x.dim() or any(
+            a != 1 and a != b for a, b in zip(reversed(m.shape), reversed(x.shape))
+        ):
+            raise ValueError(
+                f"{op}: {name} of shape {tuple(m.shape)} must broadcast to x {tuple(x.shape)} with last dim "
+                f"C={C} (e.g. [B, 1, C] per sample, [B, T, 1, C] per frame, [C] shared)"
+            )
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        _check_tensor(name, p, x, op)
+        if tuple(p.shape) != (C,):
+            raise ValueError(f"{op}: {name} must have shape ({C},) to match x's last dim, got {tuple(p.shape)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def _kernel_views(x, y, gate, shift, scale, weight, bias):
+    """What the kernels take: unit stride on C, modulation expanded (as stride-0 views) to x's shape,
+    all modulation tensors in one dtype (x's, else fp32 -- never a lossy cast)."""
+    mods = [gate, shift, scale, weight, bias]
+    present = [m for m in mods if m is not None]
+    mod_dtype = x.dtype if all(m.dtype == x.dtype for m in present) else torch.float32
+    if x.dtype == torch.float64:
+        mod_dtype = torch.float64
+
+    def unit(t):
+        if t.stride(-1) == 1:
+            return t
+        if t.shape[-1] == 1:  # the last stride is never used; say so without copying
+            return t.as_strided(t.shape, (*t.stride()[:-1], 1))
+        return t.contiguous()
+
+    def mod(t, expand):
+        if t is None:
+            return None
+        t = unit(t.to(mod_dtype))
+        return t.expand(x.shape) if expand else t.contiguous()
+
+    x = unit(x)
+    y = None if y is None else unit(y)
+    return x, y, mod(gate, True), mod(shift, True), mod(scale, True), mod(weight, False), mod(bias, False)
+
+
+def _triton():
+    from i2v_kernels.ops.adaln import triton as triton_kernels
+
+    return triton_kernels
+
+
+def _fused(op: str, x, y, gate, shift, scale, weight, bias, norm: int, eps: float):
+    _check(op, x, y, gate, shift, scale, weight, bias)
+    if x.numel() == 0:
+        return reference.fused_fwd(x, y, gate, shift, scale, weight, bias, norm, eps)
+    views = _kernel_views(x, y, gate, shift, scale, weight, bias)
+
+    def why_not(backend: str) -> Optional[str]:
+        if backend == "triton":
+            return _triton().why_not(views[0], views[1:5])
+        if backend in _NATIVE_DTYPES and x.dtype not in _NATIVE_DTYPES[backend]:
+            return f"the {backend} kernel does not support {x.dtype}"
+        return None
+
+    backend = _backend.select(op, x.device, why_not)
+    if backend == "torch":
+        return reference.fused_fwd(x, y, gate, shift, scale, weight, bias, norm, eps)
+    if backend == "triton":
+        return _triton().adaln_fwd(*views, norm, eps)
+    return torch.ops.i2v_kernels._adaln_fwd(*views, norm, eps)
+
+
+# --------------------------------------------------------------------------------------------------
+# The ops
+
+
+@torch.library.custom_op("i2v_kernels::adaln_modulate", mutates_args=())
+def _adaln_modulate_op(
+    x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor], weight: Optional[Tensor],
+    bias: Optional[Tensor], eps: float,
+) -> Tensor:
+    return _fused("adaln_modulate", x, None, None, shift, scale, weight, bias, NORM_LAYER, eps)[0]
+
+
+@torch.library.custom_op("i2v_kernels::gated_residual", mutates_args=())
+def _gated_residual_op(x: Tensor, y: Tensor, gate: Optional[Tensor]) -> Tensor:
+    return _fused("gated_residual", x, y, gate, None, None, None, None, NORM_NONE, 1.0)[0]
+
+
+@torch.library.custom_op("i2v_kernels::gated_residual_adaln", mutates_args=())
+def _gated_residual_adaln_op(
+    x: Tensor, y: Tensor, gate: Optional[Tensor], shift: Optional[Tensor], scale: Optional[Tensor],
+    weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+) -> tuple[Tensor, Tensor]:
+    out, r = _fused("gated_residual_adaln", x, y, gate, shift, scale, weight, bias, NORM_LAYER, eps)
+    return r, out
+
+
+@torch.library.custom_op("i2v_kernels::rms_norm", mutates_args=())
+def _rms_norm_op(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    return _fused("rms_norm", x, None, None, None, None, weight, None, NORM_RMS, eps)[0]
+
+
+@_adaln_modulate_op.register_fake
+def _(x, shift, scale, weight, bias, eps):
+    _check("adaln_modulate", x, None, None, shift, scale, weight, bias)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_gated_residual_op.register_fake
+def _(x, y, gate):
+    _check("gated_residual", x, y, gate)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_gated_residual_adaln_op.register_fake
+def _(x, y, gate, shift, scale, weight, bias, eps):
+    _check("gated_residual_adaln", x, y, gate, shift, scale, weight, bias)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    _check("rms_norm", x, weight=weight)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# Autograd: one recompute-based backward (fp32 math in plain PyTorch) serves the whole family; it
+# maps each op's inputs onto reference.fused_bwd's (x, y, gate, shift, scale, weight, bias).
+
+
+def _setup(ctx, names, inputs, norm):
+    ctx.names = names
+    ctx.norm = norm
+    args = dict(zip(names, inputs))
+    ctx.eps = args.pop("eps", 0.0)
+    ctx.save_for_backward(*(args.get(k) for k in ("x", "y", "gate", "shift", "scale", "weight", "bias")))
+
+
+def _backward(ctx, grad_out, grad_res=None):
+    saved = ctx.saved_tensors
+    order = ("x", "y", "gate", "shift", "scale", "weight", "bias")
+    needs_by_name = dict(zip(ctx.names, ctx.needs_input_grad))
+    needs = [needs_by_name.get(k, False) for k in order]
+    grads = dict(zip(order, reference.fused_bwd(grad_out, grad_res, *saved, ctx.norm, ctx.eps, needs)))
+    return tuple(grads.get(name) for name in ctx.names)
+
+
+_SIGNATURES = {
+    _adaln_modulate_op: (("x", "shift", "scale", "weight", "bias", "eps"), NORM_LAYER),
+    _gated_residual_op: (("x", "y", "gate"), NORM_NONE),
+    _gated_residual_adaln_op: (("x", "y", "gate", "shift", "scale", "weight", "bias", "eps"), NORM_LAYER),
+    _rms_norm_op: (("x", "weight", "eps"), NORM_RMS),
+}
+
+
+def _register_autograd(op, names, norm):
+    def setup_context(ctx, inputs, output):
+        _setup(ctx, names, inputs, norm)
+
+    if op is _gated_residual_adaln_op:
+        def backward(ctx, grad_r, grad_out):
+            return _backward(ctx, grad_out, grad_r)
+    else:
+        def backward(ctx, grad_out):
+            return _backward(ctx, grad_out)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+for _op, (_names, _norm) in _SIGNATURES.items():
+    _register_autograd(_op, _names, _norm)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions
+
+
+def adaln_modulate(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor], *, eps: float = 1e-6,
+                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+    """Fused ``LayerNorm(x) * (1 + scale) + shift`` over the last dim.
+
+    Args:
+        x: ``[..., C]``.
+        shift, scale: broadcastable to ``x`` with last dim ``C`` (``[B, 1, C]``, ``[B, T, 1, C]``,
+            ``[B, N, C]``, ``[C]``), or None to skip that term.
+        eps: LayerNorm epsilon, > 0.
+        weight, bias: optional LayerNorm affine, ``[C]`` (applied before the modulation).
+
+    Returns:
+        ``[..., C]`` in ``x``'s dtype (contiguous).
+
+    Example::
+
+        x = torch.randn(2, 16, 256, 1152)            # [B, T, S, C]
+        shift = torch.randn(2, 16, 1, 1152)          # per frame
+        scale = torch.randn(2, 1, 1, 1152)           # per sample
+        y = i2v_kernels.adaln_modulate(x, shift, scale)
+    """
+    _check_types("adaln_modulate", x=x, shift=shift, scale=scale, weight=weight, bias=bias)
+    return torch.ops.i2v_kernels.adaln_modulate(x, shift, scale, weight, bias, _check_eps(eps, "adaln_modulate"))
+
+
+def gated_residual(x: Tensor, y: Tensor, gate: Optional[Tensor]) -> Tensor:
+    """``x + gate * y`` with ``gate`` broadcast to ``x`` (last dim ``C``); ``x``, ``y``: ``[..., C]``."""
+    _check_types("gated_residual", x=x, y=y, gate=gate)
+    return torch.ops.i2v_kernels.gated_residual(x, y, gate)
+
+
+def gated_residual_adaln(x: Tensor, y: Tensor, gate: Optional[Tensor], shift: Optional[Tensor],
+                         scale: Optional[Tensor], *, eps: float = 1e-6, weight: Optional[Tensor] = None,
+                         bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Gated residual and the next block's adaLN in one pass over the row.
+
+    Returns ``(r, out)`` with ``r = x + gate * y`` (the new residual stream) and
+    ``out = LayerNorm(r) * (1 + scale) + shift`` (the next sub-block's input).
+    """
+    _check_types("gated_residual_adaln", x=x, y=y, gate=gate, shift=shift, scale=scale, weight=weight, bias=bias)
+    return torch.ops.i2v_kernels.gated_residual_adaln(
+        x, y, gate, shift, scale, weight, bias, _check_eps(eps, "gated_residual_adaln"))
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor] = None, *, eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last dim: ``x / sqrt(mean(x ** 2) + eps) * weight`` (QK-norm); ``weight``: ``[C]``."""
+    _check_types("rms_norm", x=x, weight=weight)
+    return torch.ops.i2v_kernels.rms_norm(x, weight, _check_eps(eps, "rms_norm"))
