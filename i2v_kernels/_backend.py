@@ -184,20 +184,23 @@ def _warn_fallback(op: str, backend: str, reason: str) -> None:
                       RuntimeWarning, stacklevel=4)
 
 
-def select(op: str, device: torch.device, why_not: Callable[[str], Optional[str]]) -> str:
+def select(op: str, device: torch.device, why_not: Callable[[str], Optional[str]],
+           implemented: tuple[str, ...] = BACKENDS) -> str:
     """Pick the backend for one call of ``op``.
 
-    ``why_not(backend)`` returns the op-specific reason a backend cannot take this call (dtype,
-    shape ...) or None; device-level availability is checked here first.
+    ``implemented`` lists the backends that have a kernel for ``op`` at all (``auto`` skips the others
+    silently); ``why_not(backend)`` returns the op-specific reason a backend cannot take this call
+    (dtype, shape ...) or None; device-level availability is checked here first.
     """
     wanted = requested_backend()
     if wanted != "auto":
-        reason = _GENERIC[wanted](device) or why_not(wanted)
+        reason = None if wanted in implemented else f"there is no {wanted} kernel for {op} (it has: {', '.join(implemented)})"
+        reason = reason or _GENERIC[wanted](device) or why_not(wanted)
         if reason:
             raise BackendUnavailableError(f"i2v_kernels.{op}: backend {wanted!r} was requested but cannot run: {reason}")
         return wanted
     for backend in BACKENDS:
-        if not _auto_candidate(backend, device):
+        if backend not in implemented or not _auto_candidate(backend, device):
             continue
         reason = _GENERIC[backend](device) or why_not(backend)
         if reason is None:

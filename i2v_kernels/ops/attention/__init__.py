@@ -1,0 +1,392 @@
+"""Factorized spatial-temporal attention: spatial, temporal, and dense/cross attention.
+
+``softmax(q k^T * scale) v`` with fp32 accumulation; ``scale`` defaults to ``D ** -0.5``.
+
+* ``spatial_attention(q, k, v)``: ``[B, T, S, H, D]``, each frame attends within itself.
+* ``temporal_attention(q, k, v, causal=False)``: ``[B, T, S, H, D]``, each position across frames.
+* ``attention(q, k, v, kv_lens=None)``: ``q [B, N, H, D]``, ``k, v [B, M, H, D]``; dense 3D attention
+  (``N = M = T * S``) or cross-attention to text/image tokens with per-sample valid key lengths.
+
+Inputs are read through their strides (unit stride on ``D`` only): views of a packed QKV projection,
+``qkv.view(B, T, S, 3, H, D).unbind(3)``, go in without copies, and the output comes back in the same
+``[B, T, S, H, D]`` / ``[B, N, H, D]`` layout (contiguous). Optional fused prologue, keyword-only:
+``qk_norm="layer" | "rms"`` with ``q_norm_weight``/``k_norm_weight`` (and biases for ``"layer"``) over
+``D``, and ``rope=(cos, sin)`` rotary embedding (``rope_style="interleaved"`` as CogVideoX/Wan, or
+``"half"``), so QK-norm + RoPE + attention is one kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from i2v_kernels import _backend
+from i2v_kernels.ops.attention import reference
+
+__all__ = ["attention", "spatial_attention", "temporal_attention"]
+
+SPATIAL, TEMPORAL, DENSE = 0, 1, 2
+_NAMES = {SPATIAL: "spatial_attention", TEMPORAL: "temporal_attention", DENSE: "attention"}
+_IMPLEMENTED = ("triton", "torch")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_backend.load_extension()
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_float(name, t, ref, op):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but q is on {ref.device}; move them to one device")
+
+
+def _check(mode, q, k, v, scale, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style):
+    op = _NAMES[mode]
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, t, q, op)
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if mode == DENSE:
+        layout = "[B, N, H, D] for q and [B, M, H, D] for k, v"
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            raise ValueError(f"{op}: expected {layout}; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+            raise ValueError(f"{op}: expected {layout} with matching B, H, D and k.shape == v.shape; "
+                             f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    else:
+        if q.dim() != 5:
+            raise ValueError(f"{op}: q must be [B, T, S, H, D], got shape {tuple(q.shape)}")
+        for name, t in (("k", k), ("v", v)):
+            if t.shape != q.shape:
+                raise ValueError(f"{op}: {name} must have q's shape {tuple(q.shape)} [B, T, S, H, D], got {tuple(t.shape)}")
+    D = q.shape[-1]
+    if D == 0:
+        raise ValueError(f"{op}: head dim D must be >= 1, got q of shape {tuple(q.shape)}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be a finite float or None, got {scale}")
+    if kv_lens is not None:
+        if not isinstance(kv_lens, Tensor) or kv_lens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{op}: kv_lens must be an int32/int64 tensor [B], got "
+                            f"{kv_lens.dtype if isinstance(kv_lens, Tensor) else type(kv_lens).__name__}")
+        if tuple(kv_lens.shape) != (q.shape[0],):
+            raise ValueError(f"{op}: kv_lens must have shape [B] = ({q.shape[0]},), got {tuple(kv_lens.shape)}")
+        if kv_lens.device != q.device:
+            raise ValueError(f"{op}: kv_lens is on {kv_lens.device} but q is on {q.device}")
+    if qk_norm not in (None, "layer", "rms"):
+        raise ValueError(f"{op}: qk_norm must be None, 'layer' or 'rms', got {qk_norm!r}")
+    for name, t in (("q_norm_weight", qw), ("q_norm_bias", qb), ("k_norm_weight", kw), ("k_norm_bias", kb)):
+        if t is None:
+            continue
+        if qk_norm is None:
+            raise ValueError(f"{op}: {name} was given but qk_norm is None; pass qk_norm='layer' or 'rms'")
+        if qk_norm == "rms" and name.endswith("bias"):
+            raise ValueError(f"{op}: {name} applies only to qk_norm='layer' (RMSNorm has no bias)")
+        _check_float(name, t, q, op)
+        if tuple(t.shape) != (D,):
+            raise ValueError(f"{op}: {name} must have shape ({D},) (the head dim D), got {tuple(t.shape)}")
+    if rope_style not in ("interleaved", "half"):
+        raise ValueError(f"{op}: rope_style must be 'interleaved' or 'half', got {rope_style!r}")
+    if (cos is None) != (sin is None):
+        raise ValueError(f"{op}: rope must be a pair (cos, sin)")
+    if cos is not None:
+        if D % 2:
+            raise ValueError(f"{op}: rope needs an even head dim D, got {D}")
+        if mode == DENSE and k.shape[1] != q.shape[1]:
+            raise ValueError(f"{op}: rope applies to self-attention (N == M); got N={q.shape[1]}, M={k.shape[1]}")
+        target = q.shape[:-2] + q.shape[-1:]
+        for name, t in (("rope cos", cos), ("rope sin", sin)):
+            _check_float(name, t, q, op)
+            if t.dim() == 0 or t.dim() > len(target) or any(
+                a != 1 and a != b for a, b in zip(reversed(t.shape), reversed(target))
+            ):
+                raise ValueError(f"{op}: {name} of shape {tuple(t.shape)} must broadcast to q's shape without "
+                                 f"its head dim, {tuple(target)} (e.g. [S, D], [T, S, D], [N, D])")
+
+
+def _check_kv_lens_values(kv_lens, M, op):
+    """Value check (needs the numbers, so eager only; a fake tensor under torch.compile has none)."""
+    if kv_lens is None or isinstance(kv_lens, torch._subclasses.FakeTensor):
+        return
+    lo, hi = int(kv_lens.min()), int(kv_lens.max())
+    if lo < 1 or hi > M:
+        raise ValueError(f"{op}: kv_lens values must be in [1, M={M}] (at least one key per sample), got [{lo}, {hi}]")
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def _five_d(mode, t):
+    """The kernel's [b0, b1, b2, seq, D] view of a caller tensor (no copy)."""
+    if mode == SPATIAL:
+        return t.permute(0, 1, 3, 2, 4)  # [B, T, H, S, D]
+    if mode == TEMPORAL:
+        return t.permute(0, 2, 3, 1, 4)  # [B, S, H, T, D]
+    return t.unsqueeze(1).permute(0, 1, 3, 2, 4)  # [B, 1, H, N, D]
+
+
+def _unit_d(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _rope_views(mode, q, cos, sin):
+    """cos/sin as views of q's shape (stride 0 across heads and broadcast dims) sharing one set of
+    strides: only their own broadcast shape is ever materialized."""
+    cos, sin = (t.contiguous() for t in torch.broadcast_tensors(cos, sin))
+    target = q.shape[:-2] + q.shape[-1:]
+    return tuple(_five_d(mode, t.expand(target).unsqueeze(-2).expand(q.shape)) for t in (cos, sin))
+
+
+def _forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style):
+    op = _NAMES[mode]
+    _check(mode, q, k, v, scale, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style)
+    _check_kv_lens_values(kv_lens, k.shape[1], op)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    rope = None if cos is None else (cos, sin)
+    kwargs = dict(scale=scale, qk_norm=qk_norm, q_norm_weight=qw, q_norm_bias=qb, k_norm_weight=kw, k_norm_bias=kb,
+                  norm_eps=norm_eps, rope=rope, rope_style=rope_style)
+
+    def why_not(backend):
+        if backend == "triton":
+            from i2v_kernels.ops.attention import triton as attn_triton
+
+            return attn_triton.why_not(q)
+        return None
+
+    backend = _backend.select(op, q.device, why_not, _IMPLEMENTED)
+    if backend == "torch" or q.numel() == 0:
+        if mode == SPATIAL:
+            return reference.spatial_attention(q, k, v, **kwargs)
+        if mode == TEMPORAL:
+            return reference.temporal_attention(q, k, v, causal=causal, **kwargs)
+        return reference.attention(q, k, v, kv_lens=kv_lens, **kwargs)
+
+    from i2v_kernels.ops.attention import triton as attn_triton
+
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    rope5 = None if cos is None else _rope_views(mode, q, cos, sin)
+    attn_triton.attention_fwd(
+        _five_d(mode, _unit_d(q)), _five_d(mode, _unit_d(k)), _five_d(mode, _unit_d(v)), _five_d(mode, out),
+        scale=scale, causal=causal, kv_lens=kv_lens, qk_norm=qk_norm, q_norm_weight=qw, q_norm_bias=qb,
+        k_norm_weight=kw, k_norm_bias=kb, norm_eps=norm_eps, rope5=rope5, rope_style=rope_style,
+    )
+    return out
+
+
+_TO_SEQ = {
+    SPATIAL: (lambda t: t.transpose(2, 3), lambda t: t.transpose(2, 3)),
+    TEMPORAL: (lambda t: t.permute(0, 2, 3, 1, 4), lambda t: t.permute(0, 3, 1, 2, 4)),
+    DENSE: (lambda t: t.transpose(1, 2), lambda t: t.transpose(1, 2)),
+}
+
+
+def _backward_impl(mode, grad_out, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin,
+                   rope_style, needs):
+    """Recompute-based backward in fp32 (fp64 for fp64) with the reference's explicit formulas.
+
+    Returns gradients for (q, k, v, qw, qb, kw, kb, cos, sin), an empty tensor where not needed."""
+    acc = reference.acc_dtype(q)
+    rope = None if cos is None else (cos, sin)
+    to_seq, from_seq = _TO_SEQ[mode]
+    qp = reference.prologue(q, qk_norm, qw, qb, norm_eps, rope, rope_style)
+    kp = reference.prologue(k, qk_norm, kw, kb, norm_eps, rope, rope_style)
+    g_qp, g_kp, g_v = (from_seq(g) for g in reference.sdpa_bwd(
+        to_seq(qp), to_seq(kp), to_seq(v.to(acc)), to_seq(grad_out.to(acc)), scale, causal, kv_lens))
+    dq, dqw, dqb, dcos, dsin = reference.prologue_bwd(q, g_qp, qk_norm, qw, qb, norm_eps, rope, rope_style,
+                                                      [needs[0], needs[3], needs[4], needs[7], needs[8]])
+    dk, dkw, dkb, dcos_k, dsin_k = reference.prologue_bwd(k, g_kp, qk_norm, kw, kb, norm_eps, rope, rope_style,
+                                                          [needs[1], needs[5], needs[6], needs[7], needs[8]])
+    if dcos is not None:
+        dcos = dcos + dcos_k
+    if dsin is not None:
+        dsin = dsin + dsin_k
+    grads = [dq, dk, g_v, dqw, dqb, dkw, dkb, dcos, dsin]
+    inputs = [q, k, v, qw, qb, kw, kb, cos, sin]
+    return [g.to(t.dtype).contiguous() if n and t is not None and g is not None else q.new_empty(0)
+            for g, t, n in zip(grads, inputs, needs)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The ops (one per public function) and their shared backward op
+
+
+@torch.library.custom_op("i2v_kernels::spatial_attention", mutates_args=())
+def _spatial_op(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], qk_norm: Optional[str],
+                q_norm_weight: Optional[Tensor], q_norm_bias: Optional[Tensor], k_norm_weight: Optional[Tensor],
+                k_norm_bias: Optional[Tensor], norm_eps: float, rope_cos: Optional[Tensor],
+                rope_sin: Optional[Tensor], rope_style: str) -> Tensor:
+    return _forward(SPATIAL, q, k, v, scale, False, None, qk_norm, q_norm_weight, q_norm_bias, k_norm_weight,
+                    k_norm_bias, norm_eps, rope_cos, rope_sin, rope_style)
+
+
+@torch.library.custom_op("i2v_kernels::temporal_attention", mutates_args=())
+def _temporal_op(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], causal: bool, qk_norm: Optional[str],
+                 q_norm_weight: Optional[Tensor], q_norm_bias: Optional[Tensor], k_norm_weight: Optional[Tensor],
+                 k_norm_bias: Optional[Tensor], norm_eps: float, rope_cos: Optional[Tensor],
+                 rope_sin: Optional[Tensor], rope_style: str) -> Tensor:
+    return _forward(TEMPORAL, q, k, v, scale, causal, None, qk_norm, q_norm_weight, q_norm_bias, k_norm_weight,
+                    k_norm_bias, norm_eps, rope_cos, rope_sin, rope_style)
+
+
+@torch.library.custom_op("i2v_kernels::attention", mutates_args=())
+def _dense_op(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], kv_lens: Optional[Tensor],
+              qk_norm: Optional[str], q_norm_weight: Optional[Tensor], q_norm_bias: Optional[Tensor],
+              k_norm_weight: Optional[Tensor], k_norm_bias: Optional[Tensor], norm_eps: float,
+              rope_cos: Optional[Tensor], rope_sin: Optional[Tensor], rope_style: str) -> Tensor:
+    return _forward(DENSE, q, k, v, scale, False, kv_lens, qk_norm, q_norm_weight, q_norm_bias, k_norm_weight,
+                    k_norm_bias, norm_eps, rope_cos, rope_sin, rope_style)
+
+
+@torch.library.custom_op("i2v_kernels::_attention_bwd", mutates_args=())
+def _attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mode: int, scale: Optional[float],
+                      causal: bool, kv_lens: Optional[Tensor], qk_norm: Optional[str],
+                      q_norm_weight: Optional[Tensor], q_norm_bias: Optional[Tensor], k_norm_weight: Optional[Tensor],
+                      k_norm_bias: Optional[Tensor], norm_eps: float, rope_cos: Optional[Tensor],
+                      rope_sin: Optional[Tensor], rope_style: str, needs: list[bool]) -> list[Tensor]:
+    """Gradients for (q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, cos, sin); an
+    empty tensor where ``needs`` is False or the input is absent."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _backward_impl(mode, grad_out, q, k, v, scale, causal, kv_lens, qk_norm, q_norm_weight, q_norm_bias,
+                          k_norm_weight, k_norm_bias, norm_eps, rope_cos, rope_sin, rope_style, needs)
+
+
+def _fake_forward(mode):
+    def fake(q, k, v, scale, *rest):
+        args = dict(zip(_ARG_NAMES[mode][4:], rest))
+        _check(mode, q, k, v, scale, args.get("kv_lens"), args["qk_norm"], args["q_norm_weight"],
+               args["q_norm_bias"], args["k_norm_weight"], args["k_norm_bias"], args["norm_eps"], args["rope_cos"],
+               args["rope_sin"], args["rope_style"])
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    return fake
+
+
+@_attention_bwd_op.register_fake
+def _(grad_out, q, k, v, mode, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style, needs):
+    inputs = [q, k, v, qw, qb, kw, kb, cos, sin]
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) if t is not None and n else q.new_empty(0)
+            for t, n in zip(inputs, needs)]
+
+
+_TAIL = ("qk_norm", "q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias", "norm_eps", "rope_cos",
+         "rope_sin", "rope_style")
+_ARG_NAMES = {
+    SPATIAL: ("q", "k", "v", "scale") + _TAIL,
+    TEMPORAL: ("q", "k", "v", "scale", "causal") + _TAIL,
+    DENSE: ("q", "k", "v", "scale", "kv_lens") + _TAIL,
+}
+_GRAD_INPUTS = ("q", "k", "v", "q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias", "rope_cos", "rope_sin")
+
+
+def _register(op, mode):
+    names = _ARG_NAMES[mode]
+    op.register_fake(_fake_forward(mode))
+
+    def setup_context(ctx, inputs, output):
+        args = dict(zip(names, inputs))
+        ctx.args = {n: args.get(n) for n in ("scale", "causal", "qk_norm", "norm_eps", "rope_style")}
+        ctx.save_for_backward(*(args.get(n) for n in _GRAD_INPUTS), args.get("kv_lens"))
+
+    def backward(ctx, grad_out):
+        *saved, kv_lens = ctx.saved_tensors
+        needs_by_name = dict(zip(names, ctx.needs_input_grad))
+        needs = [bool(needs_by_name.get(n, False)) for n in _GRAD_INPUTS]
+        a = ctx.args
+        grads = torch.ops.i2v_kernels._attention_bwd(
+            grad_out, saved[0], saved[1], saved[2], mode, a["scale"], bool(a["causal"]), kv_lens, a["qk_norm"],
+            *saved[3:7], a["norm_eps"], saved[7], saved[8], a["rope_style"], needs)
+        by_name = {n: (g if need else None) for n, g, need in zip(_GRAD_INPUTS, grads, needs)}
+        return tuple(by_name.get(n) for n in names)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+_register(_spatial_op, SPATIAL)
+_register(_temporal_op, TEMPORAL)
+_register(_dense_op, DENSE)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions
+
+
+def _prologue_args(op, qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, norm_eps, rope, rope_style):
+    if rope is not None and (not isinstance(rope, (tuple, list)) or len(rope) != 2):
+        raise TypeError(f"{op}: rope must be a pair (cos, sin) of tensors, got {type(rope).__name__}")
+    if isinstance(norm_eps, bool) or not isinstance(norm_eps, Real) or not (math.isfinite(norm_eps) and norm_eps > 0):
+        raise ValueError(f"{op}: norm_eps must be a positive finite float, got {norm_eps!r}")
+    cos, sin = (None, None) if rope is None else rope
+    return (qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, float(norm_eps), cos, sin, rope_style)
+
+
+def _scale_arg(op, scale):
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, Real):
+        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _tensors(op, **tensors):
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+
+
+def spatial_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, qk_norm: Optional[str] = None,
+                      q_norm_weight=None, q_norm_bias=None, k_norm_weight=None, k_norm_bias=None,
+                      norm_eps: float = 1e-6, rope=None, rope_style: str = "interleaved") -> Tensor:
+    """Attention within each frame: ``q, k, v [B, T, S, H, D]`` -> ``[B, T, S, H, D]`` (sequence ``S``).
+
+    Example::
+
+        qkv = torch.randn(2, 16, 256, 3 * 1152, device="cuda", dtype=torch.bfloat16)   # Latte-like
+        q, k, v = qkv.view(2, 16, 256, 3, 16, 72).unbind(3)                           # views, no copy
+        out = i2v_kernels.spatial_attention(q, k, v)                                   # [2, 16, 256, 16, 72]
+    """
+    _tensors("spatial_attention", q=q, k=k, v=v)
+    return torch.ops.i2v_kernels.spatial_attention(
+        q, k, v, _scale_arg("spatial_attention", scale),
+        *_prologue_args("spatial_attention", qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
+                        norm_eps, rope, rope_style))
+
+
+def temporal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, causal: bool = False,
+                       qk_norm: Optional[str] = None, q_norm_weight=None, q_norm_bias=None, k_norm_weight=None,
+                       k_norm_bias=None, norm_eps: float = 1e-6, rope=None, rope_style: str = "interleaved") -> Tensor:
+    """Attention across frames at each spatial position: ``[B, T, S, H, D]`` (sequence ``T``).
+
+    ``causal=True`` lets frame ``t`` see frames ``<= t`` only.
+    """
+    _tensors("temporal_attention", q=q, k=k, v=v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"temporal_attention: causal must be a bool, got {type(causal).__name__}")
+    return torch.ops.i2v_kernels.temporal_attention(
+        q, k, v, _scale_arg("temporal_attention", scale), causal,
+        *_prologue_args("temporal_attention", qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
+                        norm_eps, rope, rope_style))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, kv_lens: Optional[Tensor] = None,
+              qk_norm: Optional[str] = None, q_norm_weight=None, q_norm_bias=None, k_norm_weight=None,
+              k_norm_bias=None, norm_eps: float = 1e-6, rope=None, rope_style: str = "interleaved") -> Tensor:
+    """Dense or cross attention: ``q [B, N, H, D]``, ``k, v [B, M, H, D]`` -> ``[B, N, H, D]``.
+
+    ``kv_lens [B]`` (int) keeps the first ``kv_lens[b]`` keys of sample ``b`` (1 <= kv_lens <= M), for
+    padded prompts.
+    """
+    _tensors("attention", q=q, k=k, v=v)
+    return torch.ops.i2v_kernels.attention(
+        q, k, v, _scale_arg("attention", scale), kv_lens,
+        *_prologue_args("attention", qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, norm_eps,
+                        rope, rope_style))

@@ -1,0 +1,196 @@
+"""Triton flash-attention forward for the attention family (formula in ``reference.py``).
+
+Every mode is one strided batched problem ``[b0, b1, b2, seq, D]``: spatial attention is
+``[B, T, H | S, D]``, temporal ``[B, S, H | T, D]``, dense/cross ``[B, 1, H | N, D]``. The views come
+straight from the caller's ``[B, T, S, H, D]`` / ``[B, N, H, D]`` tensors (unit stride on ``D`` only),
+so a packed QKV projection goes in without a copy and the output is written in the caller's layout.
+
+Online softmax (exp2, fp32 statistics and accumulator), ``O(seq)`` memory, sequence lengths and head
+dims off the tile size masked inside the kernel. The optional prologue (QK-norm over ``D``, RoPE) is
+applied to the q tile once and to every k tile as it is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+NORMS = {None: 0, "layer": 1, "rms": 2}
+ROPES = {None: 0, "interleaved": 1, "half": 2}
+MAX_D = 256
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _interpreted() -> bool:
+    from i2v_kernels._backend import triton_interpreted
+
+    return triton_interpreted()
+
+
+@triton.jit
+def _load_prologue(base, rows, row_stride, offs_d, D, row_mask, w_ptr, b_ptr, cos_base, sin_base, rope_stride,
+                   eps, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ROPE: tl.constexpr):
+    """Load a [rows, D] tile (fp32) and apply QK-norm then RoPE; padded rows/dims come back as 0."""
+    d_mask = offs_d < D
+    mask = row_mask[:, None] & d_mask[None, :]
+    row_offs = rows[:, None] * row_stride
+    x = tl.load(base + row_offs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ROPE != 0:
+        if ROPE == 1:
+            partner = offs_d ^ 1
+            sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+        else:
+            half = D // 2
+            partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
+            sign = tl.where(offs_d < half, -1.0, 1.0)
+        xp = tl.load(base + row_offs + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    if NORM != 0:
+        if NORM == 1:
+            mean = tl.sum(x, axis=1) / D
+            x = tl.where(mask, x - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+            if ROPE != 0:
+                xp = xp - mean[:, None]
+        else:
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+        x = x * rstd[:, None]
+        if ROPE != 0:
+            xp = xp * rstd[:, None]
+        if HAS_W:
+            x = x * tl.load(w_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            if ROPE != 0:
+                xp = xp * tl.load(w_ptr + partner, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            x = x + tl.load(b_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            if ROPE != 0:
+                xp = xp + tl.load(b_ptr + partner, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    if ROPE != 0:
+        rope_offs = rows[:, None] * rope_stride + offs_d[None, :]
+        cos = tl.load(cos_base + rope_offs, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_base + rope_offs, mask=mask, other=0.0).to(tl.float32)
+        x = x * cos + sign[None, :] * xp * sin
+    return tl.where(mask, x, 0.0)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, KV_LENS, COS, SIN, QW, QB, KW, KB,
+    nb1, nb2, Sq, Sk, D, qk_scale, eps,
+    sq0, sq1, sq2, sqs, sk0, sk1, sk2, sks, sv0, sv1, sv2, svs, so0, so1, so2, sos, sc0, sc1, sc2, scs,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+    NORM: tl.constexpr, HAS_QW: tl.constexpr, HAS_QB: tl.constexpr, HAS_KW: tl.constexpr, HAS_KB: tl.constexpr,
+    ROPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    b2 = pid_b % nb2
+    rest = pid_b // nb2
+    b1 = rest % nb1
+    b0 = rest // nb1
+    q_base = Q + b0 * sq0 + b1 * sq1 + b2 * sq2
+    k_base = K + b0 * sk0 + b1 * sk1 + b2 * sk2
+    v_base = V + b0 * sv0 + b1 * sv1 + b2 * sv2
+    o_base = O + b0 * so0 + b1 * so1 + b2 * so2
+    c_off = b0 * sc0 + b1 * sc1 + b2 * sc2
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    m_mask = offs_m < Sq
+
+    q = _load_prologue(q_base, offs_m.to(tl.int64), sqs, offs_d, D, m_mask, QW, QB, COS + c_off, SIN + c_off, scs,
+                       eps, NORM, HAS_QW, HAS_QB, ROPE)
+    q = (q * qk_scale).to(K.dtype.element_ty).to(DOT_DTYPE)
+
+    kv_len = Sk
+    if HAS_KV_LENS:
+        kv_len = tl.minimum(tl.load(KV_LENS + b0).to(tl.int32), Sk)
+    hi = kv_len
+    if CAUSAL:
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        n_mask = cols < kv_len
+        k = _load_prologue(k_base, cols.to(tl.int64), sks, offs_d, D, n_mask, KW, KB, COS + c_off, SIN + c_off, scs,
+                           eps, NORM, HAS_KW, HAS_KB, ROPE).to(K.dtype.element_ty).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k))
+        keep = n_mask[None, :]
+        if CAUSAL:
+            keep = keep & (offs_m[:, None] >= cols[None, :])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols.to(tl.int64)[:, None] * svs + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE))
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_base + offs_m.to(tl.int64)[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])
+
+
+def why_not(q: torch.Tensor) -> str | None:
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the Triton attention kernel supports float16/bfloat16, not {q.dtype}"
+    if q.shape[-1] > MAX_D or q.shape[-1] < 8:
+        return f"head dim D = {q.shape[-1]} is outside the Triton kernel's 8..{MAX_D}"
+    return None
+
+
+def _tiles(Sq: int, Sk: int, D: int) -> tuple[int, int, int]:
+    block_d = max(16, triton.next_power_of_2(D))
+    short = max(16, triton.next_power_of_2(max(Sq, Sk)))
+    if block_d <= 64:
+        block_m, block_n = 128, 64
+    elif block_d <= 128:
+        block_m, block_n = 128, 32
+    else:
+        block_m, block_n = 64, 32
+    return min(block_m, short), min(block_n, short), block_d
+
+
+def _strides(t: torch.Tensor) -> list[int]:
+    return list(t.stride()[:4])
+
+
+def attention_fwd(q5, k5, v5, o5, *, scale: float, causal: bool = False, kv_lens=None, qk_norm=None,
+                  q_norm_weight=None, q_norm_bias=None, k_norm_weight=None, k_norm_bias=None, norm_eps=1e-6,
+                  rope5=None, rope_style=None):
+    """Run the kernel on ``[b0, b1, b2, seq, D]`` views (unit stride on D): ``q5``, ``k5``, ``v5`` in,
+    ``o5`` written. ``rope5``: ``(cos, sin)`` views with ``q5``'s shape (stride 0 across heads)."""
+    nb0, nb1, nb2, Sq, D = q5.shape
+    Sk = k5.shape[3]
+    if q5.numel() == 0 or Sk == 0:
+        return o5
+    block_m, block_n, block_d = _tiles(Sq, Sk, D)
+    num_warps = 4 if block_d <= 64 else 8
+    # The interpreter (triton 3.8) multiplies bfloat16 dot operands wrongly: there the operands,
+    # already rounded to the input dtype, are widened to fp32 first (same numbers, same result).
+    dot_dtype = tl.float32 if (_interpreted() and q5.dtype == torch.bfloat16) else _TL_DTYPES[q5.dtype]
+    dummy = q5
+    cos, sin = rope5 if rope5 is not None else (dummy, dummy)
+    grid = (nb0 * nb1 * nb2, triton.cdiv(Sq, block_m))
+    _attn_fwd_kernel[grid](
+        q5, k5, v5, o5, kv_lens if kv_lens is not None else dummy, cos, sin,
+        q_norm_weight if q_norm_weight is not None else dummy, q_norm_bias if q_norm_bias is not None else dummy,
+        k_norm_weight if k_norm_weight is not None else dummy, k_norm_bias if k_norm_bias is not None else dummy,
+        nb1, nb2, Sq, Sk, D, scale * math.log2(math.e), norm_eps,
+        *_strides(q5), *_strides(k5), *_strides(v5), *_strides(o5), *(_strides(cos) if rope5 is not None else [0] * 4),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, HAS_KV_LENS=kv_lens is not None,
+        NORM=NORMS[qk_norm], HAS_QW=q_norm_weight is not None, HAS_QB=q_norm_bias is not None,
+        HAS_KW=k_norm_weight is not None, HAS_KB=k_norm_bias is not None,
+        ROPE=ROPES[rope_style if rope5 is not None else None], DOT_DTYPE=dot_dtype,
+        num_warps=num_warps, num_stages=2,
+    )
+    return o5

@@ -1,0 +1,374 @@
+"""Attention family: spatial, temporal, dense/cross, with the fused QK-norm + RoPE prologue.
+
+Pass criterion (STYLE.md): the kernel's error against the fp32 reference is at most 2x the error of
+PyTorch's own same-dtype eager attention (scores, softmax and the value product each rounded to the
+dtype, as a DiT written in eager PyTorch computes them), plus a small absolute slack.
+"""
+
+import pytest
+import torch
+
+import i2v_kernels
+from i2v_kernels import _backend
+from i2v_kernels.ops.attention import reference as ref
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+def _usable(backend, device="cpu"):
+    reason = _backend._GENERIC[backend](torch.device(device))
+    if reason:
+        pytest.skip(f"{backend} backend unusable here: {reason}")
+
+
+def _eager_same_dtype(q, k, v, scale, causal=False, kv_lens=None):
+    """Attention computed entirely in q's dtype, as eager PyTorch does it: [..., S, D] inputs."""
+    s = (q @ k.transpose(-1, -2)) * scale
+    Sq, Sk = s.shape[-2:]
+    if causal:
+        s = s.masked_fill(~torch.ones(Sq, Sk, dtype=torch.bool).tril(), float("-inf"))
+    if kv_lens is not None:
+        s = s.masked_fill(~(torch.arange(Sk) < kv_lens.view(-1, *([1] * (s.dim() - 1)))), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def _eager_mode(mode, q, k, v, scale, causal=False, kv_lens=None):
+    """_eager_same_dtype in the caller's layout for each mode."""
+    if mode == "spatial":
+        t = lambda x: x.transpose(2, 3)
+        return t(_eager_same_dtype(t(q), t(k), t(v), scale))
+    if mode == "temporal":
+        p = lambda x: x.permute(0, 2, 3, 1, 4)
+        return _eager_same_dtype(p(q), p(k), p(v), scale, causal=causal).permute(0, 3, 1, 2, 4)
+    t = lambda x: x.transpose(1, 2)
+    return t(_eager_same_dtype(t(q), t(k), t(v), scale, kv_lens=kv_lens))
+
+
+def _assert_within_eager_error(out, expected, eager, slack=2e-3):
+    err = (out.double() - expected.double()).abs().max().item()
+    eager_err = (eager.double() - expected.double()).abs().max().item()
+    assert out.dtype == eager.dtype and out.shape == expected.shape
+    assert err <= 2 * eager_err + slack, f"kernel error {err:.3g} > 2 x eager same-dtype error {eager_err:.3g}"
+
+
+def _packed_qkv(B, T, S, H, D, dtype):
+    """q, k, v as strided views of one packed projection, the way a DiT block makes them."""
+    qkv = torch.randn(B, T, S, 3 * H * D, dtype=dtype)
+    return qkv.view(B, T, S, 3, H, D).unbind(3)
+
+
+VIDEO_SHAPES = {
+    # id: (B, T, S, H, D)
+    "B2-T3-S37-H2-D32": (2, 3, 37, 2, 32),
+    "B1-T2-S70-H1-D64": (1, 2, 70, 1, 64),
+    "B1-T5-S9-H3-D72": (1, 5, 9, 3, 72),
+    "B1-T1-S16-H2-D128": (1, 1, 16, 2, 128),
+    "B2-T13-S4-H2-D40": (2, 13, 4, 2, 40),
+    "S1-T4": (1, 4, 1, 2, 32),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("shape", list(VIDEO_SHAPES))
+def test_spatial_attention(backend, dtype, shape):
+    _usable(backend)
+    B, T, S, H, D = VIDEO_SHAPES[shape]
+    q, k, v = _packed_qkv(B, T, S, H, D, dtype)
+    with i2v_kernels.use_backend(backend):
+        out = i2v_kernels.spatial_attention(q, k, v)
+    expected = ref.spatial_attention(q.float(), k.float(), v.float())
+    _assert_within_eager_error(out, expected, _eager_mode("spatial", q, k, v, D ** -0.5))
+    assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", list(VIDEO_SHAPES))
+def test_temporal_attention(backend, dtype, causal, shape):
+    _usable(backend)
+    B, T, S, H, D = VIDEO_SHAPES[shape]
+    q, k, v = _packed_qkv(B, T, S, H, D, dtype)
+    with i2v_kernels.use_backend(backend):
+        out = i2v_kernels.temporal_attention(q, k, v, causal=causal)
+    expected = ref.temporal_attention(q.float(), k.float(), v.float(), causal=causal)
+    _assert_within_eager_error(out, expected, _eager_mode("temporal", q, k, v, D ** -0.5, causal=causal))
+
+
+def test_temporal_causal_first_frame_sees_only_itself():
+    q, k, v = _packed_qkv(1, 4, 3, 2, 16, torch.float32)
+    out = i2v_kernels.temporal_attention(q, k, v, causal=True)
+    torch.testing.assert_close(out[:, 0], v[:, 0])
+
+
+DENSE_SHAPES = {
+    # id: (B, N, M, H, D)
+    "self-N50-D64": (2, 50, 50, 2, 64),
+    "cross-N70-M23-D40": (2, 70, 23, 2, 40),
+    "cross-N16-M226-D96": (1, 16, 226, 2, 96),
+    "cross-N33-M77-D80": (2, 33, 77, 1, 80),
+    "N1-M5-D32": (3, 1, 5, 2, 32),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("with_lens", [False, True], ids=["all-keys", "kv_lens"])
+@pytest.mark.parametrize("shape", list(DENSE_SHAPES))
+def test_dense_and_cross_attention(backend, dtype, with_lens, shape):
+    _usable(backend)
+    B, N, M, H, D = DENSE_SHAPES[shape]
+    q = torch.randn(B, N, H, D, dtype=dtype)
+    kv = torch.randn(B, M, 2, H, D, dtype=dtype)
+    k, v = kv.unbind(2)  # strided views of a packed KV projection
+    kv_lens = torch.randint(1, M + 1, (B,)) if with_lens else None
+    if with_lens:
+        kv_lens[0] = M
+    with i2v_kernels.use_backend(backend):
+        out = i2v_kernels.attention(q, k, v, kv_lens=kv_lens)
+    expected = ref.attention(q.float(), k.float(), v.float(), kv_lens=kv_lens)
+    _assert_within_eager_error(out, expected, _eager_mode("dense", q, k, v, D ** -0.5, kv_lens=kv_lens))
+
+
+def test_kv_lens_ignores_padding_keys():
+    q = torch.randn(2, 5, 2, 16)
+    k, v = torch.randn(2, 9, 2, 16), torch.randn(2, 9, 2, 16)
+    lens = torch.tensor([4, 9])
+    out = i2v_kernels.attention(q, k, v, kv_lens=lens)
+    trimmed = i2v_kernels.attention(q[:1], k[:1, :4], v[:1, :4])
+    torch.testing.assert_close(out[:1], trimmed)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("qk_norm", ["layer", "rms"])
+@pytest.mark.parametrize("rope_style", ["interleaved", "half"])
+@pytest.mark.parametrize("mode", ["spatial", "temporal", "dense"])
+def test_fused_prologue_matches_unfused(backend, qk_norm, rope_style, mode):
+    """QK-norm + RoPE inside the kernel equals normalizing and rotating first, then attending."""
+    _usable(backend)
+    dtype = torch.bfloat16
+    B, T, S, H, D = 1, 3, 10, 2, 32
+    if mode == "dense":
+        q, k, v = (torch.randn(B, T * S, H, D, dtype=dtype) for _ in range(3))
+        cos, sin = torch.randn(T * S, D), torch.randn(T * S, D)
+        fused, plain = i2v_kernels.attention, ref.attention
+    else:
+        q, k, v = _packed_qkv(B, T, S, H, D, dtype)
+        cos, sin = torch.randn(T, S, D), torch.randn(1, S, D)  # sin broadcast over frames
+        fused = i2v_kernels.spatial_attention if mode == "spatial" else i2v_kernels.temporal_attention
+        plain = ref.spatial_attention if mode == "spatial" else ref.temporal_attention
+    qw, kw = torch.randn(D), torch.randn(D)
+    qb = torch.randn(D) if qk_norm == "layer" else None
+    kwargs = dict(qk_norm=qk_norm, q_norm_weight=qw, q_norm_bias=qb, k_norm_weight=kw, rope=(cos, sin),
+                  rope_style=rope_style)
+    with i2v_kernels.use_backend(backend):
+        out = fused(q, k, v, **kwargs)
+    expected = plain(q.float(), k.float(), v.float(), **kwargs)
+    # unfused, same dtype: the prologue rounded to bf16, then eager bf16 attention
+    qp = ref.prologue(q, qk_norm, qw, qb, 1e-6, (cos, sin), rope_style).to(dtype)
+    kp = ref.prologue(k, qk_norm, kw, None, 1e-6, (cos, sin), rope_style).to(dtype)
+    _assert_within_eager_error(out, expected, _eager_mode(mode, qp, kp, v, D ** -0.5))
+
+
+def test_rope_reference_rotates_pairs():
+    """The oracle's RoPE: with cos = cos(theta), sin = sin(theta) it rotates each pair by theta."""
+    x = torch.randn(4, 1, 8, dtype=torch.float64)
+    theta = torch.rand(4, 8, dtype=torch.float64)
+    theta = theta[:, 0::2].repeat_interleave(2, dim=-1)
+    out = ref.prologue(x, None, None, None, 1e-6, (theta.cos(), theta.sin()), "interleaved")
+    z = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
+    rotated = torch.view_as_real(z * torch.exp(1j * theta[:, None, 0::2])).flatten(-2)
+    torch.testing.assert_close(out, rotated)
+
+
+def test_default_scale_and_explicit_scale():
+    q, k, v = _packed_qkv(1, 2, 8, 2, 16, torch.float32)
+    torch.testing.assert_close(i2v_kernels.spatial_attention(q, k, v),
+                               i2v_kernels.spatial_attention(q, k, v, scale=0.25))
+    doubled = i2v_kernels.spatial_attention(q, k, v, scale=0.5)
+    torch.testing.assert_close(doubled, ref.spatial_attention(q * 2, k, v))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_batch(backend):
+    _usable(backend)
+    q = torch.randn(0, 3, 5, 2, 16, dtype=torch.float16)
+    with i2v_kernels.use_backend(backend):
+        assert i2v_kernels.spatial_attention(q, q, q).shape == q.shape
+        assert i2v_kernels.temporal_attention(q, q, q).shape == q.shape
+
+
+def test_float32_and_float64_on_the_reference():
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = _packed_qkv(1, 3, 6, 2, 8, dtype)
+        out = i2v_kernels.temporal_attention(q, k, v)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, ref.temporal_attention(q, k, v))
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradients, opcheck, compile
+
+
+@pytest.mark.parametrize("mode", ["spatial", "temporal", "dense"])
+def test_gradcheck(mode):
+    D = 4
+    q, k, v = (torch.randn(1, 2, 3, 2, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    qw, kw, qb = (torch.randn(D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    cos, sin = (torch.randn(3, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    kw_args = lambda a: dict(qk_norm="layer", q_norm_weight=a[3], k_norm_weight=a[4], q_norm_bias=a[5], rope=(a[6], a[7]))
+    if mode == "spatial":
+        fn = lambda *a: i2v_kernels.spatial_attention(*a[:3], **kw_args(a))
+    elif mode == "temporal":
+        fn = lambda *a: i2v_kernels.temporal_attention(*a[:3], causal=True, **kw_args(a))
+    else:
+        q, k, v = (t.detach()[:, 0].requires_grad_() for t in (q, k, v))
+        fn = lambda *a: i2v_kernels.attention(*a[:3], kv_lens=torch.tensor([2]), **kw_args(a))
+    torch.autograd.gradcheck(fn, (q, k, v, qw, kw, qb, cos, sin))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gradients_match_reference(backend):
+    _usable(backend)
+    q, k, v = (t.clone().requires_grad_() for t in _packed_qkv(1, 3, 9, 2, 16, torch.bfloat16))
+    with i2v_kernels.use_backend(backend):
+        out = i2v_kernels.spatial_attention(q, k, v)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad(ref.spatial_attention(*leaves), leaves, g.float())
+    for a, e in zip(grads, expected):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), e, atol=3e-2, rtol=3e-2)
+
+
+def _op_samples():
+    q, k, v = (t.clone().requires_grad_() for t in _packed_qkv(1, 2, 5, 2, 16, torch.float16))
+    cos, sin = torch.randn(5, 16), torch.randn(5, 16)
+    w = torch.randn(16)
+    dq, dk = torch.randn(2, 7, 2, 16, dtype=torch.float16), torch.randn(2, 4, 2, 16, dtype=torch.float16)
+    return [
+        (torch.ops.i2v_kernels.spatial_attention, (q, k, v, None, "rms", w, None, w, None, 1e-6, cos, sin, "interleaved")),
+        (torch.ops.i2v_kernels.temporal_attention, (q, k, v, 0.3, True, None, None, None, None, None, 1e-6, None, None, "half")),
+        (torch.ops.i2v_kernels.attention, (dq.requires_grad_(), dk, dk, None, torch.tensor([4, 2]), None, None, None,
+                                           None, None, 1e-6, None, None, "interleaved")),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_opcheck(backend):
+    _usable(backend)
+    with i2v_kernels.use_backend(backend):
+        for op, args in _op_samples():
+            torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph():
+    def block(q, k, v, cos, sin):
+        h = i2v_kernels.spatial_attention(q, k, v, rope=(cos, sin))
+        h = i2v_kernels.temporal_attention(h, k, v, causal=True)
+        return i2v_kernels.attention(h.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2))
+
+    q, k, v = (t.clone().requires_grad_() for t in _packed_qkv(1, 3, 6, 2, 16, torch.float32))
+    cos, sin = torch.randn(6, 16), torch.randn(6, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    expected, actual = block(q, k, v, cos, sin), compiled(q, k, v, cos, sin)
+    torch.testing.assert_close(actual, expected)
+    g1 = torch.autograd.grad(expected.sum(), (q, k, v))
+    g2 = torch.autograd.grad(actual.sum(), (q, k, v))
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _bad_inputs():
+    q5 = torch.randn(1, 2, 4, 2, 8)
+    q4 = torch.randn(2, 4, 2, 8)
+    return [
+        ("q-rank", lambda: i2v_kernels.spatial_attention(q4, q4, q4), ValueError, r"\bq\b"),
+        ("k-shape", lambda: i2v_kernels.temporal_attention(q5, q5[:, :1], q5), ValueError, r"\bk\b"),
+        ("v-dtype", lambda: i2v_kernels.spatial_attention(q5, q5, q5.double()), TypeError, r"\bv\b"),
+        ("int-q", lambda: i2v_kernels.attention(q4.long(), q4, q4), TypeError, r"\bq\b"),
+        ("mixed-devices", lambda: i2v_kernels.attention(q4, q4.to("meta"), q4), ValueError, r"\bk\b"),
+        ("cross-head-mismatch", lambda: i2v_kernels.attention(q4, torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 8)),
+         ValueError, r"\bH\b"),
+        ("kv_lens-too-long", lambda: i2v_kernels.attention(q4, q4, q4, kv_lens=torch.tensor([4, 5])), ValueError, "kv_lens"),
+        ("kv_lens-zero", lambda: i2v_kernels.attention(q4, q4, q4, kv_lens=torch.tensor([0, 2])), ValueError, "kv_lens"),
+        ("kv_lens-shape", lambda: i2v_kernels.attention(q4, q4, q4, kv_lens=torch.tensor([2])), ValueError, "kv_lens"),
+        ("kv_lens-float", lambda: i2v_kernels.attention(q4, q4, q4, kv_lens=torch.tensor([2.0, 1.0])), TypeError, "kv_lens"),
+        ("norm-kind", lambda: i2v_kernels.spatial_attention(q5, q5, q5, qk_norm="batch"), ValueError, "qk_norm"),
+        ("norm-weight-shape", lambda: i2v_kernels.spatial_attention(q5, q5, q5, qk_norm="rms", q_norm_weight=torch.randn(4)),
+         ValueError, "q_norm_weight"),
+        ("weight-without-norm", lambda: i2v_kernels.spatial_attention(q5, q5, q5, k_norm_weight=torch.randn(8)),
+         ValueError, "k_norm_weight"),
+        ("rope-not-pair", lambda: i2v_kernels.spatial_attention(q5, q5, q5, rope=torch.randn(4, 8)), TypeError, "rope"),
+        ("rope-shape", lambda: i2v_kernels.spatial_attention(q5, q5, q5, rope=(torch.randn(5, 8), torch.randn(5, 8))),
+         ValueError, "rope"),
+        ("rope-style", lambda: i2v_kernels.spatial_attention(q5, q5, q5, rope=(torch.randn(4, 8),) * 2, rope_style="x"),
+         ValueError, "rope_style"),
+        ("rope-cross", lambda: i2v_kernels.attention(q4, q4[:, :2], q4[:, :2], rope=(torch.randn(4, 8),) * 2),
+         ValueError, "rope"),
+        ("scale-nan", lambda: i2v_kernels.spatial_attention(q5, q5, q5, scale=float("nan")), ValueError, "scale"),
+        ("causal-not-bool", lambda: i2v_kernels.temporal_attention(q5, q5, q5, causal=1), TypeError, "causal"),
+        ("not-a-tensor", lambda: i2v_kernels.attention(q4, None, q4), TypeError, r"\bk\b"),
+    ]
+
+
+@pytest.mark.parametrize("name", [b[0] for b in _bad_inputs()])
+def test_bad_input_names_the_argument(name):
+    (fn, exc, pattern), = [b[1:] for b in _bad_inputs() if b[0] == name]
+    with pytest.raises(exc, match=pattern):
+        fn()
+
+
+def test_forced_backend_without_kernel_raises():
+    q = torch.randn(1, 2, 4, 2, 8)
+    with i2v_kernels.use_backend("cpu"), pytest.raises(i2v_kernels.BackendUnavailableError, match="no cpu kernel"):
+        i2v_kernels.spatial_attention(q, q, q)
+    if _backend._GENERIC["triton"](torch.device("cpu")) is None:
+        with i2v_kernels.use_backend("triton"), pytest.raises(i2v_kernels.BackendUnavailableError, match="float32"):
+            i2v_kernels.spatial_attention(q, q, q)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("shape", ["latte-S256-D72", "cogvideox-S1350-D64", "wan-S1560-D128", "odd-S226-D96", "D256"])
+def test_gpu_spatial_and_dense(dtype, shape):
+    B, T, S, H, D = {"latte-S256-D72": (2, 4, 256, 16, 72), "cogvideox-S1350-D64": (1, 2, 1350, 8, 64),
+                     "wan-S1560-D128": (1, 2, 1560, 4, 128), "odd-S226-D96": (2, 3, 226, 4, 96),
+                     "D256": (1, 2, 200, 2, 256)}[shape]
+    qkv = torch.randn(B, T, S, 3 * H * D, device="cuda", dtype=dtype)
+    q, k, v = qkv.view(B, T, S, 3, H, D).unbind(3)
+    out = i2v_kernels.spatial_attention(q, k, v)
+    t = lambda x: x.transpose(2, 3)
+    sdpa = t(torch.nn.functional.scaled_dot_product_attention(t(q), t(k), t(v)))
+    expected = ref.spatial_attention(q.float(), k.float(), v.float())
+    _assert_within_eager_error(out, expected, sdpa, slack=1e-3)
+    dense = i2v_kernels.attention(q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2))
+    expected = ref.attention(q.flatten(1, 2).float(), k.flatten(1, 2).float(), v.flatten(1, 2).float())
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*(x.flatten(1, 2).transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    _assert_within_eager_error(dense, expected, sdpa, slack=1e-3)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("T", [1, 8, 13, 49, 64, 128])
+def test_gpu_temporal_many_positions(T):
+    """B*S*H above 65,535 problems (where SDPA's efficient kernel's grid overflows)."""
+    B, S, H, D = 1, 70000 // 4 + 1, 4, 64
+    qkv = torch.randn(B, T, S, 3 * H * D, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.view(B, T, S, 3, H, D).unbind(3)
+    for causal in (False, True):
+        out = i2v_kernels.temporal_attention(q, k, v, causal=causal)
+        expected = ref.temporal_attention(q[:, :, :512].float(), k[:, :, :512].float(), v[:, :, :512].float(), causal=causal)
+        torch.testing.assert_close(out[:, :, :512].float(), expected, atol=2e-2, rtol=2e-2)
+        tail = ref.temporal_attention(q[:, :, -512:].float(), k[:, :, -512:].float(), v[:, :, -512:].float(), causal=causal)
+        torch.testing.assert_close(out[:, :, -512:].float(), tail, atol=2e-2, rtol=2e-2)
