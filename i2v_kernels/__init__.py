@@ -5,13 +5,15 @@ backend inside it (cuda, triton, cpu, torch) is chosen per call -- see ``i2v_ker
 """
 
 from i2v_kernels._backend import BackendUnavailableError, available_backends, info, use_backend
-from i2v_kernels.nn import AdaLNModulate
+from i2v_kernels.nn import AdaLNModulate, CrossAttention, FactorizedAttention
 from i2v_kernels.ops.adaln import adaln_modulate, gated_residual, gated_residual_adaln, rms_norm
 from i2v_kernels.ops.attention import attention, spatial_attention, temporal_attention
 
 __all__ = [
     "AdaLNModulate",
     "BackendUnavailableError",
+    "CrossAttention",
+    "FactorizedAttention",
     "adaln_modulate",
     "attention",
     "available_backends",

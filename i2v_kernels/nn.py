@@ -8,7 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from i2v_kernels.ops import adaln as _adaln
+from i2v_kernels.ops import attention as _attn
 from i2v_kernels.ops.adaln import reference as _adaln_ref
+from i2v_kernels.ops.attention import reference as _attn_ref
 
 
 class AdaLNModulate(nn.Module):
@@ -39,3 +41,118 @@ class AdaLNModulate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}, use_kernels={self.use_kernels}"
+
+
+class FactorizedAttention(nn.Module):
+    """Fused QKV projection -> spatial, temporal or dense attention -> output projection.
+
+    The unit a factorized video DiT block is made of (Latte's spatial/temporal blocks; CogVideoX's and
+    Wan's full 3D attention with ``mode="dense"``).
+
+    Args:
+        dim: channels ``C = heads * head_dim``.
+        heads: attention heads ``H``.
+        mode: ``"spatial"`` (within each frame), ``"temporal"`` (across frames at each position) or
+            ``"dense"`` (all ``T * S`` tokens).
+        causal: temporal mode only: frame ``t`` sees frames ``<= t``.
+        qk_norm: None, ``"layer"`` (CogVideoX: LayerNorm over the head dim, with affine) or ``"rms"``
+            (RMSNorm over the head dim, weight only).
+        bias: biases of the two projections.
+        use_kernels: run the i2v_kernels ops (True) or the plain-PyTorch reference (False).
+
+    ``forward(x [B, T, S, C], rope=None) -> [B, T, S, C]``; ``rope = (cos, sin)`` broadcastable to
+    ``[B, T, S, D]`` (``[S, D]`` for spatial positions, ``[T, S, D]`` for 3D RoPE).
+    The q, k, v handed to the kernel are strided views of the one QKV projection: no copies.
+    """
+
+    def __init__(self, dim: int, heads: int, mode: str = "spatial", *, causal: bool = False,
+                 qk_norm: Optional[str] = None, bias: bool = True, norm_eps: float = 1e-6,
+                 rope_style: str = "interleaved", use_kernels: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"FactorizedAttention: dim={dim} must be divisible by heads={heads}")
+        if mode not in ("spatial", "temporal", "dense"):
+            raise ValueError(f"FactorizedAttention: mode must be 'spatial', 'temporal' or 'dense', got {mode!r}")
+        if causal and mode != "temporal":
+            raise ValueError("FactorizedAttention: causal=True applies to mode='temporal' only")
+        if qk_norm not in (None, "layer", "rms"):
+            raise ValueError(f"FactorizedAttention: qk_norm must be None, 'layer' or 'rms', got {qk_norm!r}")
+        self.dim, self.heads, self.head_dim, self.mode, self.causal = dim, heads, dim // heads, mode, causal
+        self.qk_norm, self.norm_eps, self.rope_style, self.use_kernels = qk_norm, norm_eps, rope_style, use_kernels
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+        D = self.head_dim
+        for name in ("q_norm_weight", "k_norm_weight"):
+            self.register_parameter(name, nn.Parameter(torch.ones(D)) if qk_norm else None)
+        for name in ("q_norm_bias", "k_norm_bias"):
+            self.register_parameter(name, nn.Parameter(torch.zeros(D)) if qk_norm == "layer" else None)
+
+    def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"FactorizedAttention: x must be [B, T, S, C={self.dim}], got {tuple(x.shape)}")
+        B, T, S, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, S, 3, self.heads, self.head_dim).unbind(3)
+        ops = _attn if self.use_kernels else _attn_ref
+        kwargs = dict(qk_norm=self.qk_norm, q_norm_weight=self.q_norm_weight, q_norm_bias=self.q_norm_bias,
+                      k_norm_weight=self.k_norm_weight, k_norm_bias=self.k_norm_bias, norm_eps=self.norm_eps,
+                      rope=rope, rope_style=self.rope_style)
+        if self.mode == "spatial":
+            out = ops.spatial_attention(q, k, v, **kwargs)
+        elif self.mode == "temporal":
+            out = ops.temporal_attention(q, k, v, causal=self.causal, **kwargs)
+        else:
+            if rope is not None:  # [.., T, S, D] positions -> [.., T * S, D] tokens
+                lead = lambda t: t.shape[:-3] if t.dim() >= 4 else ()
+                kwargs["rope"] = tuple(t.expand(*lead(t), T, S, t.shape[-1]).reshape(*lead(t), T * S, t.shape[-1])
+                                       for t in rope)
+            out = ops.attention(q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2), **kwargs).view(B, T, S, self.heads,
+                                                                                                  self.head_dim)
+        return self.proj(out.reshape(B, T, S, C))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.heads}, mode={self.mode!r}, causal={self.causal}, "
+                f"qk_norm={self.qk_norm!r}, use_kernels={self.use_kernels}")
+
+
+class CrossAttention(nn.Module):
+    """Video tokens attend to context tokens (text or image): ``q`` from ``x``, ``k, v`` from ``context``.
+
+    ``forward(x [B, N, C], context [B, M, C_ctx], kv_lens=None) -> [B, N, C]``; ``kv_lens [B]`` keeps the
+    first ``kv_lens[b]`` context tokens of sample ``b`` (padded prompts). ``x`` may also be
+    ``[B, T, S, C]``; it is attended as ``N = T * S`` tokens and returned in its own shape.
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int, *, qk_norm: Optional[str] = None, bias: bool = True,
+                 norm_eps: float = 1e-6, use_kernels: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"CrossAttention: dim={dim} must be divisible by heads={heads}")
+        if qk_norm not in (None, "layer", "rms"):
+            raise ValueError(f"CrossAttention: qk_norm must be None, 'layer' or 'rms', got {qk_norm!r}")
+        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.qk_norm, self.norm_eps, self.use_kernels = qk_norm, norm_eps, use_kernels
+        self.q = nn.Linear(dim, dim, bias=bias)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+        D = self.head_dim
+        for name in ("q_norm_weight", "k_norm_weight"):
+            self.register_parameter(name, nn.Parameter(torch.ones(D)) if qk_norm else None)
+        for name in ("q_norm_bias", "k_norm_bias"):
+            self.register_parameter(name, nn.Parameter(torch.zeros(D)) if qk_norm == "layer" else None)
+
+    def forward(self, x: Tensor, context: Tensor, kv_lens: Optional[Tensor] = None) -> Tensor:
+        shape = x.shape
+        if x.dim() == 4:
+            x = x.flatten(1, 2)
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"CrossAttention: x must be [B, N, C={self.dim}] or [B, T, S, C], got {tuple(shape)}")
+        if context.dim() != 3 or context.shape[0] != x.shape[0]:
+            raise ValueError(f"CrossAttention: context must be [B={x.shape[0]}, M, C_ctx], got {tuple(context.shape)}")
+        B, N, _ = x.shape
+        q = self.q(x).view(B, N, self.heads, self.head_dim)
+        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, self.head_dim).unbind(2)
+        ops = _attn if self.use_kernels else _attn_ref
+        out = ops.attention(q, k, v, kv_lens=kv_lens, qk_norm=self.qk_norm, q_norm_weight=self.q_norm_weight,
+                            q_norm_bias=self.q_norm_bias, k_norm_weight=self.k_norm_weight,
+                            k_norm_bias=self.k_norm_bias, norm_eps=self.norm_eps)
+        return self.proj(out.reshape(B, N, self.dim)).view(shape)

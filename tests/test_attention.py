@@ -372,3 +372,59 @@ def test_gpu_temporal_many_positions(T):
         torch.testing.assert_close(out[:, :, :512].float(), expected, atol=2e-2, rtol=2e-2)
         tail = ref.temporal_attention(q[:, :, -512:].float(), k[:, :, -512:].float(), v[:, :, -512:].float(), causal=causal)
         torch.testing.assert_close(out[:, :, -512:].float(), tail, atol=2e-2, rtol=2e-2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules
+
+
+@pytest.mark.parametrize("mode", ["spatial", "temporal", "dense"])
+@pytest.mark.parametrize("qk_norm", [None, "layer", "rms"])
+def test_factorized_attention_module_kernels_match_plain(mode, qk_norm):
+    B, T, S, C, H = 2, 3, 6, 32, 2
+    fused = i2v_kernels.FactorizedAttention(C, H, mode, qk_norm=qk_norm, causal=mode == "temporal")
+    plain = i2v_kernels.FactorizedAttention(C, H, mode, qk_norm=qk_norm, causal=mode == "temporal", use_kernels=False)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(B, T, S, C)
+    rope = (torch.randn(T, S, C // H), torch.randn(S, C // H))
+    a, b = fused(x, rope=rope), plain(x, rope=rope)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    for (name, p1), p2 in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_dense_module_is_full_3d_attention():
+    """Dense mode equals attention over all T * S tokens at once (checked against a direct SDPA)."""
+    m = i2v_kernels.FactorizedAttention(16, 2, "dense")
+    x = torch.randn(1, 3, 4, 16)
+    q, k, v = m.qkv(x).view(1, 12, 3, 2, 8).unbind(2)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    torch.testing.assert_close(m(x), m.proj(expected.transpose(1, 2).reshape(1, 3, 4, 16)))
+
+
+def test_cross_attention_module():
+    fused = i2v_kernels.CrossAttention(32, 24, 4, qk_norm="rms")
+    plain = i2v_kernels.CrossAttention(32, 24, 4, qk_norm="rms", use_kernels=False)
+    plain.load_state_dict(fused.state_dict())
+    x, ctx = torch.randn(2, 3, 5, 32), torch.randn(2, 7, 24)
+    lens = torch.tensor([7, 3])
+    out = fused(x, ctx, kv_lens=lens)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, plain(x, ctx, kv_lens=lens))
+    # padding tokens beyond kv_lens do not matter
+    ctx2 = ctx.clone()
+    ctx2[1, 3:] = 100.0
+    torch.testing.assert_close(fused(x, ctx2, kv_lens=lens), out)
+
+
+def test_module_bad_arguments():
+    with pytest.raises(ValueError, match="divisible"):
+        i2v_kernels.FactorizedAttention(30, 4)
+    with pytest.raises(ValueError, match="mode"):
+        i2v_kernels.FactorizedAttention(32, 4, "diagonal")
+    with pytest.raises(ValueError, match="causal"):
+        i2v_kernels.FactorizedAttention(32, 4, "spatial", causal=True)
+    with pytest.raises(ValueError, match=r"\[B, T, S, C=32\]"):
+        i2v_kernels.FactorizedAttention(32, 4)(torch.randn(2, 5, 32))
