@@ -96,6 +96,20 @@ def test_temporal_attention(backend, dtype, causal, shape):
     _assert_within_eager_error(out, expected, _eager_mode("temporal", q, k, v, D ** -0.5, causal=causal))
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_temporal_beyond_packed_kernel(causal):
+    """T above the packed kernel's limit goes through the flash kernel: same answer."""
+    _usable("triton")
+    from i2v_kernels.ops.attention import triton as attn_triton
+
+    T = attn_triton.MAX_PACKED_T + 3
+    q, k, v = _packed_qkv(1, T, 2, 1, 16, torch.float16)
+    with i2v_kernels.use_backend("triton"):
+        out = i2v_kernels.temporal_attention(q, k, v, causal=causal)
+    expected = ref.temporal_attention(q.float(), k.float(), v.float(), causal=causal)
+    _assert_within_eager_error(out, expected, _eager_mode("temporal", q, k, v, 0.25, causal=causal))
+
+
 def test_temporal_causal_first_frame_sees_only_itself():
     q, k, v = _packed_qkv(1, 4, 3, 2, 16, torch.float32)
     out = i2v_kernels.temporal_attention(q, k, v, causal=True)

@@ -174,6 +174,14 @@ def _forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, nor
     from i2v_kernels.ops.attention import triton as attn_triton
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if mode == TEMPORAL and q.shape[1] <= attn_triton.MAX_PACKED_T:
+        rope4 = None
+        if cos is not None:
+            cos, sin = (t.contiguous() for t in torch.broadcast_tensors(cos, sin))
+            rope4 = tuple(t.expand(q.shape[:3] + q.shape[-1:]) for t in (cos, sin))
+        return attn_triton.temporal_fwd(
+            _unit_d(q), _unit_d(k), _unit_d(v), out, scale=scale, causal=causal, qk_norm=qk_norm, q_norm_weight=qw,
+            q_norm_bias=qb, k_norm_weight=kw, k_norm_bias=kb, norm_eps=norm_eps, rope=rope4, rope_style=rope_style)
     rope5 = None if cos is None else _rope_views(mode, q, cos, sin)
     attn_triton.attention_fwd(
         _five_d(mode, _unit_d(q)), _five_d(mode, _unit_d(k)), _five_d(mode, _unit_d(v)), _five_d(mode, out),

@@ -21,6 +21,7 @@ import triton.language as tl
 NORMS = {None: 0, "layer": 1, "rms": 2}
 ROPES = {None: 0, "interleaved": 1, "half": 2}
 MAX_D = 256
+MAX_PACKED_T = 128  # temporal attention up to this many frames runs the packed kernel
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -31,12 +32,13 @@ def _interpreted() -> bool:
 
 
 @triton.jit
-def _load_prologue(base, rows, row_stride, offs_d, D, row_mask, w_ptr, b_ptr, cos_base, sin_base, rope_stride,
+def _load_prologue(base, row_offs, rope_offs, offs_d, D, row_mask, w_ptr, b_ptr, cos_base, sin_base,
                    eps, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ROPE: tl.constexpr):
-    """Load a [rows, D] tile (fp32) and apply QK-norm then RoPE; padded rows/dims come back as 0."""
+    """Load a [rows, D] tile (fp32) whose rows start at ``base + row_offs`` and apply QK-norm then RoPE
+    (cos/sin rows at ``rope_offs``); padded rows/dims come back as 0."""
     d_mask = offs_d < D
     mask = row_mask[:, None] & d_mask[None, :]
-    row_offs = rows[:, None] * row_stride
+    row_offs = row_offs[:, None]
     x = tl.load(base + row_offs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     if ROPE != 0:
         if ROPE == 1:
@@ -68,9 +70,9 @@ def _load_prologue(base, rows, row_stride, offs_d, D, row_mask, w_ptr, b_ptr, co
             if ROPE != 0:
                 xp = xp + tl.load(b_ptr + partner, mask=d_mask, other=0.0).to(tl.float32)[None, :]
     if ROPE != 0:
-        rope_offs = rows[:, None] * rope_stride + offs_d[None, :]
-        cos = tl.load(cos_base + rope_offs, mask=mask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_base + rope_offs, mask=mask, other=0.0).to(tl.float32)
+        rope_2d = rope_offs[:, None] + offs_d[None, :]
+        cos = tl.load(cos_base + rope_2d, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_base + rope_2d, mask=mask, other=0.0).to(tl.float32)
         x = x * cos + sign[None, :] * xp * sin
     return tl.where(mask, x, 0.0)
 
@@ -103,8 +105,8 @@ def _attn_fwd_kernel(
     d_mask = offs_d < D
     m_mask = offs_m < Sq
 
-    q = _load_prologue(q_base, offs_m.to(tl.int64), sqs, offs_d, D, m_mask, QW, QB, COS + c_off, SIN + c_off, scs,
-                       eps, NORM, HAS_QW, HAS_QB, ROPE)
+    q = _load_prologue(q_base, offs_m.to(tl.int64) * sqs, offs_m.to(tl.int64) * scs, offs_d, D, m_mask, QW, QB,
+                       COS + c_off, SIN + c_off, eps, NORM, HAS_QW, HAS_QB, ROPE)
     q = (q * qk_scale).to(K.dtype.element_ty).to(DOT_DTYPE)
 
     kv_len = Sk
@@ -120,8 +122,8 @@ def _attn_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         n_mask = cols < kv_len
-        k = _load_prologue(k_base, cols.to(tl.int64), sks, offs_d, D, n_mask, KW, KB, COS + c_off, SIN + c_off, scs,
-                           eps, NORM, HAS_KW, HAS_KB, ROPE).to(K.dtype.element_ty).to(DOT_DTYPE)
+        k = _load_prologue(k_base, cols.to(tl.int64) * sks, cols.to(tl.int64) * scs, offs_d, D, n_mask, KW, KB,
+                           COS + c_off, SIN + c_off, eps, NORM, HAS_KW, HAS_KB, ROPE).to(K.dtype.element_ty).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k))
         keep = n_mask[None, :]
         if CAUSAL:
@@ -138,6 +140,57 @@ def _attn_fwd_kernel(
     out = acc / l_i[:, None]
     tl.store(o_base + offs_m.to(tl.int64)[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _temporal_fwd_kernel(
+    Q, K, V, O, COS, SIN, QW, QB, KW, KB,
+    S, H, T, D, qk_scale, eps,
+    sqb, sqt, sqs, sqh, skb, skt, sks, skh, svb, svt, svs, svh, sob, sot, sos, soh, scb, sct, scs,
+    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    NORM: tl.constexpr, HAS_QW: tl.constexpr, HAS_QB: tl.constexpr, HAS_KW: tl.constexpr, HAS_KB: tl.constexpr,
+    ROPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """Temporal attention for short T: one program takes BLOCK_H heads of one (b, s) position, the
+    whole [T, T] score block of each in registers, one pass of softmax. Rows (head, frame) of the tile
+    are read as whole contiguous head vectors, adjacent heads next to each other."""
+    n_hb = tl.cdiv(H, BLOCK_H)
+    pid = tl.program_id(0).to(tl.int64)
+    hb = pid % n_hb
+    rest = pid // n_hb
+    s = rest % S
+    b = rest // S
+    rows = tl.arange(0, BLOCK_H * BLOCK_T)
+    h = hb * BLOCK_H + rows // BLOCK_T
+    t = (rows % BLOCK_T).to(tl.int64)
+    row_mask = (h < H) & (t < T)
+    h = h.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    rope_offs = t * sct
+    c_off = b * scb + s * scs
+
+    q = _load_prologue(Q + b * sqb + s * sqs, h * sqh + t * sqt, rope_offs, offs_d, D, row_mask, QW, QB,
+                       COS + c_off, SIN + c_off, eps, NORM, HAS_QW, HAS_QB, ROPE)
+    k = _load_prologue(K + b * skb + s * sks, h * skh + t * skt, rope_offs, offs_d, D, row_mask, KW, KB,
+                       COS + c_off, SIN + c_off, eps, NORM, HAS_KW, HAS_KB, ROPE)
+    mask = row_mask[:, None] & (offs_d < D)[None, :]
+    v = tl.load(V + b * svb + s * svs + (h * svh + t * svt)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    q = tl.reshape((q * qk_scale).to(V.dtype.element_ty).to(DOT_DTYPE), (BLOCK_H, BLOCK_T, BLOCK_D))
+    k = tl.reshape(k.to(V.dtype.element_ty).to(DOT_DTYPE), (BLOCK_H, BLOCK_T, BLOCK_D))
+    v = tl.reshape(v.to(DOT_DTYPE), (BLOCK_H, BLOCK_T, BLOCK_D))
+
+    scores = tl.dot(q, tl.permute(k, (0, 2, 1)))  # [BLOCK_H, T_q, T_k]
+    tq = tl.arange(0, BLOCK_T)[None, :, None]
+    tk = tl.arange(0, BLOCK_T)[None, None, :]
+    keep = tk < T
+    if CAUSAL:
+        keep = keep & (tk <= tq)
+    scores = tl.where(keep, scores, float("-inf"))
+    p = tl.math.exp2(scores - tl.max(scores, axis=2)[:, :, None])
+    out = tl.dot(p.to(V.dtype.element_ty).to(DOT_DTYPE), v) / tl.sum(p, axis=2)[:, :, None]  # [BLOCK_H, T, BLOCK_D]
+    out = tl.reshape(out, (BLOCK_H * BLOCK_T, BLOCK_D))
+    tl.store(O + b * sob + s * sos + (h * soh + t * sot)[:, None] + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=mask)
 
 
 def why_not(q: torch.Tensor) -> str | None:
@@ -194,3 +247,33 @@ def attention_fwd(q5, k5, v5, o5, *, scale: float, causal: bool = False, kv_lens
         num_warps=num_warps, num_stages=2,
     )
     return o5
+
+
+def temporal_fwd(q, k, v, out, *, scale: float, causal: bool, qk_norm=None, q_norm_weight=None, q_norm_bias=None,
+                 k_norm_weight=None, k_norm_bias=None, norm_eps=1e-6, rope=None, rope_style=None):
+    """Packed temporal kernel on the caller's ``[B, T, S, H, D]`` tensors (unit stride on D), ``T <=
+    MAX_PACKED_T``. ``rope``: ``(cos, sin)`` views of shape ``[B, T, S, D]`` sharing strides."""
+    B, T, S, H, D = q.shape
+    if q.numel() == 0:
+        return out
+    block_t = max(16, triton.next_power_of_2(T))
+    block_d = max(16, triton.next_power_of_2(D))
+    block_h = max(1, min(triton.next_power_of_2(H), 8192 // (block_t * block_d)))
+    dot_dtype = tl.float32 if (_interpreted() and q.dtype == torch.bfloat16) else _TL_DTYPES[q.dtype]
+    dummy = q
+    cos, sin = rope if rope is not None else (dummy, dummy)
+    rope_strides = [cos.stride(0), cos.stride(1), cos.stride(2)] if rope is not None else [0, 0, 0]
+    grid = (B * S * triton.cdiv(H, block_h),)
+    _temporal_fwd_kernel[grid](
+        q, k, v, out, cos, sin,
+        q_norm_weight if q_norm_weight is not None else dummy, q_norm_bias if q_norm_bias is not None else dummy,
+        k_norm_weight if k_norm_weight is not None else dummy, k_norm_bias if k_norm_bias is not None else dummy,
+        S, H, T, D, scale * math.log2(math.e), norm_eps,
+        *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], *rope_strides,
+        BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_D=block_d, CAUSAL=causal,
+        NORM=NORMS[qk_norm], HAS_QW=q_norm_weight is not None, HAS_QB=q_norm_bias is not None,
+        HAS_KW=k_norm_weight is not None, HAS_KB=k_norm_bias is not None,
+        ROPE=ROPES[rope_style if rope is not None else None], DOT_DTYPE=dot_dtype,
+        num_warps=4 if block_h * block_t * block_d <= 4096 else 8,
+    )
+    return out
