@@ -200,7 +200,10 @@ _TO_SEQ = {
 
 def _backward_impl(mode, grad_out, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin,
                    rope_style, needs):
-    """Recompute-based backward in fp32 (fp64 for fp64) with the reference's explicit formulas.
+    """Recompute-based backward. The prologue (QK-norm, RoPE) is recomputed and differentiated in
+    plain PyTorch (fp32); the attention itself by the Triton flash backward (dK/dV and dQ kernels over
+    the recomputed log-sum-exp, O(seq) memory) or, on the torch backend, the reference's explicit
+    fp32 formulas (fp64 for fp64).
 
     Returns gradients for (q, k, v, qw, qb, kw, kb, cos, sin), an empty tensor where not needed."""
     acc = reference.acc_dtype(q)
@@ -208,8 +211,24 @@ def _backward_impl(mode, grad_out, q, k, v, scale, causal, kv_lens, qk_norm, qw,
     to_seq, from_seq = _TO_SEQ[mode]
     qp = reference.prologue(q, qk_norm, qw, qb, norm_eps, rope, rope_style)
     kp = reference.prologue(k, qk_norm, kw, kb, norm_eps, rope, rope_style)
-    g_qp, g_kp, g_v = (from_seq(g) for g in reference.sdpa_bwd(
-        to_seq(qp), to_seq(kp), to_seq(v.to(acc)), to_seq(grad_out.to(acc)), scale, causal, kv_lens))
+
+    def why_not(backend):
+        if backend == "triton":
+            from i2v_kernels.ops.attention import triton as attn_triton
+
+            return attn_triton.why_not(q)
+        return None
+
+    if _backend.select(_NAMES[mode] + " backward", q.device, why_not, _IMPLEMENTED) == "triton":
+        from i2v_kernels.ops.attention import triton as attn_triton
+
+        g_qp, g_kp, g_v = (torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
+        attn_triton.attention_bwd(*(_five_d(mode, t) for t in (qp.to(q.dtype), kp.to(q.dtype), _unit_d(v),
+                                                               _unit_d(grad_out), g_qp, g_kp, g_v)),
+                                  scale=scale, causal=causal, kv_lens=kv_lens)
+    else:
+        g_qp, g_kp, g_v = (from_seq(g) for g in reference.sdpa_bwd(
+            to_seq(qp), to_seq(kp), to_seq(v.to(acc)), to_seq(grad_out.to(acc)), scale, causal, kv_lens))
     dq, dqw, dqb, dcos, dsin = reference.prologue_bwd(q, g_qp, qk_norm, qw, qb, norm_eps, rope, rope_style,
                                                       [needs[0], needs[3], needs[4], needs[7], needs[8]])
     dk, dkw, dkb, dcos_k, dsin_k = reference.prologue_bwd(k, g_kp, qk_norm, kw, kb, norm_eps, rope, rope_style,

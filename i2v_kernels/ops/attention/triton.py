@@ -79,13 +79,13 @@ def _load_prologue(base, row_offs, rope_offs, offs_d, D, row_mask, w_ptr, b_ptr,
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, KV_LENS, COS, SIN, QW, QB, KW, KB,
+    Q, K, V, O, LSE, KV_LENS, COS, SIN, QW, QB, KW, KB,
     nb1, nb2, Sq, Sk, D, qk_scale, eps,
     sq0, sq1, sq2, sqs, sk0, sk1, sk2, sks, sv0, sv1, sv2, svs, so0, so1, so2, sos, sc0, sc1, sc2, scs,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
     NORM: tl.constexpr, HAS_QW: tl.constexpr, HAS_QB: tl.constexpr, HAS_KW: tl.constexpr, HAS_KB: tl.constexpr,
-    ROPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ROPE: tl.constexpr, DOT_DTYPE: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
@@ -140,6 +140,125 @@ def _attn_fwd_kernel(
     out = acc / l_i[:, None]
     tl.store(o_base + offs_m.to(tl.int64)[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
+    if STORE_LSE:  # log2-domain log-sum-exp of the scaled scores, for the backward
+        tl.store(LSE + pid_b * Sq + offs_m, m_i + tl.math.log2(l_i), mask=m_mask)
+
+
+@triton.jit
+def _bwd_tile(q, k, v, do, lse, delta, keep, qk_scale, DOT_DTYPE: tl.constexpr):
+    """Recompute P for one [M, N] tile from the saved log-sum-exp; return (P, dS) in fp32."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, KV_LENS,
+    nb1, nb2, Sq, Sk, D, qk_scale, scale,
+    sq0, sq1, sq2, sqs, sk0, sk1, sk2, sks, sv0, sv1, sv2, svs, sdo0, sdo1, sdo2, sdos,
+    sdk0, sdk1, sdk2, sdks, sdv0, sdv1, sdv2, sdvs,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """dK, dV for one block of keys, looping over the query blocks that see it."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    b2 = pid_b % nb2
+    rest = pid_b // nb2
+    b1 = rest % nb1
+    b0 = rest // nb1
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    kv_len = Sk
+    if HAS_KV_LENS:
+        kv_len = tl.minimum(tl.load(KV_LENS + b0).to(tl.int32), Sk)
+    n_mask = offs_n < kv_len
+    rows_n = offs_n.to(tl.int64)[:, None]
+    nd_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(K + b0 * sk0 + b1 * sk1 + b2 * sk2 + rows_n * sks + offs_d[None, :], mask=nd_mask, other=0.0)
+    v = tl.load(V + b0 * sv0 + b1 * sv1 + b2 * sv2 + rows_n * svs + offs_d[None, :], mask=nd_mask, other=0.0)
+    k = k.to(DOT_DTYPE)
+    v = v.to(DOT_DTYPE)
+    q_base = Q + b0 * sq0 + b1 * sq1 + b2 * sq2
+    do_base = DO + b0 * sdo0 + b1 * sdo1 + b2 * sdo2
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for start_m in range(lo, Sq, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < Sq
+        rows_m = offs_m.to(tl.int64)[:, None]
+        md_mask = m_mask[:, None] & d_mask[None, :]
+        q = tl.load(q_base + rows_m * sqs + offs_d[None, :], mask=md_mask, other=0.0).to(DOT_DTYPE)
+        do = tl.load(do_base + rows_m * sdos + offs_d[None, :], mask=md_mask, other=0.0).to(DOT_DTYPE)
+        lse = tl.load(LSE + pid_b * Sq + offs_m, mask=m_mask, other=0.0)
+        delta = tl.load(DELTA + pid_b * Sq + offs_m, mask=m_mask, other=0.0)
+        keep = m_mask[:, None] & n_mask[None, :]
+        if CAUSAL:
+            keep = keep & (offs_m[:, None] >= offs_n[None, :])
+        p, ds = _bwd_tile(q, k, v, do, lse, delta, keep, qk_scale, DOT_DTYPE)
+        dv += tl.dot(tl.trans(p.to(DO.dtype.element_ty).to(DOT_DTYPE)), do)
+        dk += tl.dot(tl.trans(ds.to(Q.dtype.element_ty).to(DOT_DTYPE)), q)
+    out_mask = (offs_n < Sk)[:, None] & d_mask[None, :]
+    tl.store(DK + b0 * sdk0 + b1 * sdk1 + b2 * sdk2 + rows_n * sdks + offs_d[None, :], dk * scale, mask=out_mask)
+    tl.store(DV + b0 * sdv0 + b1 * sdv1 + b2 * sdv2 + rows_n * sdvs + offs_d[None, :], dv, mask=out_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, KV_LENS,
+    nb1, nb2, Sq, Sk, D, qk_scale, scale,
+    sq0, sq1, sq2, sqs, sk0, sk1, sk2, sks, sv0, sv1, sv2, svs, sdo0, sdo1, sdo2, sdos,
+    sdq0, sdq1, sdq2, sdqs,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """dQ for one block of queries, looping over the keys it sees."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    b2 = pid_b % nb2
+    rest = pid_b // nb2
+    b1 = rest % nb1
+    b0 = rest // nb1
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    m_mask = offs_m < Sq
+    rows_m = offs_m.to(tl.int64)[:, None]
+    md_mask = m_mask[:, None] & d_mask[None, :]
+    q = tl.load(Q + b0 * sq0 + b1 * sq1 + b2 * sq2 + rows_m * sqs + offs_d[None, :], mask=md_mask, other=0.0)
+    do = tl.load(DO + b0 * sdo0 + b1 * sdo1 + b2 * sdo2 + rows_m * sdos + offs_d[None, :], mask=md_mask, other=0.0)
+    q = q.to(DOT_DTYPE)
+    do = do.to(DOT_DTYPE)
+    lse = tl.load(LSE + pid_b * Sq + offs_m, mask=m_mask, other=0.0)
+    delta = tl.load(DELTA + pid_b * Sq + offs_m, mask=m_mask, other=0.0)
+    kv_len = Sk
+    if HAS_KV_LENS:
+        kv_len = tl.minimum(tl.load(KV_LENS + b0).to(tl.int32), Sk)
+    hi = kv_len
+    if CAUSAL:
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M)
+    k_base = K + b0 * sk0 + b1 * sk1 + b2 * sk2
+    v_base = V + b0 * sv0 + b1 * sv1 + b2 * sv2
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < kv_len
+        rows_n = offs_n.to(tl.int64)[:, None]
+        nd_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + rows_n * sks + offs_d[None, :], mask=nd_mask, other=0.0).to(DOT_DTYPE)
+        v = tl.load(v_base + rows_n * svs + offs_d[None, :], mask=nd_mask, other=0.0).to(DOT_DTYPE)
+        keep = m_mask[:, None] & n_mask[None, :]
+        if CAUSAL:
+            keep = keep & (offs_m[:, None] >= offs_n[None, :])
+        p, ds = _bwd_tile(q, k, v, do, lse, delta, keep, qk_scale, DOT_DTYPE)
+        dq += tl.dot(ds.to(Q.dtype.element_ty).to(DOT_DTYPE), k)
+    tl.store(DQ + b0 * sdq0 + b1 * sdq1 + b2 * sdq2 + rows_m * sdqs + offs_d[None, :], dq * scale, mask=md_mask)
 
 
 @triton.jit
@@ -219,7 +338,7 @@ def _strides(t: torch.Tensor) -> list[int]:
 
 def attention_fwd(q5, k5, v5, o5, *, scale: float, causal: bool = False, kv_lens=None, qk_norm=None,
                   q_norm_weight=None, q_norm_bias=None, k_norm_weight=None, k_norm_bias=None, norm_eps=1e-6,
-                  rope5=None, rope_style=None):
+                  rope5=None, rope_style=None, lse=None):
     """Run the kernel on ``[b0, b1, b2, seq, D]`` views (unit stride on D): ``q5``, ``k5``, ``v5`` in,
     ``o5`` written. ``rope5``: ``(cos, sin)`` views with ``q5``'s shape (stride 0 across heads)."""
     nb0, nb1, nb2, Sq, D = q5.shape
@@ -235,7 +354,7 @@ def attention_fwd(q5, k5, v5, o5, *, scale: float, causal: bool = False, kv_lens
     cos, sin = rope5 if rope5 is not None else (dummy, dummy)
     grid = (nb0 * nb1 * nb2, triton.cdiv(Sq, block_m))
     _attn_fwd_kernel[grid](
-        q5, k5, v5, o5, kv_lens if kv_lens is not None else dummy, cos, sin,
+        q5, k5, v5, o5, lse if lse is not None else dummy, kv_lens if kv_lens is not None else dummy, cos, sin,
         q_norm_weight if q_norm_weight is not None else dummy, q_norm_bias if q_norm_bias is not None else dummy,
         k_norm_weight if k_norm_weight is not None else dummy, k_norm_bias if k_norm_bias is not None else dummy,
         nb1, nb2, Sq, Sk, D, scale * math.log2(math.e), norm_eps,
@@ -243,10 +362,39 @@ def attention_fwd(q5, k5, v5, o5, *, scale: float, causal: bool = False, kv_lens
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, HAS_KV_LENS=kv_lens is not None,
         NORM=NORMS[qk_norm], HAS_QW=q_norm_weight is not None, HAS_QB=q_norm_bias is not None,
         HAS_KW=k_norm_weight is not None, HAS_KB=k_norm_bias is not None,
-        ROPE=ROPES[rope_style if rope5 is not None else None], DOT_DTYPE=dot_dtype,
+        ROPE=ROPES[rope_style if rope5 is not None else None], DOT_DTYPE=dot_dtype, STORE_LSE=lse is not None,
         num_warps=num_warps, num_stages=2,
     )
     return o5
+
+
+def attention_bwd(q5, k5, v5, do5, dq5, dk5, dv5, *, scale: float, causal: bool = False, kv_lens=None):
+    """Flash-attention backward on ``[b0, b1, b2, seq, D]`` views (post-prologue q and k): recomputes
+    the forward for its log-sum-exp, then one kernel for dK/dV and one for dQ. ``dq5``, ``dk5``,
+    ``dv5`` are fp32 views written in full."""
+    nb0, nb1, nb2, Sq, D = q5.shape
+    Sk = k5.shape[3]
+    if q5.numel() == 0 or Sk == 0:
+        return
+    o5 = torch.empty(q5.shape, dtype=q5.dtype, device=q5.device)
+    lse = torch.empty(nb0 * nb1 * nb2, Sq, dtype=torch.float32, device=q5.device)
+    attention_fwd(q5, k5, v5, o5, scale=scale, causal=causal, kv_lens=kv_lens, lse=lse)
+    delta = (do5.float() * o5.float()).sum(-1).reshape(-1, Sq).contiguous()
+    block_m, block_n, block_d = _tiles(Sq, Sk, D)
+    block_m = min(block_m, 64)
+    num_warps = 4 if block_d <= 64 else 8
+    dot_dtype = tl.float32 if (_interpreted() and q5.dtype == torch.bfloat16) else _TL_DTYPES[q5.dtype]
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal,
+                  HAS_KV_LENS=kv_lens is not None, DOT_DTYPE=dot_dtype, num_warps=num_warps)
+    lens = kv_lens if kv_lens is not None else q5
+    qk_scale = scale * math.log2(math.e)
+    strides = [*_strides(q5), *_strides(k5), *_strides(v5), *_strides(do5)]
+    _attn_bwd_dkdv_kernel[(nb0 * nb1 * nb2, triton.cdiv(Sk, block_n))](
+        q5, k5, v5, do5, dk5, dv5, lse, delta, lens, nb1, nb2, Sq, Sk, D, qk_scale, scale,
+        *strides, *_strides(dk5), *_strides(dv5), **common)
+    _attn_bwd_dq_kernel[(nb0 * nb1 * nb2, triton.cdiv(Sq, block_m))](
+        q5, k5, v5, do5, dq5, lse, delta, lens, nb1, nb2, Sq, Sk, D, qk_scale, scale,
+        *strides, *_strides(dq5), **common)
 
 
 def temporal_fwd(q, k, v, out, *, scale: float, causal: bool, qk_norm=None, q_norm_weight=None, q_norm_bias=None,
