@@ -5,18 +5,21 @@ backend inside it (cuda, triton, cpu, torch) is chosen per call -- see ``i2v_ker
 """
 
 from i2v_kernels._backend import BackendUnavailableError, available_backends, info, use_backend
-from i2v_kernels.nn import AdaLNModulate, CrossAttention, FactorizedAttention
+from i2v_kernels.nn import AdaLNModulate, CausalConv3d, CrossAttention, FactorizedAttention
 from i2v_kernels.ops.adaln import adaln_modulate, gated_residual, gated_residual_adaln, rms_norm
 from i2v_kernels.ops.attention import attention, spatial_attention, temporal_attention
+from i2v_kernels.ops.conv3d import causal_conv3d
 
 __all__ = [
     "AdaLNModulate",
     "BackendUnavailableError",
+    "CausalConv3d",
     "CrossAttention",
     "FactorizedAttention",
     "adaln_modulate",
     "attention",
     "available_backends",
+    "causal_conv3d",
     "gated_residual",
     "gated_residual_adaln",
     "info",

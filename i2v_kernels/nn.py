@@ -11,6 +11,10 @@ from i2v_kernels.ops import adaln as _adaln
 from i2v_kernels.ops import attention as _attn
 from i2v_kernels.ops.adaln import reference as _adaln_ref
 from i2v_kernels.ops.attention import reference as _attn_ref
+from i2v_kernels.ops.conv3d.modules import CausalConv3d, ConvCache, decode_in_chunks, streaming
+
+__all__ = ["AdaLNModulate", "CausalConv3d", "ConvCache", "CrossAttention", "FactorizedAttention", "decode_in_chunks",
+           "streaming"]
 
 
 class AdaLNModulate(nn.Module):

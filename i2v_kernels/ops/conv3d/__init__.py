@@ -1,0 +1,276 @@
+"""Causal 3D convolution for video VAEs (CogVideoX, Wan, LTX, HunyuanVideo), with a frame cache for
+streaming (chunked) decoding.
+
+``causal_conv3d(x [B, Cin, T, H, W], weight [Cout, Cin, kt, kh, kw])`` pads ``x`` in front in time by
+``P = (kt - 1) * dilation_t`` frames -- the ``cache`` when given (the last ``P`` frames of the
+previous chunk's padded input, ``[B, Cin, P, H, W]``), else the first frame repeated
+(``time_pad="replicate"``: CogVideoX, LTX) or zeros (``"zeros"``: Wan) -- pads symmetrically in space
+by ``dilation * (k - 1) // 2`` zeros, nothing at the end, and convolves: ``T_out = (T - 1) // s_t + 1``.
+Formula in ``reference.py``; the module :class:`i2v_kernels.ops.conv3d.modules.CausalConv3d` keeps the
+cache between chunks.
+
+Output layout: always ``torch.channels_last_3d`` memory format (``NDHWC`` in memory, the fast format
+for the following conv), on every backend, so the fake implementation's strides match.
+
+One ``torch.library`` op, ``torch.ops.i2v_kernels.causal_conv3d``, with a fake implementation and a
+recompute-based autograd (gradients for ``x``, ``weight``, ``bias``, ``cache`` and ``residual``).
+Backends: ``triton`` (implicit GEMM, padding read in place) for CUDA tensors, the ``torch``
+reference (fp32 math) elsewhere. Autocast: as ``F.conv3d`` -- floating inputs are cast to the
+autocast dtype when autocast is on for ``x``'s device.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from i2v_kernels import _backend
+from i2v_kernels.ops.conv3d import reference
+from i2v_kernels.ops.conv3d.reference import TIME_PADS
+
+__all__ = ["causal_conv3d"]
+
+_OP = "causal_conv3d"
+_IMPLEMENTED = ("triton", "torch")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_backend.load_extension()  # registers the C++ schemas before the Python ops join the namespace
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks (shared by the real and fake implementations, so torch.compile reports them too)
+
+
+def _check_tensor(name: str, t, x: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{_OP}: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{_OP}: {name} must be a floating-point tensor (float16/bfloat16/float32/float64), "
+                        f"got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{_OP}: {name} is on {t.device} but x is on {x.device}; move them to one device")
+
+
+def _check_triple(name: str, v) -> tuple[int, int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v, v)
+    if (not isinstance(v, (tuple, list)) or len(v) != 3
+            or any(isinstance(a, bool) or not isinstance(a, int) for a in v)):
+        raise TypeError(f"{_OP}: {name} must be an int or a (t, h, w) triple of ints, got {v!r}")
+    if any(a < 1 for a in v):
+        raise ValueError(f"{_OP}: {name} must be positive, got {tuple(v)}")
+    return tuple(v)  # type: ignore[return-value]
+
+
+def _check(x, weight, bias, cache, residual, stride, dilation, time_pad):
+    """Validate one call; returns ``(out_shape, P, (pad_h, pad_w))``."""
+    _check_tensor("x", x, x)
+    if x.dim() != 5:
+        raise ValueError(f"{_OP}: x must be [B, Cin, T, H, W] (5 dims), got shape {tuple(x.shape)}")
+    B, C, T, H, W = x.shape
+    if C < 1 or T < 1 or H < 1 or W < 1:
+        raise ValueError(f"{_OP}: x [B, Cin, T, H, W] needs Cin, T, H, W >= 1, got shape {tuple(x.shape)}")
+    _check_tensor("weight", weight, x)
+    if weight.dim() != 5:
+        raise ValueError(f"{_OP}: weight must be [Cout, Cin, kt, kh, kw] (5 dims), got shape {tuple(weight.shape)}")
+    Cout, Cin_w, kt, kh, kw = weight.shape
+    if Cin_w != C:
+        raise ValueError(f"{_OP}: weight must be [Cout, Cin={C}, kt, kh, kw] to match x's {C} channels "
+                         f"(x is [B, Cin, T, H, W] = {tuple(x.shape)}), got weight {tuple(weight.shape)}")
+    if Cout < 1 or kt < 1 or kh < 1 or kw < 1:
+        raise ValueError(f"{_OP}: weight [Cout, Cin, kt, kh, kw] needs Cout and kernel sizes >= 1, "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{_OP}: weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    if bias is not None:
+        _check_tensor("bias", bias, x)
+        if tuple(bias.shape) != (Cout,):
+            raise ValueError(f"{_OP}: bias must have shape ({Cout},) (Cout of weight), got {tuple(bias.shape)}")
+    stride = _check_triple("stride", stride)
+    dilation = _check_triple("dilation", dilation)
+    if time_pad not in TIME_PADS:
+        raise ValueError(f"{_OP}: time_pad must be one of {', '.join(map(repr, TIME_PADS))}, got {time_pad!r}")
+    P = reference.time_padding(kt, dilation[0])
+    ph, pw = reference.spatial_padding((kt, kh, kw), dilation)
+    for dim, size, pad, k, d in (("H", H, ph, kh, dilation[1]), ("W", W, pw, kw, dilation[2])):
+        if size + 2 * pad < d * (k - 1) + 1:
+            raise ValueError(f"{_OP}: the kernel (size {k}, dilation {d}) spans {d * (k - 1) + 1} pixels, more than "
+                             f"the padded input's {dim} = {size} + 2 * {pad}; x is {tuple(x.shape)}")
+    if cache is not None:
+        _check_tensor("cache", cache, x)
+        if tuple(cache.shape) != (B, C, P, H, W):
+            raise ValueError(f"{_OP}: cache must be [B, Cin, P, H, W] = {(B, C, P, H, W)} (P = (kt - 1) * dilation_t "
+                             f"= {P} frames of the previous chunk), got {tuple(cache.shape)}")
+        if cache.dtype != x.dtype:
+            raise TypeError(f"{_OP}: cache must have x's dtype {x.dtype}, got {cache.dtype}")
+    out_shape = reference.output_shape(x.shape, weight.shape, stride, dilation)
+    if residual is not None:
+        _check_tensor("residual", residual, x)
+        if tuple(residual.shape) != tuple(out_shape):
+            raise ValueError(f"{_OP}: residual must have the output's shape [B, Cout, T_out, H_out, W_out] = "
+                             f"{tuple(out_shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{_OP}: residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    return out_shape, P, (ph, pw)
+
+
+def _empty_out(shape, x: Tensor) -> Tensor:
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def _triton():
+    from i2v_kernels.ops.conv3d import triton as conv_triton
+
+    return conv_triton
+
+
+def _forward(x, weight, bias, cache, residual, stride, dilation, time_pad) -> Tensor:
+    out_shape, P, padding_hw = _check(x, weight, bias, cache, residual, stride, dilation, time_pad)
+    stride, dilation = tuple(stride), tuple(dilation)
+    if x.numel() == 0:
+        return _empty_out(out_shape, x)
+
+    def why_not(backend: str) -> Optional[str]:
+        return _triton().why_not(x) if backend == "triton" else None
+
+    backend = _backend.select(_OP, x.device, why_not, _IMPLEMENTED)
+    # The autocast cast (if any) happened in the public function; the math inside runs as asked.
+    with torch.autocast(x.device.type, enabled=False):
+        if backend == "triton":
+            t = _triton()
+            return t.causal_conv3d_fwd(t.channels_last(x), weight, None if bias is None else bias.contiguous(),
+                                       None if cache is None else t.channels_last(cache), residual, out_shape,
+                                       stride, dilation, padding_hw, P, time_pad)
+        y = reference.causal_conv3d(x, weight, bias, stride=stride, dilation=dilation, time_pad=time_pad,
+                                    cache=cache, residual=residual)
+    out = _empty_out(out_shape, x)
+    out.copy_(y)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The op and its backward op
+
+
+@torch.library.custom_op("i2v_kernels::causal_conv3d", mutates_args=())
+def _causal_conv3d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], cache: Optional[Tensor],
+                      residual: Optional[Tensor], stride: list[int], dilation: list[int], time_pad: str) -> Tensor:
+    return _forward(x, weight, bias, cache, residual, stride, dilation, time_pad)
+
+
+@_causal_conv3d_op.register_fake
+def _(x, weight, bias, cache, residual, stride, dilation, time_pad):
+    out_shape, _, _ = _check(x, weight, bias, cache, residual, stride, dilation, time_pad)
+    return _empty_out(out_shape, x)
+
+
+@torch.library.custom_op("i2v_kernels::_causal_conv3d_bwd", mutates_args=())
+def _causal_conv3d_bwd_op(grad_out: Tensor, x: Tensor, weight: Tensor, cache: Optional[Tensor], stride: list[int],
+                          dilation: list[int], time_pad: str, needs: list[bool]) -> list[Tensor]:
+    """Gradients for ``(x, weight, bias, cache)``: x's, weight's, the accumulation dtype (bias: cast by
+    the caller to its own dtype) and cache's dtype; an empty tensor where ``needs`` is False."""
+    with torch.autocast(x.device.type, enabled=False):
+        grads = reference.causal_conv3d_bwd(grad_out, x, weight, cache, stride, dilation, time_pad, needs)
+    dtypes = _bwd_dtypes(x, weight, cache)
+    return [g.to(dt).contiguous() if g is not None else x.new_empty(0) for g, dt in zip(grads, dtypes)]
+
+
+def _bwd_dtypes(x, weight, cache):
+    return (x.dtype, weight.dtype, reference.acc_dtype(x), cache.dtype if cache is not None else x.dtype)
+
+
+@_causal_conv3d_bwd_op.register_fake
+def _(grad_out, x, weight, cache, stride, dilation, time_pad, needs):
+    shapes = (x.shape, weight.shape, weight.shape[:1], cache.shape if cache is not None else None)
+    return [torch.empty(s, dtype=dt, device=x.device) if n and s is not None else x.new_empty(0)
+            for s, dt, n in zip(shapes, _bwd_dtypes(x, weight, cache), needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, cache, residual, stride, dilation, time_pad = inputs
+    ctx.args = (list(stride), list(dilation), time_pad)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.residual_dtype = None if residual is None else residual.dtype
+    ctx.save_for_backward(x, weight, cache)
+
+
+def _backward(ctx, grad_out):
+    x, weight, cache = ctx.saved_tensors
+    need_x, need_w, need_b, need_c, need_r = ctx.needs_input_grad[:5]
+    needs = [bool(need_x), bool(need_w), bool(need_b and ctx.bias_dtype is not None),
+             bool(need_c and cache is not None)]
+    gx = gw = gb = gc = gr = None
+    if any(needs):
+        grads = torch.ops.i2v_kernels._causal_conv3d_bwd(grad_out, x, weight, cache, *ctx.args, needs)
+        gx, gw, gb, gc = (g if n else None for g, n in zip(grads, needs))
+        if gb is not None:
+            gb = gb.to(ctx.bias_dtype)
+    if need_r and ctx.residual_dtype is not None:
+        gr = grad_out.to(ctx.residual_dtype)
+    return gx, gw, gb, gc, gr, None, None, None
+
+
+_causal_conv3d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public function
+
+
+def _autocast(x: Tensor, *tensors):
+    """Cast floating tensors to the autocast dtype when autocast is on for x's device (as F.conv3d)."""
+    device_type = x.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (x, *tensors))
+
+
+def causal_conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride=1, dilation=1,
+                  time_pad: str = "replicate", cache: Optional[Tensor] = None,
+                  residual: Optional[Tensor] = None) -> Tensor:
+    """Causal 3D convolution, temporal padding from ``cache`` or ``time_pad``.
+
+    Args:
+        x: ``[B, Cin, T, H, W]`` (any memory format; channels_last_3d is read without a copy).
+        weight: ``[Cout, Cin, kt, kh, kw]``, x's dtype.
+        bias: ``[Cout]`` or None.
+        stride, dilation: int or ``(t, h, w)`` triple.
+        time_pad: ``"replicate"`` (repeat the first frame; CogVideoX, LTX) or ``"zeros"`` (Wan); used
+            only without ``cache``.
+        cache: ``[B, Cin, P, H, W]`` with ``P = (kt - 1) * dilation_t``: the last ``P`` frames of the
+            previous chunk's padded input (what :class:`CausalConv3d` returns as ``new_cache``).
+        residual: ``[B, Cout, T_out, H_out, W_out]`` added to the output (fused in the epilogue).
+
+    Returns:
+        ``[B, Cout, T_out, H_out, W_out]`` in x's dtype, ``torch.channels_last_3d`` memory format, with
+        ``T_out = (T - 1) // s_t + 1`` and ``H_out = (H + 2 * (d_h * (kh - 1) // 2) - d_h * (kh - 1) - 1) // s_h + 1``.
+
+    Chunked calls equal one whole call when each chunk gets the previous chunk's cache and, with a
+    temporal stride ``s_t > 1``, every chunk but the last has a multiple of ``s_t`` frames.
+
+    Example::
+
+        x = torch.randn(1, 128, 5, 60, 90, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(128, 128, 3, 3, 3, device="cuda", dtype=torch.bfloat16) * 0.02
+        y = i2v_kernels.causal_conv3d(x, w, time_pad="replicate")       # [1, 128, 5, 60, 90]
+    """
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{_OP}: {name} must be a Tensor, got {type(t).__name__}")
+    for name, t in (("bias", bias), ("cache", cache), ("residual", residual)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{_OP}: {name} must be a Tensor or None, got {type(t).__name__}")
+    stride = _check_triple("stride", stride)
+    dilation = _check_triple("dilation", dilation)
+    if time_pad not in TIME_PADS:
+        raise ValueError(f"{_OP}: time_pad must be one of {', '.join(map(repr, TIME_PADS))}, got {time_pad!r}")
+    x, weight, bias, cache, residual = _autocast(x, weight, bias, cache, residual)
+    return torch.ops.i2v_kernels.causal_conv3d(x, weight, bias, cache, residual, list(stride), list(dilation),
+                                               time_pad)
