@@ -47,6 +47,16 @@ class AdaLNModulate(nn.Module):
         return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}, use_kernels={self.use_kernels}"
 
 
+def _register_qk_norm(module: nn.Module, qk_norm: Optional[str], head_dim: int) -> None:
+    """QK-norm parameters over the head dim: weights for both norms, biases for LayerNorm only."""
+    if qk_norm not in (None, "layer", "rms"):
+        raise ValueError(f"{type(module).__name__}: qk_norm must be None, 'layer' or 'rms', got {qk_norm!r}")
+    for name in ("q_norm_weight", "k_norm_weight"):
+        module.register_parameter(name, nn.Parameter(torch.ones(head_dim)) if qk_norm else None)
+    for name in ("q_norm_bias", "k_norm_bias"):
+        module.register_parameter(name, nn.Parameter(torch.zeros(head_dim)) if qk_norm == "layer" else None)
+
+
 class FactorizedAttention(nn.Module):
     """Fused QKV projection -> spatial, temporal or dense attention -> output projection.
 
@@ -79,17 +89,11 @@ class FactorizedAttention(nn.Module):
             raise ValueError(f"FactorizedAttention: mode must be 'spatial', 'temporal' or 'dense', got {mode!r}")
         if causal and mode != "temporal":
             raise ValueError("FactorizedAttention: causal=True applies to mode='temporal' only")
-        if qk_norm not in (None, "layer", "rms"):
-            raise ValueError(f"FactorizedAttention: qk_norm must be None, 'layer' or 'rms', got {qk_norm!r}")
         self.dim, self.heads, self.head_dim, self.mode, self.causal = dim, heads, dim // heads, mode, causal
         self.qk_norm, self.norm_eps, self.rope_style, self.use_kernels = qk_norm, norm_eps, rope_style, use_kernels
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
-        D = self.head_dim
-        for name in ("q_norm_weight", "k_norm_weight"):
-            self.register_parameter(name, nn.Parameter(torch.ones(D)) if qk_norm else None)
-        for name in ("q_norm_bias", "k_norm_bias"):
-            self.register_parameter(name, nn.Parameter(torch.zeros(D)) if qk_norm == "layer" else None)
+        _register_qk_norm(self, qk_norm, self.head_dim)
 
     def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         if x.dim() != 4 or x.shape[-1] != self.dim:
@@ -131,18 +135,12 @@ class CrossAttention(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(f"CrossAttention: dim={dim} must be divisible by heads={heads}")
-        if qk_norm not in (None, "layer", "rms"):
-            raise ValueError(f"CrossAttention: qk_norm must be None, 'layer' or 'rms', got {qk_norm!r}")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.qk_norm, self.norm_eps, self.use_kernels = qk_norm, norm_eps, use_kernels
         self.q = nn.Linear(dim, dim, bias=bias)
         self.kv = nn.Linear(context_dim, 2 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
-        D = self.head_dim
-        for name in ("q_norm_weight", "k_norm_weight"):
-            self.register_parameter(name, nn.Parameter(torch.ones(D)) if qk_norm else None)
-        for name in ("q_norm_bias", "k_norm_bias"):
-            self.register_parameter(name, nn.Parameter(torch.zeros(D)) if qk_norm == "layer" else None)
+        _register_qk_norm(self, qk_norm, self.head_dim)
 
     def forward(self, x: Tensor, context: Tensor, kv_lens: Optional[Tensor] = None) -> Tensor:
         shape = x.shape

@@ -78,6 +78,13 @@ def _load_prologue(base, row_offs, rope_offs, offs_d, D, row_mask, w_ptr, b_ptr,
 
 
 @triton.jit
+def _batch_index(pid_b, nb1, nb2):
+    """Split a flat program index over the three batch dims ``[b0, b1, b2]`` (b0 outermost)."""
+    rest = pid_b // nb2
+    return rest // nb1, rest % nb1, pid_b % nb2
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, KV_LENS, COS, SIN, QW, QB, KW, KB,
     nb1, nb2, Sq, Sk, D, qk_scale, eps,
@@ -89,10 +96,7 @@ def _attn_fwd_kernel(
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
-    b2 = pid_b % nb2
-    rest = pid_b // nb2
-    b1 = rest % nb1
-    b0 = rest // nb1
+    b0, b1, b2 = _batch_index(pid_b, nb1, nb2)
     q_base = Q + b0 * sq0 + b1 * sq1 + b2 * sq2
     k_base = K + b0 * sk0 + b1 * sk1 + b2 * sk2
     v_base = V + b0 * sv0 + b1 * sv1 + b2 * sv2
@@ -165,10 +169,7 @@ def _attn_bwd_dkdv_kernel(
     """dK, dV for one block of keys, looping over the query blocks that see it."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
-    b2 = pid_b % nb2
-    rest = pid_b // nb2
-    b1 = rest % nb1
-    b0 = rest // nb1
+    b0, b1, b2 = _batch_index(pid_b, nb1, nb2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
@@ -221,10 +222,7 @@ def _attn_bwd_dq_kernel(
     """dQ for one block of queries, looping over the keys it sees."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
-    b2 = pid_b % nb2
-    rest = pid_b // nb2
-    b1 = rest % nb1
-    b0 = rest // nb1
+    b0, b1, b2 = _batch_index(pid_b, nb1, nb2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
