@@ -106,7 +106,8 @@ def _extensions():
     # Files named *_cuda.cpp hold CUDA bindings: they need CUDA headers, so they go with the .cu files.
     cuda_cpp = [p for p in cpp if p.endswith("_cuda.cpp")]
     cpu_cpp = [p for p in cpp if p not in cuda_cpp]
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch adds the C++ standard its own headers need (C++20 for torch 2.14).
+    cxx = ["-O3", "-fopenmp"]
     macros = []
     print("=" * 72)
     print("i2v-kernels build configuration")
@@ -121,7 +122,7 @@ def _extensions():
     print("=" * 72)
     _write_build_info(with_cuda, reasons)
     if with_cuda:
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         macros.append(("I2V_WITH_CUDA", "1"))
         return [
             CUDAExtension(

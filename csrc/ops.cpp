@@ -26,4 +26,7 @@ TORCH_LIBRARY(i2v_kernels, m) {
   m.def(
       "_adaln_fwd(Tensor x, Tensor? y, Tensor? gate, Tensor? shift, Tensor? scale, Tensor? weight, "
       "Tensor? bias, int norm, float eps) -> (Tensor out, Tensor residual)");
+  // Temporal attention (CUDA only): q, k, v [B, T, S, H, D] with unit stride on D, any other strides;
+  // each (b, s, h) attends across its T frames; softmax(q k^T * scale) v in fp32; out contiguous.
+  m.def("_temporal_attention_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal) -> Tensor");
 }

@@ -378,6 +378,10 @@ def test_forced_backend_without_kernel_raises():
     q = torch.randn(1, 2, 4, 2, 8)
     with i2v_kernels.use_backend("cpu"), pytest.raises(i2v_kernels.BackendUnavailableError, match="no cpu kernel"):
         i2v_kernels.spatial_attention(q, q, q)
+    with i2v_kernels.use_backend("cuda"), pytest.raises(i2v_kernels.BackendUnavailableError, match="no cuda kernel"):
+        i2v_kernels.spatial_attention(q, q, q)
+    with i2v_kernels.use_backend("cuda"), pytest.raises(i2v_kernels.BackendUnavailableError, match="cuda"):
+        i2v_kernels.temporal_attention(q, q, q)
     if _backend._GENERIC["triton"](torch.device("cpu")) is None:
         with i2v_kernels.use_backend("triton"), pytest.raises(i2v_kernels.BackendUnavailableError, match="float32"):
             i2v_kernels.spatial_attention(q, q, q)
@@ -408,14 +412,39 @@ def test_gpu_spatial_and_dense(dtype, shape):
 
 
 @pytest.mark.needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(2, 1, 5, 3, 64), (1, 13, 7, 2, 72), (2, 33, 3, 4, 32), (1, 128, 2, 2, 128),
+                                   (1, 49, 4, 3, 40)], ids=str)
+def test_gpu_temporal_backends(backend, dtype, shape):
+    _usable(backend, "cuda")
+    if backend == "triton" and dtype == torch.float32:
+        pytest.skip("the Triton attention kernels take float16/bfloat16")
+    B, T, S, H, D = shape
+    qkv = torch.randn(B, T, S, 3 * H * D, device="cuda", dtype=dtype)
+    q, k, v = qkv.view(B, T, S, 3, H, D).unbind(3)
+    for causal in (False, True):
+        with i2v_kernels.use_backend(backend):
+            out = i2v_kernels.temporal_attention(q, k, v, causal=causal)
+        expected = ref.temporal_attention(q.float(), k.float(), v.float(), causal=causal)
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        else:
+            _assert_within_eager_error(out, expected, _eager_mode("temporal", q, k, v, D ** -0.5, causal=causal))
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("T", [1, 8, 13, 49, 64, 128])
-def test_gpu_temporal_many_positions(T):
+def test_gpu_temporal_many_positions(backend, T):
     """B*S*H above 65,535 problems (where SDPA's efficient kernel's grid overflows)."""
+    _usable(backend, "cuda")
     B, S, H, D = 1, 70000 // 4 + 1, 4, 64
     qkv = torch.randn(B, T, S, 3 * H * D, device="cuda", dtype=torch.bfloat16)
     q, k, v = qkv.view(B, T, S, 3, H, D).unbind(3)
     for causal in (False, True):
-        out = i2v_kernels.temporal_attention(q, k, v, causal=causal)
+        with i2v_kernels.use_backend(backend):
+            out = i2v_kernels.temporal_attention(q, k, v, causal=causal)
         expected = ref.temporal_attention(q[:, :, :512].float(), k[:, :, :512].float(), v[:, :, :512].float(), causal=causal)
         torch.testing.assert_close(out[:, :, :512].float(), expected, atol=2e-2, rtol=2e-2)
         tail = ref.temporal_attention(q[:, :, -512:].float(), k[:, :, -512:].float(), v[:, :, -512:].float(), causal=causal)

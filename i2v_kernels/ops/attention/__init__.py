@@ -32,6 +32,7 @@ __all__ = ["attention", "spatial_attention", "temporal_attention"]
 SPATIAL, TEMPORAL, DENSE = 0, 1, 2
 _NAMES = {SPATIAL: "spatial_attention", TEMPORAL: "temporal_attention", DENSE: "attention"}
 _IMPLEMENTED = ("triton", "torch")
+_IMPLEMENTED_FWD = {SPATIAL: _IMPLEMENTED, TEMPORAL: ("cuda",) + _IMPLEMENTED, DENSE: _IMPLEMENTED}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _backend.load_extension()
@@ -147,6 +148,28 @@ def _rope_views(mode, q, cos, sin):
     return tuple(_five_d(mode, t.expand(target).unsqueeze(-2).expand(q.shape)) for t in (cos, sin))
 
 
+CUDA_TEMPORAL_MAX_T = 128
+
+
+def _cuda_temporal_why_not(q, qk_norm, cos) -> Optional[str]:
+    """Why the CUDA C++ temporal kernel cannot take this call, or None."""
+    if not _backend._has_kernel("_temporal_attention_fwd", "CUDA"):
+        return "i2v_kernels._C was built without the CUDA temporal-attention kernel"
+    if qk_norm is not None or cos is not None:
+        return "the CUDA temporal kernel has no fused QK-norm/RoPE prologue"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the CUDA temporal kernel supports float16/bfloat16/float32, not {q.dtype}"
+    T, D = q.shape[1], q.shape[-1]
+    if T > CUDA_TEMPORAL_MAX_T:
+        return f"T = {T} frames exceeds the CUDA temporal kernel's {CUDA_TEMPORAL_MAX_T}"
+    pad = 1 if q.element_size() >= 4 else 4 // q.element_size()
+    need = 3 * T * (D + pad) * q.element_size()  # one warp's staged q, k, v rows (temporal_params.h)
+    have = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", 48 * 1024)
+    if need > have:
+        return f"T * D = {T} * {D} needs {need} bytes of shared memory per problem; the GPU has {have}"
+    return None
+
+
 def _forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style):
     op = _NAMES[mode]
     _check(mode, q, k, v, scale, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style)
@@ -161,9 +184,13 @@ def _forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, nor
             from i2v_kernels.ops.attention import triton as attn_triton
 
             return attn_triton.why_not(q)
+        if backend == "cuda":
+            return _cuda_temporal_why_not(q, qk_norm, cos)
         return None
 
-    backend = _backend.select(op, q.device, why_not, _IMPLEMENTED)
+    backend = _backend.select(op, q.device, why_not, _IMPLEMENTED_FWD[mode])
+    if backend == "cuda":
+        return torch.ops.i2v_kernels._temporal_attention_fwd(_unit_d(q), _unit_d(k), _unit_d(v), scale, causal)
     if backend == "torch" or q.numel() == 0:
         if mode == SPATIAL:
             return reference.spatial_attention(q, k, v, **kwargs)
@@ -219,7 +246,11 @@ def _backward_impl(mode, grad_out, q, k, v, scale, causal, kv_lens, qk_norm, qw,
             return attn_triton.why_not(q)
         return None
 
-    if _backend.select(_NAMES[mode] + " backward", q.device, why_not, _IMPLEMENTED) == "triton":
+    # The forward's forced backend may have no backward kernel (cuda): then the backward picks as auto.
+    forced = _backend.requested_backend()
+    with _backend.use_backend(forced if forced in _IMPLEMENTED else "auto"):
+        backend = _backend.select(_NAMES[mode] + " backward", q.device, why_not, _IMPLEMENTED)
+    if backend == "triton":
         from i2v_kernels.ops.attention import triton as attn_triton
 
         g_qp, g_kp, g_v = (torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
