@@ -52,13 +52,15 @@ demo: build
 	  echo "make demo: the reference model is not bundled yet (it arrives with the model issue); no video was made." >&2; exit 1; }
 	$(PYTHON) -m i2v_model generate
 
+BENCHES = $(basename $(notdir $(wildcard benchmarks/bench_*.py)))
+
 bench: build
-	$(PYTHON) -m benchmarks.bench_adaln
+	@for b in $(BENCHES); do echo "== $$b"; $(PYTHON) -m benchmarks.$$b $(BENCH_ARGS) || exit 1; done
 
 gpu-check: build
 	@$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA GPU visible')"
 	$(PYTHON) -m pytest -q -m needs_cuda $(PYTEST_ARGS) tests
-	$(PYTHON) -m benchmarks.bench_adaln
+	@for b in $(BENCHES); do echo "== $$b"; $(PYTHON) -m benchmarks.$$b --device cuda $(BENCH_ARGS) || exit 1; done
 
 info: build
 	$(PYTHON) -m i2v_kernels info
