@@ -46,6 +46,25 @@ def _default_max_jobs():
     return max(1, min(cores, int(mem_gib // 3)))
 
 
+def _find_cuda_home():
+    """Point CUDA_HOME at a toolkit that has its headers, before torch guesses one.
+
+    torch derives CUDA_HOME from the nvcc on PATH; when that nvcc is a wrapper script (as in
+    /usr/local/bin), the guess has no include/ folder. Try the usual places instead.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
+    candidates += [Path("/usr/local/cuda")] + sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
+    for home in candidates:
+        if (home / "include" / "cuda_runtime.h").exists() and (home / "bin" / "nvcc").exists():
+            os.environ["CUDA_HOME"] = str(home)
+            return
+
+
 def _build_config():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
@@ -96,6 +115,7 @@ def _write_build_info(with_cuda, reasons):
 
 
 def _extensions():
+    _find_cuda_home()  # before torch.utils.cpp_extension computes its CUDA_HOME on import
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 

@@ -44,7 +44,7 @@ struct AdalnParams {
   DType mod_dtype = DType::kFloat;
 };
 
-// CUDA launcher (adaln_cuda.cu). `stream` is the cudaStream_t to launch on. Returns nullptr on
+// CUDA launcher (adaln_cuda_kernel.cu). `stream` is the cudaStream_t to launch on. Returns nullptr on
 // success, else a static error message (the caller raises it). Requires p.rows > 0.
 const char* adaln_fwd_cuda(const AdalnParams& p, void* stream);
 

@@ -51,8 +51,13 @@ struct RowLayout {
       if (d < ndim) {
         int64_t idx = row;  // the outermost dim needs no modulo: row < prod(sizes)
         if (d + 1 < ndim) {
-          idx = row % sizes[d];
-          row /= sizes[d];
+          const int64_t size = sizes[d];
+          // One 32-bit division when both fit (64-bit division is a long instruction sequence on GPUs).
+          const int64_t quot = ((row | size) >> 32) == 0
+                                   ? static_cast<int64_t>(static_cast<uint32_t>(row) / static_cast<uint32_t>(size))
+                                   : row / size;
+          idx = row - quot * size;
+          row = quot;
         }
         I2V_UNROLL
         for (int t = 0; t < NT; ++t) off[t] += idx * strides[t][d];
