@@ -8,8 +8,9 @@ TORCH_SPEC ?= torch==2.14.1
 PYTEST_ARGS ?=
 
 # Reuse compiled objects across clones and rebuilds when ccache is installed (CI builds in a fresh clone).
-ifneq ($(shell command -v ccache 2>/dev/null),)
-export CXX := ccache $(or $(CXX_BASE),g++)
+# (ccache's compiler links go first on PATH: torch checks the compiler named in CXX, so no CXX="ccache g++".)
+ifneq ($(wildcard /usr/lib/ccache/c++),)
+export PATH := /usr/lib/ccache:$(PATH)
 export PYTORCH_NVCC := ccache nvcc
 export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_NOHASHDIR := 1

@@ -8,6 +8,7 @@ from i2v_kernels._backend import BackendUnavailableError, available_backends, in
 from i2v_kernels.nn import AdaLNModulate, CausalConv3d, CrossAttention, FactorizedAttention
 from i2v_kernels.ops.adaln import adaln_modulate, gated_residual, gated_residual_adaln, rms_norm
 from i2v_kernels.ops.attention import attention, spatial_attention, temporal_attention
+from i2v_kernels.integrations.diffusers import patch, unpatch
 from i2v_kernels.ops.conv3d import causal_conv3d
 
 __all__ = [
@@ -23,8 +24,10 @@ __all__ = [
     "gated_residual",
     "gated_residual_adaln",
     "info",
+    "patch",
     "rms_norm",
     "spatial_attention",
     "temporal_attention",
+    "unpatch",
     "use_backend",
 ]

@@ -1,0 +1,722 @@
+"""diffusers integration: ``patch`` / ``unpatch`` on tiny random-config models (no downloads).
+
+Each model runs unpatched, patched (same inputs, fp32, tight tolerance) and unpatched again; a
+dispatch-mode spy counts the ``torch.ops.i2v_kernels`` calls, so a replacement that silently fell back
+to the original code fails. Triton runs through the interpreter on the smallest configs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import i2v_kernels  # noqa: E402
+from i2v_kernels.integrations import diffusers as integration  # noqa: E402
+from i2v_kernels.integrations.diffusers import PatchSummary, patch, patch_summary, unpatch  # noqa: E402
+
+import diffusers  # noqa: E402
+from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
+
+FP32_TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+# ==================================================================================================
+# Helpers
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the i2v_kernels ops dispatched inside the block (by name, e.g. ``"attention"``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "i2v_kernels":
+            self.calls[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def run_counted(run, model):
+    with torch.no_grad(), OpCounter() as counter:
+        out = run(model)
+    return out, counter.calls
+
+
+def snapshot(model: nn.Module):
+    """What patch may change: per module, the instance-level forward and the processor object."""
+    return {name: (m.__dict__.get("forward"), getattr(m, "processor", None)) for name, m in model.named_modules()}
+
+
+def assert_restored(model: nn.Module, before) -> None:
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for name, (forward, processor) in before.items():
+        assert after[name][0] is forward, f"{name}: forward not restored"
+        assert after[name][1] is processor, f"{name}: processor not restored"
+    for m in model.modules():
+        assert integration._RECORDS not in m.__dict__
+        if "forward" not in m.__dict__:
+            assert m.forward.__func__ is type(m).forward
+    assert patch_summary(model) is None
+
+
+def patched_forwards(model: nn.Module) -> Counter:
+    return Counter(type(m).__name__ for m in model.modules()
+                   if "forward" in m.__dict__.get(integration._RECORDS, {}))
+
+
+def patched_processors(model: nn.Module) -> Counter:
+    return Counter(type(m.processor).__name__ for m in model.modules()
+                   if isinstance(getattr(m, "processor", None), integration._Processor))
+
+
+# ==================================================================================================
+# Tiny models: (model, run) with run(model) -> output tensor; inputs drawn once, reused every call
+
+
+def latte_model(dtype=torch.float32):
+    model = diffusers.LatteTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=16, sample_size=8, patch_size=2, norm_type="ada_norm_single", caption_channels=32,
+        video_length=3, norm_elementwise_affine=False, norm_eps=1e-6, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000).eval().to(dtype)
+    x = torch.randn(2, 4, 3, 8, 8).to(dtype)
+    context = torch.randn(2, 5, 32).to(dtype)
+    t = torch.tensor([10, 500])
+    return model, lambda m, **kw: m(x, timestep=t, encoder_hidden_states=context, **kw).sample
+
+
+def cogvideox_model(dtype=torch.float32, rope=True, heads=2, head_dim=16, layers=2, frames=3, size=8, text=6):
+    model = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=layers, sample_width=size, sample_height=size, sample_frames=4 * (frames - 1) + 1,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=text,
+        use_rotary_positional_embeddings=rope).eval().to(dtype)
+    x = torch.randn(2, frames, 4, size, size).to(dtype)
+    context = torch.randn(2, text, 16).to(dtype)
+    t = torch.tensor([10, 500])
+    grid = size // 2
+    freqs = get_3d_rotary_pos_embed(head_dim, ((0, 0), (grid, grid)), (grid, grid), frames) if rope else None
+    return model, lambda m: m(x, encoder_hidden_states=context, timestep=t, image_rotary_emb=freqs).sample
+
+
+def wan_model(dtype=torch.float32, image=False, per_token_timestep=False, heads=2, head_dim=12, layers=2, size=8):
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=layers, cross_attn_norm=True, rope_max_seq_len=32,
+        image_dim=16 if image else None, added_kv_proj_dim=heads * head_dim if image else None).eval().to(dtype)
+    x = torch.randn(2, 4, 3, size, size).to(dtype)
+    # I2V: Wan splits the context as [image tokens, 512 text tokens]
+    context = torch.randn(2, 512 if image else 10, 16).to(dtype)
+    image_context = torch.randn(2, 7, 16).to(dtype) if image else None
+    t = torch.randint(0, 1000, (2, 3 * (size // 2) ** 2)) if per_token_timestep else torch.tensor([10, 500])
+    return model, lambda m: m(x, timestep=t, encoder_hidden_states=context,
+                              encoder_hidden_states_image=image_context).sample
+
+
+def ltx_model(dtype=torch.float32, mask="prefix", heads=2, head_dim=8, layers=2):
+    model = diffusers.LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=heads, attention_head_dim=head_dim,
+        cross_attention_dim=heads * head_dim, num_layers=layers, caption_channels=16).eval().to(dtype)
+    x = torch.randn(2, 3 * 4 * 4, 8).to(dtype)
+    context = torch.randn(2, 6, 16).to(dtype)
+    masks = {"prefix": [[1] * 6, [1] * 4 + [0] * 2], "hole": [[1, 0, 1, 1, 1, 1]] * 2, "none": None}
+    m_ = None if masks[mask] is None else torch.tensor(masks[mask])
+    t = torch.tensor([10, 500])
+    return model, lambda m: m(x, context, t, m_, num_frames=3, height=4, width=4).sample
+
+
+TRANSFORMERS = {
+    # name: (builder, the attention-family calls one forward must make: one per attention layer)
+    "latte": (latte_model, {"spatial_attention": 2, "temporal_attention": 2, "attention": 2}),
+    "cogvideox": (cogvideox_model, {"attention": 2}),
+    "cogvideox-no-rope": (lambda: cogvideox_model(rope=False), {"attention": 2}),
+    "wan-t2v": (wan_model, {"attention": 4}),
+    "wan-i2v": (lambda: wan_model(image=True), {"attention": 6}),
+    "wan-ti2v": (lambda: wan_model(per_token_timestep=True), {"attention": 4}),
+    "ltx": (ltx_model, {"spatial_attention": 2, "attention": 2}),
+}
+ADALN_OPS = {
+    "latte": {"adaln_modulate", "gated_residual", "gated_residual_adaln"},
+    "cogvideox": {"adaln_modulate", "gated_residual", "gated_residual_adaln"},
+    "wan": {"adaln_modulate", "gated_residual", "gated_residual_adaln", "rms_norm"},
+    "ltx": {"gated_residual", "rms_norm"},
+}
+
+
+def cogvideox_vae():
+    return diffusers.AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 2,
+        up_block_types=("CogVideoXUpBlock3D",) * 2, block_out_channels=(8, 16), latent_channels=4, layers_per_block=1,
+        norm_num_groups=4, temporal_compression_ratio=4, sample_height=16, sample_width=16).eval()
+
+
+def wan_vae():
+    return diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                      temperal_downsample=[False, True], scale_factor_spatial=4).eval()
+
+
+def ltx_vae(decoder_causal=False):
+    return diffusers.AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+        layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1), spatio_temporal_scaling=(True, False),
+        decoder_spatio_temporal_scaling=(True, False), decoder_inject_noise=(False, False, False),
+        downsample_type=("conv", "conv"), upsample_residual=(False, False), upsample_factor=(1, 1), patch_size=1,
+        encoder_causal=True, decoder_causal=decoder_causal).eval()
+
+
+def enable_small_tiles(vae):
+    name = type(vae).__name__
+    if name == "AutoencoderKLCogVideoX":
+        vae.enable_tiling(tile_sample_min_height=8, tile_sample_min_width=8, tile_overlap_factor_height=1 / 4,
+                          tile_overlap_factor_width=1 / 4)
+    elif name == "AutoencoderKLWan":
+        vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16, tile_sample_stride_height=12,
+                          tile_sample_stride_width=12)
+    else:
+        vae.enable_tiling(tile_sample_min_height=8, tile_sample_min_width=8, tile_sample_stride_height=4,
+                          tile_sample_stride_width=4, tile_sample_min_num_frames=4, tile_sample_stride_num_frames=2)
+        vae.use_framewise_decoding = True
+
+
+VAES = {
+    "cogvideox": (cogvideox_vae, "CogVideoXCausalConv3d"),
+    "wan": (wan_vae, "WanCausalConv3d"),
+    "ltx": (ltx_vae, "LTXVideoCausalConv3d"),
+    "ltx-causal-decoder": (lambda: ltx_vae(decoder_causal=True), "LTXVideoCausalConv3d"),
+}
+
+
+# ==================================================================================================
+# Transformers: parity, spies, unpatch
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMERS))
+def test_transformer_parity_and_unpatch(name):
+    build, attention_calls = TRANSFORMERS[name]
+    model, run = build()
+    before = snapshot(model)
+    with torch.no_grad():
+        ref = run(model)
+    assert patch(model) is model
+    out, calls = run_counted(run, model)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    for op, n in attention_calls.items():
+        assert calls[op] == n, f"{op}: {calls[op]} calls, expected {n} (a replacement fell back?) {dict(calls)}"
+    assert ADALN_OPS[name.split("-")[0]] <= set(calls), dict(calls)
+    summary = patch_summary(model)
+    assert isinstance(summary, PatchSummary) and summary.replaced and not summary.unsupported
+    assert not summary.kept, summary
+
+    unpatch(model)
+    assert_restored(model, before)
+    with torch.no_grad():
+        assert torch.equal(run(model), ref)
+
+
+def test_patch_twice_is_harmless():
+    model, run = cogvideox_model()
+    before = snapshot(model)
+    with torch.no_grad():
+        ref = run(model)
+    patch(model)
+    first = snapshot(model)
+    summary = patch_summary(model)
+    patch(model)
+    assert snapshot(model) == first  # nothing wrapped twice
+    assert patch_summary(model) == summary
+    with torch.no_grad():
+        torch.testing.assert_close(run(model), ref, **FP32_TOL)
+    unpatch(model)  # one unpatch undoes both
+    assert_restored(model, before)
+
+
+def test_ops_subset():
+    model, run = cogvideox_model()
+    before = snapshot(model)
+    with torch.no_grad():
+        ref = run(model)
+    patch(model, ops={"adaln"})
+    assert patched_forwards(model) == Counter({"CogVideoXBlock": 2}) and not patched_processors(model)
+    out, calls = run_counted(run, model)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    assert "attention" not in calls and calls["gated_residual_adaln"] > 0
+
+    patch(model, ops="attention")  # adds the processors, keeps the blocks
+    assert patched_processors(model) == Counter({"I2VCogVideoXAttnProcessor": 2})
+    assert patched_forwards(model) == Counter({"CogVideoXBlock": 2})
+    out, calls = run_counted(run, model)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    assert calls["attention"] == 2
+
+    unpatch(model)
+    patch(model, ops=["conv3d"])  # nothing of a transformer is a conv
+    assert not patched_forwards(model) and not patched_processors(model)
+    unpatch(model)
+    assert_restored(model, before)
+    with pytest.raises(ValueError, match="ops"):
+        patch(model, ops={"attention", "softmax"})
+
+
+@pytest.mark.parametrize("ops", ["attention", "adaln"])
+def test_latte_one_family(ops):
+    """Latte's [B, T, S, C] forward without the fused adaLN runs diffusers' own adaLN formulas; the
+    fused blocks alone keep the original layout and attention."""
+    model, run = latte_model()
+    with torch.no_grad():
+        ref = run(model)
+    patch(model, ops={ops})
+    out, calls = run_counted(run, model)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    if ops == "attention":
+        assert calls == Counter({"spatial_attention": 2, "temporal_attention": 2, "attention": 2})
+    else:
+        assert set(calls) == ADALN_OPS["latte"]
+
+
+def test_cogvideox_fused_qkv_projections():
+    model, run = cogvideox_model()
+    model.fuse_qkv_projections()
+    with torch.no_grad():
+        ref = run(model)
+    patch(model)
+    assert patched_processors(model) == Counter({"I2VCogVideoXAttnProcessor": 2})
+    out, calls = run_counted(run, model)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    assert calls["attention"] == 2
+
+
+def test_latte_original_layout_paths():
+    """Temporal attention can be switched off; gradient checkpointing takes the original forward
+    (diffusers' layout), whose blocks and processors are patched too."""
+    model, run = latte_model()
+    with torch.no_grad():
+        ref, ref_spatial_only = run(model), run(model, enable_temporal_attentions=False)
+    patch(model)
+    out, calls = run_counted(lambda m: run(m, enable_temporal_attentions=False), model)
+    torch.testing.assert_close(out, ref_spatial_only, **FP32_TOL)
+    assert calls["spatial_attention"] == 2 and "temporal_attention" not in calls
+
+    model.enable_gradient_checkpointing()
+    model.train()  # no dropout in this config: train mode changes nothing but the path
+    with OpCounter() as counter:
+        out = run(model)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    # the original layout: dense attention through the patched processors, fused adaLN blocks
+    assert counter.calls["attention"] == 6 and "spatial_attention" not in counter.calls
+    assert counter.calls["gated_residual_adaln"] == 4
+
+
+def test_masks_to_kv_lens_or_original_path():
+    # a prefix mask (padded prompt) becomes kv_lens: the cross-attention stays on our op
+    model, run = ltx_model(mask="prefix")
+    with torch.no_grad():
+        ref = run(model)
+    patch(model)
+    out, calls = run_counted(run, model)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    assert calls["attention"] == 2
+    # a mask with a hole cannot be kv_lens: the cross-attention runs the original processor
+    model, run = ltx_model(mask="hole")
+    with torch.no_grad():
+        ref = run(model)
+    patch(model)
+    out, calls = run_counted(run, model)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    assert calls["attention"] == 0 and calls["spatial_attention"] == 2
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "bias", "none-masked", "hole", "per-query"])
+def test_attn_processor_masks(mask_kind):
+    """A loose diffusers Attention (outside any model) is patched; masks: bool and additive bias
+    prefixes become kv_lens, an all-keep mask drops, others take the original processor."""
+    from diffusers.models.attention_processor import Attention
+
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8).eval()
+    x, context = torch.randn(2, 5, 16), torch.randn(2, 4, 8)
+    lens = torch.tensor([4, 2])
+    keep = torch.arange(4) < lens[:, None]  # [B, M]
+    masks = {
+        "bool": keep,
+        "bias": ((~keep).float() * -10000.0)[:, None, :],
+        "none-masked": torch.ones(2, 4, dtype=torch.bool),
+        "hole": torch.tensor([[True, False, True, True]] * 2),
+        "per-query": keep[:, None, :].expand(2, 5, 4),
+    }
+    mask = masks[mask_kind]
+    with torch.no_grad():
+        ref = attn(x, context, attention_mask=mask)
+    patch(attn)
+    assert type(attn.processor).__name__ == "I2VAttnProcessor"
+    with torch.no_grad(), OpCounter() as counter:
+        out = attn(x, context, attention_mask=mask)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    assert counter.calls["attention"] == (1 if mask_kind in ("bool", "bias", "none-masked") else 0)
+
+
+def test_gradients_match():
+    model, run = cogvideox_model()
+    model.train()
+    run(model).square().sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    patch(model)
+    run(model).square().sum().backward()
+    for n, p in model.named_parameters():
+        if n in ref:
+            torch.testing.assert_close(p.grad, ref[n], atol=1e-4, rtol=1e-4, msg=n)
+
+
+def _block_inputs(name, model):
+    if name == "cogvideox":
+        freqs = get_3d_rotary_pos_embed(16, ((0, 0), (4, 4)), (4, 4), 3)
+        return model.transformer_blocks[0], (torch.randn(2, 48, 32), torch.randn(2, 6, 32), torch.randn(2, 8), freqs)
+    if name == "wan":
+        rotary = model.rope(torch.randn(2, 4, 3, 8, 8))
+        return model.blocks[0], (torch.randn(2, 48, 24), torch.randn(2, 519, 24), torch.randn(2, 6, 24), rotary)
+    if name == "latte":
+        return model.transformer_blocks[0], (torch.randn(6, 16, 16), None, torch.randn(6, 5, 16), None,
+                                             torch.randn(6, 6 * 16))
+    x = torch.randn(2, 48, 16)
+    return model.transformer_blocks[0], (x, torch.randn(2, 6, 16), torch.randn(2, 1, 6 * 16), model.rope(x, 3, 4, 4))
+
+
+@pytest.mark.parametrize("name", ["cogvideox", "wan", "latte", "ltx"])
+def test_compile_patched_block(name):
+    builders = {"cogvideox": cogvideox_model, "wan": lambda: wan_model(image=True), "latte": latte_model,
+                "ltx": ltx_model}
+    model, _ = builders[name]()
+    patch(model)
+    block, args = _block_inputs(name, model)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        eager, traced = block(*args), compiled(*args)
+    torch.testing.assert_close(traced, eager, **FP32_TOL)
+    torch._dynamo.reset()
+
+
+def test_compile_whole_patched_latte():
+    """Latte's replaced model forward traces whole, [B, T, S, C] layout included."""
+    model, run = latte_model()
+    patch(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(run(compiled), run(model), **FP32_TOL)
+    torch._dynamo.reset()
+
+
+# ==================================================================================================
+# VAEs: decode (whole, tiled / frame-batched with the caches), encode, the cache protocols
+
+
+@pytest.mark.parametrize("name", list(VAES))
+def test_vae_parity(name):
+    build, conv_class = VAES[name]
+    vae = build()
+    before = snapshot(vae)
+    z = torch.randn(1, 4, 5, 6, 6)  # 5 latent frames: CogVideoX decodes them in two cached batches
+    x = torch.randn(1, 3, 9, 16, 16)
+    with torch.no_grad():
+        ref = vae.decode(z).sample
+        ref_enc = vae.encode(x).latent_dist.mean
+        enable_small_tiles(vae)
+        ref_tiled = vae.decode(z).sample
+        vae.use_tiling = vae.use_framewise_decoding = False
+    patch(vae)
+    summary = patch_summary(vae)
+    assert all(k.startswith(conv_class) for k in summary.replaced) and not summary.kept, summary
+    out, calls = run_counted(lambda v: v.decode(z).sample, vae)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    assert calls["causal_conv3d"] > 0
+    with torch.no_grad():  # (the spy's per-op Python dispatch is slow: counted once above)
+        torch.testing.assert_close(vae.encode(x).latent_dist.mean, ref_enc, **FP32_TOL)
+        enable_small_tiles(vae)
+        torch.testing.assert_close(vae.decode(z).sample, ref_tiled, **FP32_TOL)
+    unpatch(vae)
+    assert_restored(vae, before)
+
+
+def test_vae_every_conv_runs_the_op():
+    vae = wan_vae()
+    patch(vae)
+    convs = [m for m in vae.modules() if type(m).__name__ == "WanCausalConv3d"]
+    seen = Counter()
+    handles = [m.register_forward_hook(lambda *a: seen.update(["call"])) for m in convs]
+    with torch.no_grad(), OpCounter() as counter:
+        vae.encode(torch.randn(1, 3, 9, 16, 16))
+        vae.decode(torch.randn(1, 4, 3, 4, 4))
+    for h in handles:
+        h.remove()
+    assert counter.calls["causal_conv3d"] == seen["call"] > 0
+
+
+def test_cogvideox_conv_cache_protocol():
+    from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCausalConv3d
+
+    for kernel, pad_mode in ((3, "constant"), (3, "first"), (1, "constant")):
+        conv = CogVideoXCausalConv3d(4, 6, kernel, pad_mode=pad_mode).eval()
+        chunks = [torch.randn(1, 4, n, 5, 5) for n in (1, 2, 3)]
+
+        def stream(c):
+            cache, outs = None, []
+            for chunk in chunks:
+                y, cache = c(chunk, conv_cache=cache)
+                outs.append((y, cache))
+            return outs
+
+        with torch.no_grad():
+            ref = stream(conv)
+            patch(conv)
+            assert "forward" in conv.__dict__
+            out = stream(conv)
+        for (y0, c0), (y1, c1) in zip(ref, out):
+            torch.testing.assert_close(y1, y0, **FP32_TOL)
+            assert c1.shape == c0.shape
+            torch.testing.assert_close(c1, c0, atol=0, rtol=0)
+    # spatial replicate padding is not ours: left alone
+    conv = CogVideoXCausalConv3d(4, 6, 3, pad_mode="replicate")
+    patch(conv)
+    assert "forward" not in conv.__dict__ and patch_summary(conv).kept
+
+
+def test_wan_conv_cache_protocol():
+    """Caches of 1 or 2 frames (zeros fill the rest), none, 1x1x1 convs, and the unpadded temporal
+    downsample (a "valid" conv in time)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    convs = [WanCausalConv3d(4, 6, 3, padding=1), WanCausalConv3d(4, 6, (3, 1, 1), padding=(1, 0, 0)),
+             WanCausalConv3d(4, 6, (3, 1, 1), stride=(2, 1, 1)), WanCausalConv3d(4, 6, 1)]
+    x = torch.randn(1, 4, 4, 5, 5)
+    calls = [(x, None), (x[:, :, :1], None), (x, x[:, :, -1:]), (x, x[:, :, -2:]), (x[:, :, :1], x[:, :, :2])]
+    for conv in convs:
+        conv.eval()
+        unpadded = conv._padding[4] == 0 and conv.kernel_size[0] > 1
+        usable = [(a, c) for a, c in calls if not (unpadded and a.shape[2] < conv.kernel_size[0])]
+        with torch.no_grad():
+            ref = [conv(a, c) for a, c in usable]
+            patch(conv)
+            assert "forward" in conv.__dict__
+            out, calls_made = run_counted(lambda m: [m(a, c) for a, c in usable], conv)
+        assert calls_made["causal_conv3d"] == len(usable)
+        for y1, y0 in zip(out, ref):
+            torch.testing.assert_close(y1, y0, **FP32_TOL)
+
+
+# ==================================================================================================
+# Pipelines, unknown models, summary
+
+
+class TinyPipeline(diffusers.DiffusionPipeline):
+    def __init__(self, transformer, vae):
+        super().__init__()
+        self.register_modules(transformer=transformer, vae=vae)
+
+
+def test_pipeline_patches_transformer_and_vae(capsys):
+    model, run = wan_model()
+    vae = wan_vae()
+    pipe = TinyPipeline(model, vae)
+    before = (snapshot(model), snapshot(vae))
+    assert patch(pipe, verbose=True) is pipe
+    printed = capsys.readouterr().out
+    assert "WanTransformerBlock.forward" in printed and "WanCausalConv3d.forward" in printed
+    summary = patch_summary(pipe)
+    assert str(summary) in printed
+    assert summary.replaced["WanTransformerBlock.forward -> fused adaLN with fp32 modulation (adaln_modulate, "
+                            "gated_residual_adaln, gated_residual)"] == 2
+    assert patched_forwards(vae)["WanCausalConv3d"] == 36
+    unpatch(pipe)
+    assert_restored(model, before[0])
+    assert_restored(vae, before[1])
+    assert patch_summary(pipe) is None
+
+
+class MyVideoTransformer3DModel(diffusers.ModelMixin, diffusers.ConfigMixin):
+    """A video DiT this integration does not know, holding a block class it does know."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+
+        self.block = CogVideoXBlock(32, 2, 16, 8)
+
+
+def test_unknown_model_untouched_with_one_warning():
+    known, run = cogvideox_model()
+    unknown = MyVideoTransformer3DModel()
+    other = MyVideoTransformer3DModel()
+    holder = nn.ModuleDict({"known": known, "unknown": unknown, "other": other})
+    before = snapshot(unknown)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch(holder)
+    ours = [w for w in caught if str(w.message).startswith("i2v_kernels.patch")]
+    assert len(ours) == 1 and "MyVideoTransformer3DModel" in str(ours[0].message)
+    assert snapshot(unknown) == before
+    assert patched_forwards(known)["CogVideoXBlock"] == 2
+    assert patch_summary(holder).unsupported == ["MyVideoTransformer3DModel"]
+
+
+def test_loose_block_is_patched():
+    model, _ = cogvideox_model()
+    block, args = _block_inputs("cogvideox", model)
+    with torch.no_grad():
+        ref = block(*args)
+    patch(block)
+    assert "forward" in block.__dict__ and type(block.attn1.processor).__name__ == "I2VCogVideoXAttnProcessor"
+    with torch.no_grad():
+        out = block(*args)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, **FP32_TOL)
+
+
+def test_hooked_modules_keep_their_code():
+    """Modules under diffusers hooks (here layerwise casting; offloading alike) are left alone: the
+    replacements read norm weights and tables directly, which the hooks only prepare inside calls."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    model, run = cogvideox_model()
+    apply_layerwise_casting(model, storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    with torch.no_grad():
+        ref = run(model)
+    patch(model)
+    assert not patched_forwards(model) and not patched_processors(model)
+    assert patch_summary(model).kept == {
+        "Attention: diffusers/accelerate hooks on it or its submodules (offloading, layerwise casting)": 2,
+        "CogVideoXBlock: diffusers/accelerate hooks on it or its submodules (offloading, layerwise casting)": 2}
+    with torch.no_grad():
+        assert torch.equal(run(model), ref)
+
+
+def test_accelerate_style_hook_is_followed():
+    """accelerate keeps the real forward in ``_old_forward`` behind a wrapper: the replacement goes
+    there, the wrapper stays, unpatch puts the original back."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    conv = WanCausalConv3d(4, 6, 3, padding=1).eval()
+    original = conv.forward
+    conv._hf_hook = object()
+    conv._old_forward = original
+    conv.forward = lambda *args, **kwargs: conv._old_forward(*args, **kwargs)
+    wrapper = conv.forward
+    x = torch.randn(1, 4, 3, 5, 5)
+    with torch.no_grad():
+        ref = conv(x)
+    patch(conv)
+    assert conv.forward is wrapper and conv._old_forward is not original
+    out, calls = run_counted(lambda c: c(x), conv)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    assert calls["causal_conv3d"] == 1
+    unpatch(conv)
+    assert conv.forward is wrapper and conv._old_forward is original
+
+
+def test_bad_object():
+    with pytest.raises(TypeError, match="pipeline"):
+        patch(object())
+
+
+# ==================================================================================================
+# Triton through the interpreter (smallest configs)
+
+
+def test_triton_interpreter(cpu_backends):
+    if "triton" not in cpu_backends:
+        pytest.skip("Triton cannot run CPU tensors here (needs triton and TRITON_INTERPRET=1)")
+    # attention + adaLN in bf16 (the Triton attention kernel takes fp16/bf16): the patched model is at
+    # most as far from the fp32 model as diffusers' own bf16 run, up to a bf16 rounding step
+    torch.manual_seed(1)
+    model, run = cogvideox_model()
+    torch.manual_seed(1)
+    model_bf16, run_bf16 = cogvideox_model(dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref32 = run(model)
+        ref16 = run_bf16(model_bf16).float()
+        patch(model_bf16)
+        with i2v_kernels.use_backend("triton"):
+            out, calls = run_counted(run_bf16, model_bf16)
+    assert calls["attention"] == 2
+    own_err = (ref16 - ref32).abs().max().item()
+    assert (out.float() - ref32).abs().max().item() <= 2 * own_err + 2 ** -8 * ref32.abs().max().item()
+
+    # adaLN in fp32 (Wan keeps its modulation fp32)
+    model, run = wan_model()
+    with torch.no_grad():
+        ref = run(model)
+        patch(model, ops={"adaln"})
+        with i2v_kernels.use_backend("triton"):
+            out, calls = run_counted(run, model)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    assert calls["gated_residual_adaln"] == 2
+
+    # causal conv with the caches, fp32
+    from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCausalConv3d
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    wan_conv, cog_conv = WanCausalConv3d(4, 6, 3, padding=1).eval(), CogVideoXCausalConv3d(4, 6, 3).eval()
+    x, x2 = torch.randn(1, 4, 3, 5, 5), torch.randn(1, 4, 1, 5, 5)
+    with torch.no_grad():
+        ref = [wan_conv(x), wan_conv(x2, x[:, :, -1:]), *cog_conv(x2, conv_cache=x[:, :, -2:])]
+        patch(wan_conv)
+        patch(cog_conv)
+        with i2v_kernels.use_backend("triton"):
+            out = [wan_conv(x), wan_conv(x2, x[:, :, -1:]), *cog_conv(x2, conv_cache=x[:, :, -2:])]
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, **FP32_TOL)
+
+
+# ==================================================================================================
+# GPU: bf16 at a larger config, patched error within 2x of diffusers' own bf16 error
+
+
+def _bf16_errors(build):
+    """Max errors against the fp32 model of (the patched bf16 model, diffusers' own bf16 run), and the
+    fp32 output's max magnitude; the same seed gives both dtypes the same weights and inputs."""
+    torch.manual_seed(1)
+    model, run = build(torch.float32)
+    torch.manual_seed(1)
+    model16, run16 = build(torch.bfloat16)
+    with torch.no_grad():
+        ref32 = run(model)
+        own = run16(model16).float()
+        patch(model16)
+        ours = run16(model16).float()
+    return (ours - ref32).abs().max().item(), (own - ref32).abs().max().item(), ref32.abs().max().item()
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("name", ["cogvideox", "wan-i2v", "ltx", "latte"])
+def test_cuda_bf16_transformers(name):
+    configs = {
+        "cogvideox": lambda dtype: cogvideox_model(dtype, heads=4, head_dim=64, layers=2, frames=5, size=16, text=16),
+        "wan-i2v": lambda dtype: wan_model(dtype, image=True, heads=4, head_dim=64, layers=2, size=16),
+        "ltx": lambda dtype: ltx_model(dtype, heads=4, head_dim=64, layers=2),
+        "latte": latte_model,
+    }
+    with torch.device("cuda"):
+        ours, own, scale = _bf16_errors(configs[name])
+    assert ours <= 2 * own + 1e-2 * scale, (ours, own, scale)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("name", ["cogvideox", "wan", "ltx"])
+def test_cuda_bf16_vae_decode(name):
+    build, _ = VAES[name]
+
+    def vae_model(dtype):
+        vae = build().to(dtype)
+        z = torch.randn(1, 4, 5, 16, 16).to(dtype)
+        return vae, lambda v: v.decode(z).sample
+
+    with torch.device("cuda"):
+        ours, own, scale = _bf16_errors(vae_model)
+    assert ours <= 2 * own + 1e-2 * scale, (ours, own, scale)
