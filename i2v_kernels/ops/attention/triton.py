@@ -18,17 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
+from i2v_kernels.ops._triton_utils import dot_dtype
+
 NORMS = {None: 0, "layer": 1, "rms": 2}
 ROPES = {None: 0, "interleaved": 1, "half": 2}
 MAX_D = 256
 MAX_PACKED_T = 128  # temporal attention up to this many frames runs the packed kernel
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-def _interpreted() -> bool:
-    from i2v_kernels._backend import triton_interpreted
-
-    return triton_interpreted()
 
 
 @triton.jit
@@ -345,9 +340,7 @@ def attention_fwd(q5, k5, v5, o5, *, scale: float, causal: bool = False, kv_lens
         return o5
     block_m, block_n, block_d = _tiles(Sq, Sk, D)
     num_warps = 4 if block_d <= 64 else 8
-    # The interpreter (triton 3.8) multiplies bfloat16 dot operands wrongly: there the operands,
-    # already rounded to the input dtype, are widened to fp32 first (same numbers, same result).
-    dot_dtype = tl.float32 if (_interpreted() and q5.dtype == torch.bfloat16) else _TL_DTYPES[q5.dtype]
+    operand_dtype = dot_dtype(q5.dtype)
     dummy = q5
     cos, sin = rope5 if rope5 is not None else (dummy, dummy)
     grid = (nb0 * nb1 * nb2, triton.cdiv(Sq, block_m))
@@ -360,7 +353,7 @@ def attention_fwd(q5, k5, v5, o5, *, scale: float, causal: bool = False, kv_lens
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, HAS_KV_LENS=kv_lens is not None,
         NORM=NORMS[qk_norm], HAS_QW=q_norm_weight is not None, HAS_QB=q_norm_bias is not None,
         HAS_KW=k_norm_weight is not None, HAS_KB=k_norm_bias is not None,
-        ROPE=ROPES[rope_style if rope5 is not None else None], DOT_DTYPE=dot_dtype, STORE_LSE=lse is not None,
+        ROPE=ROPES[rope_style if rope5 is not None else None], DOT_DTYPE=operand_dtype, STORE_LSE=lse is not None,
         num_warps=num_warps, num_stages=2,
     )
     return o5
@@ -381,9 +374,9 @@ def attention_bwd(q5, k5, v5, do5, dq5, dk5, dv5, *, scale: float, causal: bool 
     block_m, block_n, block_d = _tiles(Sq, Sk, D)
     block_m = min(block_m, 64)
     num_warps = 4 if block_d <= 64 else 8
-    dot_dtype = tl.float32 if (_interpreted() and q5.dtype == torch.bfloat16) else _TL_DTYPES[q5.dtype]
+    operand_dtype = dot_dtype(q5.dtype)
     common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal,
-                  HAS_KV_LENS=kv_lens is not None, DOT_DTYPE=dot_dtype, num_warps=num_warps)
+                  HAS_KV_LENS=kv_lens is not None, DOT_DTYPE=operand_dtype, num_warps=num_warps)
     lens = kv_lens if kv_lens is not None else q5
     qk_scale = scale * math.log2(math.e)
     strides = [*_strides(q5), *_strides(k5), *_strides(v5), *_strides(do5)]
@@ -405,7 +398,7 @@ def temporal_fwd(q, k, v, out, *, scale: float, causal: bool, qk_norm=None, q_no
     block_t = max(16, triton.next_power_of_2(T))
     block_d = max(16, triton.next_power_of_2(D))
     block_h = max(1, min(triton.next_power_of_2(H), 8192 // (block_t * block_d)))
-    dot_dtype = tl.float32 if (_interpreted() and q.dtype == torch.bfloat16) else _TL_DTYPES[q.dtype]
+    operand_dtype = dot_dtype(q.dtype)
     dummy = q
     cos, sin = rope if rope is not None else (dummy, dummy)
     rope_strides = [cos.stride(0), cos.stride(1), cos.stride(2)] if rope is not None else [0, 0, 0]
@@ -419,7 +412,7 @@ def temporal_fwd(q, k, v, out, *, scale: float, causal: bool, qk_norm=None, q_no
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_D=block_d, CAUSAL=causal,
         NORM=NORMS[qk_norm], HAS_QW=q_norm_weight is not None, HAS_QB=q_norm_bias is not None,
         HAS_KW=k_norm_weight is not None, HAS_KB=k_norm_bias is not None,
-        ROPE=ROPES[rope_style if rope is not None else None], DOT_DTYPE=dot_dtype,
+        ROPE=ROPES[rope_style if rope is not None else None], DOT_DTYPE=operand_dtype,
         num_warps=4 if block_h * block_t * block_d <= 4096 else 8,
     )
     return out

@@ -22,14 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
+from i2v_kernels._backend import triton_interpreted
+from i2v_kernels.ops._triton_utils import TL_DTYPES, dot_dtype
+
 PAD_ZEROS, PAD_REPLICATE, PAD_CACHE = 0, 1, 2
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-def _interpreted() -> bool:
-    from i2v_kernels._backend import triton_interpreted
-
-    return triton_interpreted()
 
 
 @triton.jit
@@ -121,7 +117,7 @@ def _causal_conv3d_fwd_kernel(
 
 def why_not(x: torch.Tensor) -> str | None:
     """Why the Triton kernel cannot take this call, or None."""
-    if x.dtype not in _TL_DTYPES:
+    if x.dtype not in TL_DTYPES:
         return f"the Triton conv3d kernel supports float16/bfloat16/float32, not {x.dtype}"
     return None
 
@@ -167,10 +163,8 @@ def causal_conv3d_fwd(x, weight, bias, cache, residual, out_shape, stride, dilat
     else:
         cache = x
     block_m, block_n, block_k, num_warps, num_stages = _tiles(M, Cout, C, x.dtype)
-    interpreted = _interpreted()
-    # The interpreter (triton 3.8) multiplies bfloat16 dot operands wrongly: there the operands, already
-    # in the input dtype, are widened to fp32 first (same numbers, same products).
-    dot_dtype = tl.float32 if (interpreted and x.dtype == torch.bfloat16) else _TL_DTYPES[x.dtype]
+    interpreted = triton_interpreted()
+    operand_dtype = dot_dtype(x.dtype)
     # fp32 follows cuDNN's default (TF32 allowed unless torch.backends.cudnn.allow_tf32 is False).
     precision = "tf32" if (x.dtype == torch.float32 and not interpreted and torch.backends.cudnn.allow_tf32) else "ieee"
     sxb, _, sxt, sxh, sxw = x.stride()
@@ -187,7 +181,7 @@ def causal_conv3d_fwd(x, weight, bias, cache, residual, out_shape, stride, dilat
         ST=stride[0], SH=stride[1], SW=stride[2], DT=dilation[0], DH=dilation[1], DW=dilation[2],
         PH=padding_hw[0], PW=padding_hw[1], KT=kt, KH=kh, KW=kw,
         TIME_PAD=mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_DTYPE=operand_dtype, INPUT_PRECISION=precision,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
