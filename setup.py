@@ -178,6 +178,7 @@ packages += ["i2v_model"] + ["i2v_model." + p for p in find_packages(where="mode
 setup(
     packages=packages,
     package_dir={"i2v_model": "model"},
+    package_data={"i2v_model": ["weights/*.safetensors", "assets/*.png"]},
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
 )

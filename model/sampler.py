@@ -1,0 +1,98 @@
+"""Rectified flow (flow matching): training loss and an Euler sampler with classifier-free guidance.
+
+Convention: ``x_t = (1 - t) x_0 + t noise`` for ``t`` in ``[0, 1]`` (``t = 1`` is pure noise); the model
+predicts the velocity ``v = noise - x_0``, and sampling integrates ``dx/dt = v`` from ``t = 1`` to ``0``.
+Image-to-video: latent frame 0 is the encoded input image and stays clean (``t = 0``) throughout, in
+training and sampling alike; the loss covers the frames the model must invent.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["euler_sample", "flow_matching_loss", "image_condition", "sample_timesteps", "shifted_timesteps"]
+
+
+def shift_time(t: Tensor, shift: float) -> Tensor:
+    """Spend more of the schedule at high noise: ``t' = s t / (1 + (s - 1) t)`` (SD3's shift)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def shifted_timesteps(steps: int, shift: float = 1.0, device=None) -> Tensor:
+    """``steps + 1`` times from 1 down to 0 for Euler integration."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
+
+
+def sample_timesteps(batch: int, shift: float = 1.0, generator: Optional[torch.Generator] = None,
+                     device=None) -> Tensor:
+    """Training times: logit-normal (mass in the middle), then shifted like the sampling schedule."""
+    t = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    return shift_time(t, shift)
+
+
+def image_condition(image_latent: Tensor, frames: int) -> Tensor:
+    """``[B, C, 1, h, w]`` first-frame latent -> ``cond [B, C + 1, frames, h, w]``: the latent at frame 0,
+    zeros after it, and a mask channel that is 1 on frame 0 (CogVideoX-I2V's channel concatenation)."""
+    B, C, _, h, w = image_latent.shape
+    cond = image_latent.new_zeros(B, C + 1, frames, h, w)
+    cond[:, :C, :1] = image_latent
+    cond[:, C, 0] = 1.0
+    return cond
+
+
+def flow_matching_loss(velocity: Callable[[Tensor, Tensor], Tensor], z0: Tensor, t: Tensor,
+                       generator: Optional[torch.Generator] = None) -> Tensor:
+    """MSE between ``velocity(x_t, t)`` and ``noise - z0`` over frames ``1:`` (frame 0 is given clean).
+
+    ``z0 [B, C, T, h, w]`` clean latents, ``t [B]``.
+    """
+    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    tt = t.view(-1, 1, 1, 1, 1).to(z0.dtype)
+    xt = (1 - tt) * z0 + tt * noise
+    xt = torch.cat([z0[:, :, :1], xt[:, :, 1:]], dim=2)
+    v = velocity(xt, t)
+    return ((v - (noise - z0))[:, :, 1:] ** 2).mean()
+
+
+@torch.no_grad()
+def euler_sample(velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, first_frame: Tensor,
+                 times: Tensor, progress: Optional[Callable[[Iterable], Iterable]] = None) -> Tensor:
+    """Integrate from ``noise [B, C, T, h, w]`` at ``times[0] = 1`` to ``times[-1] = 0``.
+
+    ``velocity(x, t [B]) -> v`` (classifier-free guidance goes inside it, see :func:`guided`);
+    ``first_frame [B, C, 1, h, w]`` is written into frame 0 before every step.
+    """
+    x = noise.clone()
+    steps = range(len(times) - 1)
+    for i in (progress(steps) if progress is not None else steps):
+        x[:, :, :1] = first_frame
+        t, t_next = times[i], times[i + 1]
+        v = velocity(x, t.expand(x.shape[0]))
+        x = x + (t_next - t) * v
+    x[:, :, :1] = first_frame
+    return x
+
+
+def guided(model: Callable[..., Tensor], cond: Tensor, context: tuple[Tensor, Tensor, Tensor],
+           null_context: tuple[Tensor, Tensor, Tensor], guidance: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """A velocity function with classifier-free guidance: ``v_u + g (v_c - v_u)``.
+
+    ``model(x, t, cond, tokens, kv_lens, pooled)``; ``context``/``null_context`` are the text encoder's
+    ``(tokens, kv_lens, pooled)`` for the prompt and the empty prompt. Both halves run as one batch.
+    ``guidance == 1`` skips the unconditional half.
+    """
+    if guidance == 1.0:
+        return lambda x, t: model(x, t, cond, *context)
+    both = tuple(torch.cat([c, n]) for c, n in zip(context, null_context))
+    cond2 = torch.cat([cond, cond])
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), cond2, *both).chunk(2)
+        return v_u + guidance * (v_c - v_u)
+
+    return velocity

@@ -1,0 +1,332 @@
+"""``i2v train``: train the VAE, then the DiT and text encoder, on procedural clips; export the weights.
+
+Stages (``--stage vae|dit|all``):
+
+1. **vae** -- reconstruct random ``crop x crop`` windows of ``vae_frames``-frame clips (the VAE is fully
+   convolutional and causal, so it transfers to 64x64, 17 frames): L1 + MSE + a small KL term. Then
+   the latent mean/std are measured on full clips and stored in the VAE (the DiT's latent scale).
+2. **dit** -- flow matching on latents of 17-frame clips. A pool of encoded clips is kept in memory
+   and partly refreshed with new clips every ``refresh_every`` steps (encoding every batch would cost
+   more than the DiT step). Prompts are dropped 10% of the time (classifier-free guidance). An EMA of
+   the DiT and text encoder is what gets exported.
+
+Reproducible and resumable: all randomness is a function of ``(seed, step)`` (clip ``i`` of the data
+stream is fixed, see :mod:`i2v_model.data`), the run folder holds ``config.json`` and one checkpoint
+per stage (model, optimizer, EMA, step, the latent pool), written atomically every ``ckpt_every``
+steps; running the same command again continues where it stopped.
+
+Export: ``i2v train --run DIR --export [--weights PATH]`` writes one safetensors file (VAE + text
+encoder EMA + DiT EMA, the model config in its metadata) -- by default the bundled
+``model/weights/tiny.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from i2v_model.config import get_config
+from i2v_model.data import ClipSource
+from i2v_model.pipeline import I2VPipeline, weights_path
+from i2v_model.sampler import flow_matching_loss, image_condition, sample_timesteps
+
+__all__ = ["TrainConfig", "export", "main", "train_dit", "train_vae"]
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"
+    seed: int = 0
+    threads: int = 0              # torch threads (0: torch's default)
+    use_kernels: bool = False     # train through i2v_kernels ops (True) or their eager references
+    # VAE stage
+    vae_steps: int = 3000
+    vae_batch: int = 8
+    vae_frames: int = 9
+    vae_crop: int = 32
+    vae_lr: float = 1.5e-3
+    kl_weight: float = 1e-6
+    stats_clips: int = 32         # full-size clips that measure the latent mean/std
+    # DiT stage
+    dit_steps: int = 6000
+    dit_batch: int = 16
+    dit_lr: float = 5e-4
+    pool: int = 1024              # encoded clips kept in memory
+    refresh_every: int = 100      # steps between pool refreshes
+    refresh: int = 32             # clips replaced per refresh
+    cfg_drop: float = 0.1
+    ema: float = 0.999
+    warmup: int = 200
+    ckpt_every: int = 200
+    log_every: int = 50
+
+
+def _progress(total: int, initial: int, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5 if tty else 60.0)
+
+
+def _lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _generator(cfg: TrainConfig, stage: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, stage, step]).generate_state(1)[0]))
+
+
+def _log(run: Path, line: str) -> None:
+    print(line, flush=True)
+    with open(run / "log.txt", "a") as f:
+        f.write(line + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def train_vae(cfg: TrainConfig, run: Path, pipe: Optional[I2VPipeline] = None) -> I2VPipeline:
+    mcfg = get_config(cfg.model)
+    pipe = pipe or I2VPipeline(mcfg, use_kernels=cfg.use_kernels)
+    vae = pipe.vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    ckpt_path, step = run / "vae.pt", 0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        vae.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+    source = ClipSource(cfg.seed, cfg.vae_frames, mcfg.width)
+    bar = _progress(cfg.vae_steps, step, "vae") if step < cfg.vae_steps else None
+    start, t0 = step, time.perf_counter()
+    while step < cfg.vae_steps:
+        gen = _generator(cfg, 1, step)
+        video, _, _ = source.batch(step * cfg.vae_batch, cfg.vae_batch)
+        c = cfg.vae_crop
+        y0, x0 = (int(v) for v in torch.randint(0, mcfg.width - c + 1, (2,), generator=gen) // 8 * 8)
+        video = video[..., y0:y0 + c, x0:x0 + c].contiguous(memory_format=torch.channels_last_3d)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup)
+        recon, mean, logvar = vae(video, generator=gen)
+        l1 = (recon - video).abs().mean()
+        mse = ((recon - video) ** 2).mean()
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+        loss = l1 + mse + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if step % cfg.log_every == 0 or step == cfg.vae_steps:
+            psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-12))
+            rate = (step - start) / (time.perf_counter() - t0)
+            _log(run, f"vae step {step}/{cfg.vae_steps} loss {loss.item():.4f} l1 {l1.item():.4f} "
+                      f"psnr {psnr:.2f} kl {kl.item():.2f} {rate:.2f} steps/s")
+        if step % cfg.ckpt_every == 0 or step == cfg.vae_steps:
+            _save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path)
+    if bar is not None:
+        bar.close()
+    vae.eval()
+    if not (run / "vae_stats.json").exists():
+        # The DiT's latent scale: mean/std of posterior means of full-size clips.
+        full = ClipSource(cfg.seed + 1, mcfg.frames, mcfg.width)
+        with torch.no_grad():
+            zs = torch.cat([vae.encode_dist(full.batch(i, min(8, cfg.stats_clips - i))[0])[0]
+                            for i in range(0, cfg.stats_clips, 8)])
+        stats = {"mean": zs.mean().item(), "std": zs.std().item()}
+        (run / "vae_stats.json").write_text(json.dumps(stats))
+        _log(run, f"vae latent stats {stats}")
+    stats = json.loads((run / "vae_stats.json").read_text())
+    vae.set_latent_stats(stats["mean"], stats["std"])
+    return pipe
+
+
+def _encode_clips(pipe: I2VPipeline, source: ClipSource, start: int, n: int, chunk: int = 16):
+    zs, prompts = [], []
+    with torch.no_grad():
+        for i in range(start, start + n, chunk):
+            video, p, _ = source.batch(i, min(chunk, start + n - i))
+            zs.append(pipe.vae.encode(video.contiguous(memory_format=torch.channels_last_3d)))
+            prompts += p
+    return torch.cat(zs), prompts
+
+
+def train_dit(cfg: TrainConfig, run: Path, pipe: I2VPipeline) -> I2VPipeline:
+    mcfg = pipe.cfg
+    params = list(pipe.dit.parameters()) + list(pipe.text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema = {"dit": copy.deepcopy(pipe.dit.state_dict()), "text": copy.deepcopy(pipe.text.state_dict())}
+    source = ClipSource(cfg.seed + 2, mcfg.frames, mcfg.width)
+    ckpt_path, step = run / "dit.pt", 0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        pipe.dit.load_state_dict(ckpt["dit"])
+        pipe.text.load_state_dict(ckpt["text"])
+        opt.load_state_dict(ckpt["opt"])
+        ema, step = ckpt["ema"], ckpt["step"]
+        pool_z, pool_prompts, next_clip = ckpt["pool_z"], ckpt["pool_prompts"], ckpt["next_clip"]
+    else:
+        t0 = time.perf_counter()
+        pool_z, pool_prompts = _encode_clips(pipe, source, 0, cfg.pool)
+        next_clip = cfg.pool
+        _log(run, f"dit: encoded a pool of {cfg.pool} clips in {time.perf_counter() - t0:.0f} s")
+    pipe.dit.train()
+    pipe.text.train()
+    bar = _progress(cfg.dit_steps, step, "dit") if step < cfg.dit_steps else None
+    start, t0 = step, time.perf_counter()
+    while step < cfg.dit_steps:
+        gen = _generator(cfg, 2, step)
+        if step > 0 and step % cfg.refresh_every == 0:
+            z, p = _encode_clips(pipe, source, next_clip, cfg.refresh)
+            slots = torch.randperm(cfg.pool, generator=gen)[:cfg.refresh]
+            pool_z[slots] = z
+            for j, s in enumerate(slots.tolist()):
+                pool_prompts[s] = p[j]
+            next_clip += cfg.refresh
+        idx = torch.randint(0, cfg.pool, (cfg.dit_batch,), generator=gen)
+        z0 = pool_z[idx]
+        drop = torch.rand(cfg.dit_batch, generator=gen) < cfg.cfg_drop
+        prompts = ["" if d else pool_prompts[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg.dit_steps, cfg.dit_lr, cfg.warmup)
+        context = pipe.text(prompts)
+        cond = image_condition(z0[:, :, :1], z0.shape[2])
+        t = sample_timesteps(cfg.dit_batch, mcfg.shift, generator=gen)
+        loss = flow_matching_loss(lambda x, tt: pipe.dit(x, tt, cond, *context), z0, t, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            for name, module in (("dit", pipe.dit), ("text", pipe.text)):
+                for k, v in module.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        ema[name][k].lerp_(v, 1 - decay)
+        step += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if step % cfg.log_every == 0 or step == cfg.dit_steps:
+            rate = (step - start) / (time.perf_counter() - t0)
+            _log(run, f"dit step {step}/{cfg.dit_steps} loss {loss.item():.4f} {rate:.2f} steps/s")
+        if step % cfg.ckpt_every == 0 or step == cfg.dit_steps:
+            _save({"dit": pipe.dit.state_dict(), "text": pipe.text.state_dict(), "opt": opt.state_dict(), "ema": ema,
+                   "step": step, "pool_z": pool_z, "pool_prompts": pool_prompts, "next_clip": next_clip}, ckpt_path)
+    if bar is not None:
+        bar.close()
+    pipe.dit.load_state_dict(ema["dit"])
+    pipe.text.load_state_dict(ema["text"])
+    return pipe.eval()
+
+
+def export(run: Path, out: Path) -> Path:
+    """Write the run's VAE and the EMA DiT/text encoder as one safetensors file (config in the metadata)."""
+    from safetensors.torch import save_file
+
+    cfg = TrainConfig(**json.loads((run / "config.json").read_text())["train"])
+    pipe = I2VPipeline(get_config(cfg.model), use_kernels=False)
+    if not (run / "vae.pt").exists() or not (run / "dit.pt").exists():
+        raise FileNotFoundError(f"{run} has no vae.pt and dit.pt checkpoints to export yet")
+    pipe.vae.load_state_dict(torch.load(run / "vae.pt", weights_only=False)["model"])
+    stats = json.loads((run / "vae_stats.json").read_text())
+    pipe.vae.set_latent_stats(stats["mean"], stats["std"])
+    dit = torch.load(run / "dit.pt", weights_only=False)
+    pipe.dit.load_state_dict(dit["ema"]["dit"])
+    pipe.text.load_state_dict(dit["ema"]["text"])
+    state = {k: v.detach().contiguous() for k, v in pipe.state_dict().items()}
+    meta = {"config": json.dumps(pipe.cfg.to_dict()), "train": json.dumps(dataclasses.asdict(cfg)),
+            "dit_step": str(dit["step"])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, out)
+    return out
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="i2v train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", default="runs/tiny", help="run folder: config, checkpoints, log")
+    parser.add_argument("--stage", choices=["vae", "dit", "all"], default="all")
+    parser.add_argument("--export", action="store_true", help="export the run's weights and exit")
+    parser.add_argument("--weights", default=None, help="export target (default: the bundled tiny weights)")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(flag, type=kind, default=None, help=f"default {getattr(defaults, f.name)}")
+    return parser
+
+
+def main(argv=None, args: Optional[argparse.Namespace] = None) -> int:
+    args = args or build_parser().parse_args(argv)
+    run = Path(args.run)
+    if args.export:
+        out = export(run, Path(args.weights) if args.weights else weights_path("tiny"))
+        print(f"exported {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+        return 0
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name) is not None}
+    run.mkdir(parents=True, exist_ok=True)
+    cfg_path = run / "config.json"
+    if cfg_path.exists():  # resume: the recorded config wins; new overrides must agree or be step counts
+        recorded = json.loads(cfg_path.read_text())["train"]
+        for k, v in overrides.items():
+            if k not in ("vae_steps", "dit_steps", "threads", "ckpt_every", "log_every") and recorded.get(k) != v:
+                raise ValueError(f"{run} was started with {k}={recorded.get(k)!r}; resume it unchanged or use a new --run")
+        cfg = TrainConfig(**{**recorded, **overrides})
+    else:
+        cfg = TrainConfig(**overrides)
+    get_config(cfg.model)
+    cfg_path.write_text(json.dumps({"train": dataclasses.asdict(cfg), "model": get_config(cfg.model).to_dict(),
+                                    "torch": torch.__version__}, indent=2))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    pipe = I2VPipeline(get_config(cfg.model), use_kernels=cfg.use_kernels)
+    start = time.perf_counter()
+    if args.stage in ("vae", "all"):
+        train_vae(cfg, run, pipe)
+    if args.stage in ("dit", "all"):
+        if not (run / "vae.pt").exists():
+            raise ValueError(f"{run} has no trained VAE (run --stage vae first)")
+        if args.stage == "dit":
+            train_vae(cfg, run, pipe)  # loads the finished VAE checkpoint and its latent stats
+        train_dit(cfg, run, pipe)
+    _log(run, f"done in {time.perf_counter() - start:.0f} s; export with: i2v train --run {run} --export")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Causal 3D VAE: 8x spatial and 4x temporal compression, the first frame encoded alone.
+
+Layouts: video ``[B, 3, F, H, W]`` in ``[-1, 1]``; latent ``[B, C_lat, 1 + (F - 1) / 4, H / 8, W / 8]``.
+
+Every convolution is an :class:`i2v_kernels.CausalConv3d`: output frame ``t`` sees input frames
+``<= t`` only, so latent frame 0 is a function of video frame 0 alone (the image an image-to-video
+model starts from), and the decoder can run chunk by chunk through the convolutions' frame caches
+(:meth:`CausalVAE.decode` with ``chunk=``) with the same result as decoding the whole latent.
+Normalization is an RMSNorm over channels at each voxel (never over time, which would break
+causality), through :func:`i2v_kernels.rms_norm`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import i2v_kernels
+from i2v_kernels.nn import CausalConv3d, decode_in_chunks
+from i2v_kernels.ops.adaln import reference as adaln_ref
+
+from i2v_model.config import VAEConfig
+
+__all__ = ["CausalVAE"]
+
+
+class ChannelNorm(nn.Module):
+    """RMSNorm over ``C`` of ``[B, C, T, H, W]`` (a view to ``[B, T, H, W, C]``: free in channels_last_3d)."""
+
+    def __init__(self, channels: int, use_kernels: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.use_kernels = use_kernels
+
+    def forward(self, x: Tensor) -> Tensor:
+        fn = i2v_kernels.rms_norm if self.use_kernels else adaln_ref.rms_norm
+        return fn(x.permute(0, 2, 3, 4, 1), self.weight).permute(0, 4, 1, 2, 3)
+
+
+class ResBlock(nn.Module):
+    """``x + conv(silu(norm(conv(silu(norm(x))))))``; the residual add is fused into the second conv."""
+
+    def __init__(self, channels: int, time_pad: str, use_kernels: bool):
+        super().__init__()
+        self.norm1 = ChannelNorm(channels, use_kernels)
+        self.conv1 = CausalConv3d(channels, channels, 3, time_pad=time_pad, use_kernels=use_kernels)
+        self.norm2 = ChannelNorm(channels, use_kernels)
+        self.conv2 = CausalConv3d(channels, channels, 3, time_pad=time_pad, use_kernels=use_kernels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.conv1(F.silu(self.norm1(x)))
+        h, _ = self.conv2(F.silu(self.norm2(h)), residual=x)
+        return h
+
+
+class Downsample(nn.Module):
+    """Strided causal conv: halves H and W, and T (as ``1 + (T - 1) / 2``) when ``temporal``."""
+
+    def __init__(self, cin: int, cout: int, temporal: bool, time_pad: str, use_kernels: bool):
+        super().__init__()
+        self.conv = CausalConv3d(cin, cout, 3, stride=(2 if temporal else 1, 2, 2), time_pad=time_pad,
+                                 use_kernels=use_kernels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)[0]
+
+
+class Upsample(nn.Module):
+    """Nearest 2x in H and W (and in T, keeping the video's first frame single) then a causal conv."""
+
+    def __init__(self, cin: int, cout: int, temporal: bool, time_pad: str, use_kernels: bool):
+        super().__init__()
+        self.temporal = temporal
+        self.conv = CausalConv3d(cin, cout, 3, time_pad=time_pad, use_kernels=use_kernels)
+
+    def forward(self, x: Tensor, first: bool) -> Tensor:
+        if self.temporal:
+            # Latent frame 0 holds video frame 0 alone; every later latent frame holds two frames.
+            rest = x[:, :, 1:] if first else x
+            rest = rest.repeat_interleave(2, dim=2)
+            x = torch.cat([x[:, :, :1], rest], dim=2) if first else rest
+        x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
+        return self.conv(x)[0]
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig, use_kernels: bool):
+        super().__init__()
+        ch, tp, L = cfg.channels, cfg.time_pad, len(cfg.channels)
+        self.conv_in = CausalConv3d(cfg.in_channels, ch[0], 3, time_pad=tp, use_kernels=use_kernels)
+        self.levels = nn.ModuleList()
+        for i in range(L):
+            level = nn.Module()
+            level.blocks = nn.ModuleList(ResBlock(ch[i], tp, use_kernels) for _ in range(cfg.blocks_per_level))
+            if i < L - 1:
+                temporal = i >= L - 1 - cfg.temporal_downsamples
+                level.down = Downsample(ch[i], ch[i + 1], temporal, tp, use_kernels)
+            self.levels.append(level)
+        self.norm_out = ChannelNorm(ch[-1], use_kernels)
+        self.conv_out = CausalConv3d(ch[-1], 2 * cfg.latent_channels, 3, time_pad=tp, use_kernels=use_kernels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.conv_in(x)
+        for level in self.levels:
+            for block in level.blocks:
+                h = block(h)
+            if hasattr(level, "down"):
+                h = level.down(h)
+        return self.conv_out(F.silu(self.norm_out(h)))[0]
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig, use_kernels: bool):
+        super().__init__()
+        ch, tp, L = cfg.channels[::-1], cfg.time_pad, len(cfg.channels)
+        self.conv_in = CausalConv3d(cfg.latent_channels, ch[0], 3, time_pad=tp, use_kernels=use_kernels)
+        self.levels = nn.ModuleList()
+        for i in range(L):
+            level = nn.Module()
+            level.blocks = nn.ModuleList(ResBlock(ch[i], tp, use_kernels) for _ in range(cfg.blocks_per_level))
+            if i < L - 1:
+                level.up = Upsample(ch[i], ch[i + 1], i < cfg.temporal_downsamples, tp, use_kernels)
+            self.levels.append(level)
+        self.norm_out = ChannelNorm(ch[-1], use_kernels)
+        self.conv_out = CausalConv3d(ch[-1], cfg.in_channels, 3, time_pad=tp, use_kernels=use_kernels)
+
+    def forward(self, z: Tensor, first: bool = True) -> Tensor:
+        """``first``: this chunk starts the video (its latent frame 0 decodes to one frame)."""
+        h, _ = self.conv_in(z)
+        for level in self.levels:
+            for block in level.blocks:
+                h = block(h)
+            if hasattr(level, "up"):
+                h = level.up(h, first)
+        return self.conv_out(F.silu(self.norm_out(h)))[0]
+
+
+class CausalVAE(nn.Module):
+    """Encoder + decoder with a diagonal-Gaussian latent, normalized by stored statistics.
+
+    ``encode`` returns the *normalized* latent ``(z - latent_mean) / latent_std`` (the DiT's space);
+    ``decode`` takes it back. The statistics are buffers set after training (:meth:`set_latent_stats`).
+    """
+
+    def __init__(self, cfg: VAEConfig, use_kernels: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg, use_kernels)
+        self.decoder = Decoder(cfg, use_kernels)
+        self.register_buffer("latent_mean", torch.zeros(()))
+        self.register_buffer("latent_std", torch.ones(()))
+        with torch.no_grad():
+            # Start the posterior narrow (std e^-3): with logvar near 0 the sampled latent would be
+            # mostly noise, and Adam needs thousands of steps to walk the bias down by itself.
+            self.encoder.conv_out.bias[cfg.latent_channels:].fill_(-6.0)
+
+    def check_frames(self, frames: int) -> None:
+        f = self.cfg.temporal_factor
+        if frames < 1 or (frames - 1) % f:
+            raise ValueError(f"the VAE needs 1 + {f}k frames (1, {1 + f}, {1 + 2 * f}, ...), got {frames}")
+
+    def encode_dist(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x [B, 3, F, H, W]`` -> raw posterior ``(mean, logvar)``, each ``[B, C_lat, T, h, w]``."""
+        self.check_frames(x.shape[2])
+        s = self.cfg.spatial_factor
+        if x.shape[-1] % s or x.shape[-2] % s:
+            raise ValueError(f"the VAE needs H and W divisible by {s}, got {tuple(x.shape[-2:])}")
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(-20.0, 10.0)
+
+    def encode(self, x: Tensor, sample: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
+        mean, logvar = self.encode_dist(x)
+        z = mean
+        if sample:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + torch.exp(0.5 * logvar) * noise
+        return (z - self.latent_mean) / self.latent_std
+
+    def decode(self, z: Tensor, chunk: Union[None, int, Sequence[int]] = None) -> Tensor:
+        """Normalized latent ``[B, C_lat, T, h, w]`` -> video ``[B, 3, 1 + 4 (T - 1), H, W]``.
+
+        ``chunk``: decode ``chunk`` latent frames at a time (after the first frame, which goes alone)
+        through the convolutions' frame caches; the result equals the whole decode.
+        """
+        z = z * self.latent_std + self.latent_mean
+        T, f = z.shape[2], self.cfg.temporal_factor
+        if chunk is None:
+            return self.decoder(z, first=True)
+        if isinstance(chunk, int):
+            sizes = [1] + [min(chunk, T - 1 - s) for s in range(0, T - 1, chunk)]
+        else:
+            sizes = list(chunk)
+        state = {"first": True}
+
+        def step(zc: Tensor) -> Tensor:
+            y = self.decoder(zc, first=state["first"])
+            state["first"] = False
+            return y
+
+        return decode_in_chunks(step, z, sizes, model=self.decoder, total_frames=1 + f * (T - 1))
+
+    def forward(self, x: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Training pass: ``(reconstruction, mean, logvar)`` with a sampled latent."""
+        mean, logvar = self.encode_dist(x)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z = mean + torch.exp(0.5 * logvar) * noise
+        return self.decoder(z), mean, logvar
+
+    @torch.no_grad()
+    def set_latent_stats(self, mean: float, std: float) -> None:
+        self.latent_mean.fill_(mean)
+        self.latent_std.fill_(std)

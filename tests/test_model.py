@@ -1,0 +1,436 @@
+"""The reference image-to-video model (i2v_model): kernels vs plain parity, streaming VAE, sampler,
+I/O, the CLI's bad-input handling and a training smoke test. Tiny shapes: the whole file runs in
+well under a minute on 2 CPU cores."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from i2v_model.config import CONFIGS, DiTConfig, ModelConfig, TextConfig, VAEConfig, get_config
+from i2v_model.data import CAMERA_MOTIONS, ClipSource, Motion, render_clip
+from i2v_model.dit import VideoDiT, rope_3d
+from i2v_model.evaluate import estimate_motion, motion_matches, phase_correlation
+from i2v_model.io import ImageError, load_image, read_video, save_video
+from i2v_model.pipeline import I2VPipeline
+from i2v_model.sampler import euler_sample, flow_matching_loss, guided, image_condition, shifted_timesteps
+from i2v_model.text import ByteTokenizer, TextEncoder
+from i2v_model.vae import CausalVAE
+
+
+def small_config() -> ModelConfig:
+    return ModelConfig(
+        name="test",
+        vae=VAEConfig(latent_channels=4, channels=(8, 8, 16, 16)),
+        text=TextConfig(width=32, depth=1, heads=2, max_len=16, out_dim=32),
+        dit=DiTConfig(width=48, depth=2, heads=2, patch=2),
+        height=32, width=32, frames=9, steps=3, guidance=3.0,
+    )
+
+
+def randomize(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    """Give zero-initialized parts (adaLN-Zero, output projection) nonzero values, so parity tests see
+    every op."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "modulation" in name or "proj_out" in name:
+                p.normal_(0, std)
+    return module
+
+
+def twins(cls, *args):
+    """The same module built with and without kernels, sharing weights."""
+    a = cls(*args, use_kernels=True)
+    b = cls(*args, use_kernels=False)
+    b.load_state_dict(a.state_dict())
+    return a.eval(), b.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+
+def test_registry():
+    assert {"tiny", "cogvideox-2b-like", "cogvideox-5b-like", "wan-1.3b-like"} <= set(CONFIGS)
+    tiny = get_config("tiny")
+    assert (tiny.height, tiny.width, tiny.frames, tiny.latent_frames, tiny.latent_size) == (64, 64, 17, 5, (8, 8))
+    tiny.dit.width = 1
+    assert get_config("tiny").dit.width != 1, "get_config must return a copy"
+    assert get_config("cogvideox-2b-like").tokens == 13 * 30 * 45
+    assert get_config("wan-1.3b-like").tokens == 21 * 30 * 52
+    assert get_config("cogvideox-5b-like").dit.head_dim == 64
+    with pytest.raises(KeyError, match="unknown model"):
+        get_config("nope")
+    assert ModelConfig.from_dict(json.loads(json.dumps(tiny.to_dict()))) == tiny
+
+
+# --------------------------------------------------------------------------------------------------
+# Networks: kernels vs plain PyTorch
+
+
+def test_dit_kernels_match_plain():
+    cfg = small_config()
+    a, b = twins(VideoDiT, cfg.dit, cfg.vae.latent_channels, cfg.text.out_dim)
+    randomize(a)
+    b.load_state_dict(a.state_dict())
+    B, C, T, h, w = 2, cfg.vae.latent_channels, 3, 4, 4
+    x, cond = torch.randn(B, C, T, h, w), torch.randn(B, C + 1, T, h, w)
+    ctx, lens, pooled = torch.randn(B, 16, 32), torch.tensor([5, 16]), torch.randn(B, 32)
+    t = torch.rand(B)
+    with torch.no_grad():
+        ya, yb = a(x, t, cond, ctx, lens, pooled), b(x, t, cond, ctx, lens, pooled)
+    assert ya.shape == x.shape
+    assert ya.abs().mean() > 1e-3, "the DiT output should not be trivially zero here"
+    torch.testing.assert_close(ya, yb, atol=1e-4, rtol=1e-4)
+
+
+def test_dit_padding_is_ignored():
+    """Context tokens past kv_lens do not change the output."""
+    cfg = small_config()
+    dit = randomize(VideoDiT(cfg.dit, cfg.vae.latent_channels, cfg.text.out_dim)).eval()
+    x, cond = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 5, 2, 4, 4)
+    ctx, pooled, t = torch.randn(1, 16, 32), torch.randn(1, 32), torch.rand(1)
+    ctx2 = ctx.clone()
+    ctx2[:, 6:] = 100.0
+    with torch.no_grad():
+        torch.testing.assert_close(dit(x, t, cond, ctx, torch.tensor([6]), pooled),
+                                   dit(x, t, cond, ctx2, torch.tensor([6]), pooled))
+
+
+def test_rope_3d_shape():
+    cos, sin = rope_3d(3, 2, 4, 32)
+    assert cos.shape == sin.shape == (3, 8, 32)
+    torch.testing.assert_close(cos ** 2 + sin ** 2, torch.ones_like(cos))
+
+
+def test_vae_kernels_match_plain_and_shapes():
+    cfg = small_config()
+    a, b = twins(CausalVAE, cfg.vae)
+    x = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    with torch.no_grad():
+        za, zb = a.encode(x), b.encode(x)
+        assert za.shape == (1, 4, 3, 4, 4)
+        torch.testing.assert_close(za, zb, atol=1e-5, rtol=1e-5)
+        ya, yb = a.decode(za), b.decode(za)
+    assert ya.shape == x.shape
+    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        a.encode(x[:, :, :8])
+
+
+def test_vae_is_causal():
+    """Latent frame 0 depends on video frame 0 alone; decoded frame 0 on latent frame 0 alone."""
+    vae = CausalVAE(small_config().vae).eval()
+    x = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    x2 = x.clone()
+    x2[:, :, 1:] = torch.rand_like(x2[:, :, 1:])
+    with torch.no_grad():
+        z, z2 = vae.encode(x), vae.encode(x2)
+        torch.testing.assert_close(z[:, :, :1], z2[:, :, :1])
+        assert not torch.allclose(z[:, :, 1:], z2[:, :, 1:])
+        torch.testing.assert_close(vae.decode(z)[:, :, :1], vae.decode(z[:, :, :1]))
+
+
+def test_vae_streaming_decode_equals_whole():
+    vae = CausalVAE(small_config().vae).eval()
+    z = torch.randn(1, 4, 4, 2, 2)
+    with torch.no_grad():
+        whole = vae.decode(z)
+        assert whole.shape == (1, 3, 13, 16, 16)
+        for chunk in (1, 2, [1, 1, 2]):
+            torch.testing.assert_close(vae.decode(z, chunk=chunk), whole, atol=1e-5, rtol=1e-5, msg=str(chunk))
+
+
+def test_text_encoder():
+    tok = ByteTokenizer(8)
+    ids, lens = tok(["Hi  THERE", "", "é"])
+    assert ids.shape == (3, 8) and lens.tolist() == [8, 2, 4]  # cut at max_len; BOS+EOS; 2 UTF-8 bytes
+    assert ids[1, 2:].eq(0).all()
+    assert tok(["hi there"])[0].equal(tok(["  HI there "])[0])
+    cfg = small_config().text
+    a, b = twins(TextEncoder, cfg)
+    with torch.no_grad():
+        ta, la, pa = a(["pan left", "zoom in on the scene"])
+        tb, lb, pb = b(["pan left", "zoom in on the scene"])
+        alone = a(["pan left"])[2]
+    assert ta.shape == (2, cfg.max_len, cfg.out_dim) and la.tolist() == [10, 16]
+    torch.testing.assert_close(ta, tb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone[0], pa[0], atol=1e-5, rtol=1e-5)  # batch neighbours do not leak in
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampler and pipeline
+
+
+def test_sampler():
+    times = shifted_timesteps(5, shift=2.0)
+    assert times.shape == (6,) and times[0] == 1 and times[-1] == 0 and (times[1:] < times[:-1]).all()
+    first = torch.randn(2, 4, 1, 4, 4)
+    noise = torch.randn(2, 4, 3, 4, 4)
+    calls = []
+
+    def velocity(x, t):
+        calls.append(t)
+        torch.testing.assert_close(x[:, :, :1], first)
+        return torch.ones_like(x)
+
+    out = euler_sample(velocity, noise, first, times)
+    assert len(calls) == 5 and calls[0].shape == (2,)
+    torch.testing.assert_close(out[:, :, :1], first)
+    torch.testing.assert_close(out[:, :, 1:], noise[:, :, 1:] - 1)  # integrates -1 over t: 1 -> 0
+    cond = image_condition(first, 3)
+    assert cond.shape == (2, 5, 3, 4, 4) and cond[:, 4, 0].eq(1).all() and cond[:, :, 1:].eq(0).all()
+
+    model_calls = []
+
+    def model(x, t, c, tokens, lens, pooled):
+        model_calls.append(x.shape[0])
+        return tokens.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1) * torch.ones_like(x)
+
+    ctx = (torch.ones(2, 3, 8), torch.tensor([3, 3]), torch.ones(2, 8))
+    null = (torch.zeros(2, 3, 8), torch.tensor([2, 2]), torch.zeros(2, 8))
+    v = guided(model, cond, ctx, null, 3.0)(noise, torch.ones(2))
+    torch.testing.assert_close(v, 3.0 * torch.ones_like(noise))  # 0 + 3 (1 - 0)
+    assert model_calls == [4]  # one batch for both halves
+    loss = flow_matching_loss(lambda x, t: torch.zeros_like(x), torch.randn(2, 4, 3, 4, 4), torch.rand(2))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_pipeline_same_video_with_and_without_kernels():
+    cfg = small_config()
+    torch.manual_seed(1)
+    pa = I2VPipeline(cfg, use_kernels=True)
+    randomize(pa.dit)
+    pb = I2VPipeline(cfg, use_kernels=False)
+    pb.load_state_dict(pa.state_dict())
+    image = torch.rand(3, 32, 32) * 2 - 1
+    va, ta = pa.eval().generate(image, "the camera pans right", seed=3)
+    vb, _ = pb.eval().generate(image, "the camera pans right", seed=3)
+    assert va.shape == (3, 9, 32, 32) and set(ta) == {"encode", "denoise", "decode"}
+    torch.testing.assert_close(va, vb, atol=1e-4, rtol=1e-4)
+    vc, _ = pa.generate(image, "the camera pans right", seed=4)
+    assert not torch.allclose(va, vc)
+    vd, _ = pa.generate(image, "the camera pans right", seed=3, decode_chunk=1)
+    torch.testing.assert_close(vd, va, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        pa.generate(image, "x", frames=8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data and motion measurement
+
+
+def test_phase_correlation_sign():
+    img = torch.rand(3, 32, 32) * 2 - 1
+    img = torch.nn.functional.avg_pool2d(img[None], 3, 1, 1)[0]
+    dx, dy = phase_correlation(img, torch.roll(img, (2, -3), dims=(1, 2)))  # down 2, left 3
+    assert abs(dx + 3) < 0.3 and abs(dy - 2) < 0.3
+
+
+def test_clip_conventions_and_determinism():
+    """Camera pans right -> content moves left; tilt up -> content moves down; zoom in -> grows;
+    'rotates clockwise' -> the content turns clockwise: measured by the eval's own estimators."""
+    src = ClipSource(0, 9, 32)
+    canvas = torch.from_numpy(src.image(3)).permute(2, 0, 1).float() / 127.5 - 1
+    for kind in CAMERA_MOTIONS:
+        m = estimate_motion(render_clip(canvas, Motion(kind, speed=1.0), 9, 32))
+        assert motion_matches(kind, m, 32), (kind, str(m))
+    m = estimate_motion(render_clip(canvas, Motion("pan_right"), 9, 32))
+    assert m.dx < -4
+    a, pa, ma = src.sample(7)
+    b, pb, mb = src.sample(7)
+    assert a.equal(b) and pa == pb and ma == mb and a.shape == (3, 9, 32, 32)
+    assert -1 <= a.min() and a.max() <= 1
+    held = ClipSource(0, 9, 32, split="heldout")
+    assert not held.sample(7)[0].equal(a)
+
+
+# --------------------------------------------------------------------------------------------------
+# I/O
+
+
+def _save(tmp_path, name, img):
+    p = tmp_path / name
+    img.save(p)
+    return p
+
+
+def test_load_image_modes_and_sizes(tmp_path):
+    from PIL import Image
+
+    rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 0))  # fully transparent red -> white
+    x = load_image(_save(tmp_path, "a.png", rgba), 16, 16)
+    assert x.shape == (3, 16, 16) and torch.allclose(x, torch.ones_like(x))
+    gray = Image.fromarray(np.full((23, 37), 64, np.uint8), "L")
+    x = load_image(_save(tmp_path, "g.png", gray), 32, 32)
+    assert x.shape == (3, 32, 32) and torch.allclose(x, torch.full_like(x, 64 / 127.5 - 1), atol=1e-2)
+    pal = Image.new("RGB", (7, 91), (0, 0, 255)).convert("P")
+    x = load_image(_save(tmp_path, "p.gif", pal), 24, 24)
+    assert x.shape == (3, 24, 24) and x[2].min() > 0.9 and x[0].max() < -0.9
+    deep = Image.fromarray(np.full((10, 12), 65535, np.uint16))
+    x = load_image(_save(tmp_path, "d.png", deep), 8, 8)
+    assert torch.allclose(x, torch.ones_like(x))
+    # Center crop: a wide image keeps its middle.
+    wide = np.zeros((10, 30, 3), np.uint8)
+    wide[:, 10:20] = 255
+    x = load_image(_save(tmp_path, "w.png", Image.fromarray(wide)), 10, 10)
+    assert x.min() > 0.9
+    jpg = _save(tmp_path, "c.jpg", Image.new("CMYK", (20, 20), (0, 0, 0, 0)))
+    assert load_image(jpg, 8, 8).shape == (3, 8, 8)
+
+
+def test_load_image_errors(tmp_path):
+    with pytest.raises(ImageError, match="not found"):
+        load_image(tmp_path / "missing.png", 8, 8)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(text, 8, 8)
+    with pytest.raises(ImageError, match="not a file"):
+        load_image(tmp_path, 8, 8)
+    from PIL import Image
+
+    good = tmp_path / "t.png"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    with pytest.raises(ImageError):
+        load_image(truncated, 8, 8)
+
+
+@pytest.mark.parametrize("suffix,size", [(".mp4", 32), (".gif", 32), (".mp4", 33)], ids=["mp4", "gif", "mp4-odd"])
+def test_save_video_round_trip(tmp_path, suffix, size):
+    frames = np.zeros((5, size, size, 3), np.uint8)
+    for t in range(5):
+        frames[t, :, : 4 + 4 * t] = (200, 60, 30)
+    path = save_video(frames, tmp_path / f"v{suffix}", fps=8)
+    back = read_video(path)
+    assert back.shape[0] == 5 and back.shape[3] == 3 and back.shape[1] >= size
+    err = np.abs(back[:, :size, :size].astype(int) - frames.astype(int)).mean()
+    assert err < 12, err
+    assert sorted(os.listdir(tmp_path)) == [f"v{suffix}"]
+    assert oct(path.stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_save_video_failure_leaves_nothing(tmp_path, monkeypatch):
+    import i2v_model.io as io
+
+    def broken(frames, path, fps):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("encoder died")
+
+    monkeypatch.setattr(io, "_write_gif", broken)
+    with pytest.raises(RuntimeError, match="encoder died"):
+        save_video(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "x.gif")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="does not exist"):
+        save_video(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "no" / "x.gif")
+    with pytest.raises(ValueError, match="must end in"):
+        save_video(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "x.avi")
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _run_cli(argv, capsys):
+    from i2v_model.cli import main
+
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--image", "missing.png"], "image not found"),
+    (["generate", "--image", "notes.txt"], "not an image"),
+    (["generate", "--frames", "8"], "--frames must be 1 + 4k"),
+    (["generate", "--frames", "0"], "--frames must be 1 + 4k"),
+    (["generate", "--model", "huge"], "unknown model"),
+    (["generate", "--backend", "quantum"], "unknown backend"),
+    (["generate", "--out", "no/such/folder/v.mp4"], "output folder does not exist"),
+    (["generate", "--out", "v.avi"], "--out must end in"),
+    (["generate", "--steps", "0"], "--steps must be >= 1"),
+    (["generate", "--frames", "x"], "invalid int value"),
+    (["generate", "--nope"], "unrecognized arguments"),
+    (["eval", "--model", "huge"], "unknown model"),
+    (["eval", "--motions", "pan_sideways"], "unknown motion"),
+], ids=["missing", "not-image", "frames-8", "frames-0", "model", "backend", "out-folder", "out-suffix", "steps",
+        "frames-type", "unknown-flag", "eval-model", "eval-motion"])
+def test_cli_bad_input(in_tmp, capsys, argv, message):
+    (in_tmp / "notes.txt").write_text("hello")
+    before = sorted(os.listdir(in_tmp))
+    rc, out, err = _run_cli(argv, capsys)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("i2v: error: ") and message in lines[0], err
+    assert sorted(os.listdir(in_tmp)) == before
+
+
+@pytest.fixture
+def small_tiny(monkeypatch):
+    """Registry entry "tiny" replaced by the small test config (random weights): fast CLI and training."""
+    cfg = small_config()
+    cfg.name = "tiny"
+    monkeypatch.setitem(CONFIGS, "tiny", cfg)
+    return cfg
+
+
+def test_cli_generate(in_tmp, capsys):
+    rc, out, err = _run_cli(["generate", "--frames", "5", "--steps", "1", "--out", "clip", "--seed", "1"], capsys)
+    assert rc == 0, err
+    assert sorted(os.listdir(in_tmp)) == ["clip.gif", "clip.mp4"]
+    assert "denoise" in out and "decode" in out and str(in_tmp / "clip.mp4") in out
+    assert read_video(in_tmp / "clip.gif").shape == (5, 64, 64, 3)
+
+
+def test_cli_eval(small_tiny, capsys):
+    rc, out, err = _run_cli(["eval", "--images", "1", "--steps", "1", "--motions", "pan_right,zoom_in"], capsys)
+    assert rc == 0, err
+    assert "motion adherence" in out and "VAE reconstruction PSNR" in out and "pan_right" in out
+    assert "static" not in out
+
+
+def test_cli_info(capsys):
+    rc, out, _ = _run_cli(["info"], capsys)
+    assert rc == 0 and "backends" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_training_smoke_resume_and_export(small_tiny, tmp_path, capsys):
+    from i2v_model import train
+
+    run = tmp_path / "run"
+    argv = ["--run", str(run), "--vae-steps", "2", "--vae-batch", "1", "--vae-frames", "5", "--vae-crop", "16",
+            "--stats-clips", "2",
+            "--dit-steps", "2", "--dit-batch", "2", "--pool", "2", "--refresh-every", "1", "--refresh", "1",
+            "--log-every", "1", "--ckpt-every", "1", "--warmup", "1"]
+    assert train.main(argv) == 0
+    log = (run / "log.txt").read_text()
+    assert "vae step 2/2" in log and "dit step 2/2" in log
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["dit_batch"] == 2 and cfg["model"]["dit"]["width"] == small_tiny.dit.width
+    # Resume: two more DiT steps continue from the checkpoint.
+    assert train.main([a if a != "2" or argv[i - 1] != "--dit-steps" else "4" for i, a in enumerate(argv)]) == 0
+    log = (run / "log.txt").read_text()
+    assert "dit step 3/4" in log and log.count("dit step 1/") == 1
+    with pytest.raises(ValueError, match="resume it unchanged"):
+        train.main(["--run", str(run), "--dit-batch", "3"])
+    out = tmp_path / "w.safetensors"
+    assert train.main(["--run", str(run), "--export", "--weights", str(out)]) == 0
+    pipe = I2VPipeline.from_pretrained("tiny", weights=out)
+    assert pipe.pretrained and pipe.vae.latent_std.item() != 1.0
+    capsys.readouterr()
