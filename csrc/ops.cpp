@@ -29,4 +29,13 @@ TORCH_LIBRARY(i2v_kernels, m) {
   // Temporal attention (CUDA only): q, k, v [B, T, S, H, D] with unit stride on D, any other strides;
   // each (b, s, h) attends across its T frames; softmax(q k^T * scale) v in fp32; out contiguous.
   m.def("_temporal_attention_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal) -> Tensor");
+  // Causal 3D convolution forward (CPU and CUDA; ATen convolution, cuDNN on CUDA): x [B, Cin, T, H, W],
+  // weight [Cout, Cin, kt, kh, kw]; x is padded in front in time by P = (kt - 1) * dilation_t frames --
+  // `cache` [B, Cin, P, H, W] when given, else the first frame repeated (time_pad == 0, "replicate") or
+  // zeros (time_pad == 1, "zeros") -- and symmetrically in space by dilation * (k - 1) // 2 zeros; plus
+  // bias [Cout] and residual [B, Cout, T_out, H_out, W_out] when given. Math in x's dtype on CUDA, fp32
+  // for fp16/bf16 on CPU (as the reference). Output in x's dtype, channels_last_3d memory format.
+  m.def(
+      "_causal_conv3d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? cache, Tensor? residual, int[] stride, "
+      "int[] dilation, int time_pad) -> Tensor");
 }

@@ -1,5 +1,6 @@
-"""Causal 3D convolution: reference and Triton (interpreter on CPU) against the formula written out
-here (F.pad + torch.cat + F.conv3d), streaming caches, the decode helper, gradients, opcheck, compile."""
+"""Causal 3D convolution: reference, the C++ op (cpu backend; cuda on a GPU) and Triton (interpreter
+on CPU) against the formula written out here (F.pad + torch.cat + F.conv3d), streaming caches, the
+decode helper, gradients, opcheck, compile."""
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ TOL = {
     torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["cpu", "triton", "torch"]
 
 
 def _usable(backend, device="cpu"):
@@ -122,9 +123,11 @@ def test_forward_half(backend, dtype, case):
     _close(y, _expected(x, w, b, **kw), dtype)
 
 
-def test_float64_on_the_reference():
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_float64(backend):
     x, w, b, kw = _case("k333-zeros-cache", torch.float64)
-    y = causal_conv3d(x, w, b, **kw)  # auto on CPU: the reference
+    with i2v_kernels.use_backend(backend):  # auto on CPU: the cpu backend, fp64 math
+        y = causal_conv3d(x, w, b, **kw)
     _close(y, _expected(x, w, b, **kw), torch.float64)
 
 
@@ -238,7 +241,7 @@ CHUNKINGS = {"ones": [1] * 6, "twos": [2, 2, 2], "uneven": [3, 1, 2], "one-then-
 
 CHUNK_CONFS = ["k333-replicate", "k333-zeros-dilation2", "k311-zeros"]
 # Every chunking on the reference; the interpreter (slow) gets the one-frame and uneven chunkings.
-CHUNK_PARAMS = [("torch", c, conf) for c in CHUNKINGS for conf in CHUNK_CONFS] + [
+CHUNK_PARAMS = [(b, c, conf) for b in ("torch", "cpu") for c in CHUNKINGS for conf in CHUNK_CONFS] + [
     ("triton", c, conf) for c in ("ones", "uneven") for conf in CHUNK_CONFS]
 
 
@@ -536,13 +539,122 @@ def test_bad_input_names_the_argument(name):
         fn()
 
 
-def test_forced_backend_without_kernel_raises():
+def test_forced_backend_that_cannot_run_raises():
     x, w = torch.randn(1, 3, 2, 5, 5), torch.randn(4, 3, 3, 3, 3)
-    with i2v_kernels.use_backend("cpu"), pytest.raises(i2v_kernels.BackendUnavailableError, match="no cpu kernel"):
+    with i2v_kernels.use_backend("cuda"), pytest.raises(i2v_kernels.BackendUnavailableError, match="cuda"):
         causal_conv3d(x, w)
     if _backend._GENERIC["triton"](torch.device("cpu")) is None:
         with i2v_kernels.use_backend("triton"), pytest.raises(i2v_kernels.BackendUnavailableError, match="float64"):
             causal_conv3d(x.double(), w.double())
+
+
+# --------------------------------------------------------------------------------------------------
+# The C++ op (_causal_conv3d_fwd): cpu backend here, cuda backend on a GPU
+
+
+def _needs_cpp(key="CPU"):
+    if _backend.load_extension() or not _backend._has_kernel("_causal_conv3d_fwd", key):
+        pytest.skip(f"i2v_kernels._C has no {key} _causal_conv3d_fwd kernel")
+
+
+def test_auto_on_cpu_runs_the_cpp_kernel():
+    _needs_cpp()
+    x, w, b, kw = _case("k333-replicate-cache", torch.float32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        causal_conv3d(x, w, b, **kw)
+    assert "i2v_kernels::_causal_conv3d_fwd" in {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("variant", ["replicate", "zeros-residual", "cache-channels-last-x", "k311-s211"])
+def test_cpu_backend_equals_reference_vae_shape(dtype, variant):
+    """Same math as the reference (fp32 for fp16/bf16): equal to rounding on a VAE-like block."""
+    _needs_cpp()
+    x = torch.randn(1, 32, 5, 12, 10).to(dtype)
+    k, s, time_pad = ((3, 1, 1), (2, 1, 1), "zeros") if variant == "k311-s211" else (3, 1, "replicate")
+    w = (torch.randn(24, 32, *_triple(k)) / (32 * 27) ** 0.5).to(dtype)
+    b = torch.randn(24).to(dtype)
+    kw = dict(stride=s, time_pad=time_pad)
+    if variant == "zeros-residual":
+        kw.update(time_pad="zeros", residual=torch.randn(1, 24, 5, 12, 10).to(dtype))
+    if variant == "cache-channels-last-x":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        kw.update(cache=torch.randn(1, 32, 2, 12, 10).to(dtype))
+    outs = {}
+    for backend in ("cpu", "torch"):
+        with i2v_kernels.use_backend(backend):
+            outs[backend] = causal_conv3d(x, w, b, **kw)
+    assert outs["cpu"].stride() == outs["torch"].stride() and outs["cpu"].dtype == dtype
+    torch.testing.assert_close(outs["cpu"], outs["torch"])
+
+
+def test_cpu_backend_bias_in_another_dtype():
+    """bias may have any float dtype; it is cast to the math dtype, as the reference does."""
+    _needs_cpp()
+    x, w, _, kw = _case("k333-replicate-T5-H7W6", torch.bfloat16)
+    for b in (torch.randn(9), torch.randn(9, dtype=torch.float64)):
+        with i2v_kernels.use_backend("cpu"):
+            y = causal_conv3d(x, w, b, **kw)
+        _close(y, _expected(x, w, b, **kw), torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", ["Cout1", "H1W1", "C1-k111", "B3-T1"])
+def test_cpu_backend_strides_match_the_fake(shape):
+    """Degenerate sizes (where channels-last and contiguous strides coincide or not): opcheck compares
+    the real output's strides with the fake's."""
+    _needs_cpp()
+    B, Cin, Cout, T, H, W, k = {"Cout1": (1, 3, 1, 3, 4, 5, 3), "H1W1": (1, 3, 4, 2, 1, 1, (3, 1, 1)),
+                                "C1-k111": (2, 1, 1, 2, 3, 3, 1), "B3-T1": (3, 2, 5, 1, 3, 4, 3)}[shape]
+    x = torch.randn(B, Cin, T, H, W)
+    w = torch.randn(Cout, Cin, *_triple(k))
+    with i2v_kernels.use_backend("cpu"):
+        y = causal_conv3d(x, w)
+        assert y.stride() == torch.empty(y.shape, memory_format=torch.channels_last_3d).stride()
+        torch.library.opcheck(torch.ops.i2v_kernels.causal_conv3d, (x, w, None, None, None, [1, 1, 1], [1, 1, 1], "zeros"))
+    _close(y, _expected(x, w), torch.float32)
+
+
+def _cpp_bad_inputs(device="cpu"):
+    x = torch.randn(1, 3, 2, 5, 5, device=device)
+    w = torch.randn(4, 3, 3, 3, 3, device=device)
+    op = torch.ops.i2v_kernels._causal_conv3d_fwd
+    one = [1, 1, 1]
+    return [
+        ("x-rank", lambda: op(x[0], w, None, None, None, one, one, 0), r"x must be \[B, Cin, T, H, W\]"),
+        ("x-no-frames", lambda: op(x[:, :, :0], w, None, None, None, one, one, 0), r"x .*T, H, W >= 1"),
+        ("x-int", lambda: op(x.long(), w.long(), None, None, None, one, one, 0), r"x must be a floating-point"),
+        ("channel-mismatch", lambda: op(x, w[:, :2], None, None, None, one, one, 0), r"weight must be \[Cout, Cin=3"),
+        ("weight-dtype", lambda: op(x, w.double(), None, None, None, one, one, 0), r"weight must have x's dtype"),
+        ("bias-shape", lambda: op(x, w, torch.randn(3, device=device), None, None, one, one, 0),
+         r"bias must have shape \(4,\)"),
+        ("stride-pair", lambda: op(x, w, None, None, None, [1, 1], one, 0), r"stride must be a \(t, h, w\) triple"),
+        ("dilation-zero", lambda: op(x, w, None, None, None, one, [1, 0, 1], 0), r"dilation must be positive"),
+        ("time-pad", lambda: op(x, w, None, None, None, one, one, 2), r"time_pad must be 0 \(replicate\) or 1"),
+        ("kernel-larger-than-padded-input",
+         lambda: op(torch.randn(1, 3, 2, 1, 5, device=device), torch.randn(4, 3, 1, 2, 2, device=device), None, None,
+                    None, one, one, 0), r"padded input's H"),
+        ("cache-frames", lambda: op(x, w, None, torch.randn(1, 3, 1, 5, 5, device=device), None, one, one, 0),
+         r"cache must be \[B, Cin, P, H, W\] = \[1, 3, 2, 5, 5\]"),
+        ("cache-dtype", lambda: op(x, w, None, torch.randn(1, 3, 2, 5, 5, device=device).half(), None, one, one, 0),
+         r"cache must have x's dtype"),
+        ("residual-shape", lambda: op(x, w, None, None, torch.randn(1, 4, 2, 5, 4, device=device), one, one, 0),
+         r"residual must have the output's shape \[B, Cout, T_out, H_out, W_out\] = \[1, 4, 2, 5, 5\]"),
+    ]
+
+
+@pytest.mark.parametrize("name", [b[0] for b in _cpp_bad_inputs()])
+def test_cpp_op_bad_input_names_the_argument(name):
+    _needs_cpp()
+    (fn, pattern), = [b[1:] for b in _cpp_bad_inputs() if b[0] == name]
+    with pytest.raises(RuntimeError, match=pattern):
+        fn()
+
+
+def test_cpp_op_empty_batch():
+    _needs_cpp()
+    y = torch.ops.i2v_kernels._causal_conv3d_fwd(torch.randn(0, 4, 3, 5, 5), torch.randn(6, 4, 3, 3, 3), None, None,
+                                                 None, [1, 1, 1], [1, 1, 1], 0)
+    assert y.shape == (0, 6, 3, 5, 5) and y.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -638,3 +750,76 @@ def test_gpu_float32_and_chunked_equals_whole():
         torch.testing.assert_close(whole, expected, atol=1e-4, rtol=1e-4)
         chunked = _chunked(m, x, [1, 2, 4])
     torch.testing.assert_close(chunked, whole)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backend_vae_shapes(backend, dtype, shape):
+    _usable(backend, "cuda")
+    B, Cin, Cout, T, H, W, k, s, time_pad = GPU_SHAPES[shape]
+    x = torch.randn(B, Cin, T, H, W, device="cuda", dtype=dtype)
+    w = (torch.randn(Cout, Cin, *k, device="cuda") / (Cin * k[0] * k[1] * k[2]) ** 0.5).to(dtype)
+    b = torch.randn(Cout, device="cuda", dtype=dtype)
+    cache = torch.randn(B, Cin, k[0] - 1, H, W, device="cuda", dtype=dtype) if "cache" in shape else None
+    T_out = (T - 1) // _triple(s)[0] + 1
+    res = torch.randn(B, Cout, T_out, H, W, device="cuda", dtype=dtype)
+    with i2v_kernels.use_backend(backend):
+        y = causal_conv3d(x, w, b, stride=s, time_pad=time_pad, cache=cache, residual=res)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        expected = ref.causal_conv3d(x, w, b, stride=s, time_pad=time_pad, cache=cache, residual=res)
+    assert y.stride() == torch.empty(y.shape, memory_format=torch.channels_last_3d).stride()
+    torch.testing.assert_close(y.float(), expected.float(), **TOL[dtype])
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("case", CASES)
+def test_gpu_cuda_backend_cases_float32(case):
+    _usable("cuda", "cuda")
+    x, w, b, kw = _case(case, torch.float32)
+    x, w, b = x.cuda(), w.cuda(), b.cuda()
+    kw = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    with i2v_kernels.use_backend("cuda"), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        y = causal_conv3d(x, w, b, **kw)
+    _close(y.cpu(), _expected(x.cpu(), w.cpu(), b.cpu(), **{k: v.cpu() if isinstance(v, torch.Tensor) else v
+                                                           for k, v in kw.items()}), torch.float32)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("layout", ["channels_last", "time-slice-of-channels-last", "permuted", "channel-slice"])
+def test_gpu_cuda_backend_strided_inputs(layout):
+    _usable("cuda", "cuda")
+    B, C, T, H, W = 1, 6, 4, 5, 7
+    if layout == "channels_last":
+        x = torch.randn(B, C, T, H, W).contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "time-slice-of-channels-last":
+        x = torch.randn(B, C, T + 3, H, W).contiguous(memory_format=torch.channels_last_3d)[:, :, 2:2 + T]
+    elif layout == "permuted":
+        x = torch.randn(B, T, C, W, H).permute(0, 2, 1, 4, 3)
+    else:
+        x = torch.randn(B, C + 3, T, H, W)[:, 1:1 + C]
+    w = torch.randn(8, C, 3, 3, 3) / 12
+    cache = torch.randn(B, T, C, H, W).transpose(1, 2)[:, :, :2]
+    res = torch.randn(B, T, 8, H, W).transpose(1, 2)
+    expected = _expected(x, w, None, cache=cache, residual=res)
+    x, w, cache, res = (t.cuda() for t in (x, w, cache, res))
+    with i2v_kernels.use_backend("cuda"), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        y = causal_conv3d(x, w, None, cache=cache, residual=res)
+    _close(y.cpu(), expected, torch.float32)
+
+
+@pytest.mark.needs_cuda
+def test_gpu_cuda_backend_chunked_equals_whole_and_opcheck():
+    _usable("cuda", "cuda")
+    m = CausalConv3d(16, 24, 3, time_pad="replicate").cuda()
+    x = torch.randn(1, 16, 6, 9, 11, device="cuda")
+    with i2v_kernels.use_backend("cuda"), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        with torch.no_grad():
+            whole, _ = m(x)
+            chunked = _chunked(m, x, [1, 3, 2])
+        torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+        xs = torch.randn(1, 3, 3, 5, 4, device="cuda", requires_grad=True)
+        ws = (torch.randn(4, 3, 3, 3, 3, device="cuda") / 9).requires_grad_()
+        torch.library.opcheck(torch.ops.i2v_kernels.causal_conv3d,
+                              (xs, ws, None, None, None, [1, 1, 1], [1, 1, 1], "replicate"))

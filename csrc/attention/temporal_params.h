@@ -30,7 +30,11 @@ struct TemporalParams {
 // Largest T the kernel takes (keys per lane are held in registers: 4 per lane, 32 lanes).
 constexpr int64_t kTemporalMaxT = 128;
 
-// Shared memory one problem (one warp) needs: q, k, v rows of the problem, padded, in the input dtype.
+// Shared memory one problem (one warp) needs: the problem's q, k, v rows in the input dtype, each row
+// padded to an odd number of 16-byte chunks (ceil(D * element_size / 16) rounded up to odd), plus T
+// fp32 softmax weights rounded up to a multiple of 4:
+//   3 * T * 16 * (ceil(D * element_size / 16) | 1) + 4 * 4 * ceil(T / 4)   bytes.
+// i2v_kernels/ops/attention/__init__.py (_cuda_temporal_why_not) repeats this formula.
 int64_t temporal_smem_per_warp(int64_t T, int64_t D, int element_size);
 
 // Opt-in shared memory per block of CUDA device `device` (0 when it cannot be queried).

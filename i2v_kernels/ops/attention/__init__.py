@@ -162,8 +162,10 @@ def _cuda_temporal_why_not(q, qk_norm, cos) -> Optional[str]:
     T, D = q.shape[1], q.shape[-1]
     if T > CUDA_TEMPORAL_MAX_T:
         return f"T = {T} frames exceeds the CUDA temporal kernel's {CUDA_TEMPORAL_MAX_T}"
-    pad = 1 if q.element_size() >= 4 else 4 // q.element_size()
-    need = 3 * T * (D + pad) * q.element_size()  # one warp's staged q, k, v rows (temporal_params.h)
+    # One warp's staged q, k, v rows (each an odd number of 16-byte chunks) and its T fp32 softmax
+    # weights: temporal_smem_per_warp in csrc/attention/temporal_params.h.
+    chunks = -(-D * q.element_size() // 16)
+    need = 3 * T * 16 * (chunks | 1) + 4 * 4 * -(-T // 4)
     have = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", 48 * 1024)
     if need > have:
         return f"T * D = {T} * {D} needs {need} bytes of shared memory per problem; the GPU has {have}"

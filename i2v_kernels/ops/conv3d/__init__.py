@@ -14,9 +14,12 @@ for the following conv), on every backend, so the fake implementation's strides 
 
 One ``torch.library`` op, ``torch.ops.i2v_kernels.causal_conv3d``, with a fake implementation and a
 recompute-based autograd (gradients for ``x``, ``weight``, ``bias``, ``cache`` and ``residual``).
-Backends: ``triton`` (implicit GEMM, padding read in place) for CUDA tensors, the ``torch``
-reference (fp32 math) elsewhere. Autocast: as ``F.conv3d`` -- floating inputs are cast to the
-autocast dtype when autocast is on for ``x``'s device.
+Backends: ``cuda`` (the C++ op ``_causal_conv3d_fwd``: the padded input built once in
+channels_last_3d, then ATen's convolution, i.e. cuDNN; bias and residual added after) and ``triton``
+(implicit GEMM, padding read in place) for CUDA tensors; ``cpu`` (the same C++ op on CPU tensors:
+oneDNN, fp16/bf16 computed in fp32 as the reference) and the ``torch`` reference (fp32 math)
+everywhere. Autocast: as ``F.conv3d`` -- floating inputs are cast to the autocast dtype when autocast
+is on for ``x``'s device.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from i2v_kernels.ops.conv3d.reference import TIME_PADS
 __all__ = ["causal_conv3d"]
 
 _OP = "causal_conv3d"
-_IMPLEMENTED = ("triton", "torch")
+_IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _backend.load_extension()  # registers the C++ schemas before the Python ops join the namespace
@@ -130,6 +133,21 @@ def _triton():
     return conv_triton
 
 
+_CPP_DTYPES = {"cuda": (torch.float16, torch.bfloat16, torch.float32),
+               "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def _cpp_why_not(backend: str, x: Tensor) -> Optional[str]:
+    """Why the C++ op ``_causal_conv3d_fwd`` cannot take this call on ``backend`` (cuda/cpu), or None."""
+    key = backend.upper()
+    if not _backend._has_kernel("_causal_conv3d_fwd", key):
+        return f"i2v_kernels._C was built without the {key} causal_conv3d kernel"
+    if x.dtype not in _CPP_DTYPES[backend]:
+        names = "/".join(str(d).replace("torch.", "") for d in _CPP_DTYPES[backend])
+        return f"the {backend} causal_conv3d kernel supports {names}, not {x.dtype}"
+    return None
+
+
 def _forward(x, weight, bias, cache, residual, stride, dilation, time_pad) -> Tensor:
     out_shape, P, padding_hw = _check(x, weight, bias, cache, residual, stride, dilation, time_pad)
     stride, dilation = tuple(stride), tuple(dilation)
@@ -137,11 +155,18 @@ def _forward(x, weight, bias, cache, residual, stride, dilation, time_pad) -> Te
         return _empty_out(out_shape, x)
 
     def why_not(backend: str) -> Optional[str]:
-        return _triton().why_not(x) if backend == "triton" else None
+        if backend == "triton":
+            return _triton().why_not(x)
+        if backend in ("cuda", "cpu"):
+            return _cpp_why_not(backend, x)
+        return None
 
     backend = _backend.select(_OP, x.device, why_not, _IMPLEMENTED)
     # The autocast cast (if any) happened in the public function; the math inside runs as asked.
     with torch.autocast(x.device.type, enabled=False):
+        if backend in ("cuda", "cpu"):
+            return torch.ops.i2v_kernels._causal_conv3d_fwd(x, weight, bias, cache, residual, list(stride),
+                                                            list(dilation), TIME_PADS.index(time_pad))
         if backend == "triton":
             t = _triton()
             return t.causal_conv3d_fwd(t.channels_last(x), weight, None if bias is None else bias.contiguous(),
