@@ -1,0 +1,397 @@
+"""Benchmark of the diffusers integration: ``python -m benchmarks.bench_diffusers [--quick] [--device cpu|cuda]``.
+
+``i2v_kernels.patch(model)`` against the same model unpatched, on diffusers models built from their
+published configs with random weights (no downloads):
+
+* ``transformer``  one forward of the video DiT at its real width, heads and token counts, with the depth
+  cut to ``LAYERS`` blocks: CogVideoX-5B (49 frames at 720x480), Wan2.1-T2V-1.3B and Wan2.1-I2V-14B at
+  480p (81 frames at 832x480), Latte-1 (Latte-XL/2, 16 frames at 512x512). Time per denoising step at
+  full depth is the measured forward scaled by ``full layers / layers`` and by the forwards one step
+  makes (classifier-free guidance: CogVideoX and Latte batch it (B = 2), Wan runs two B = 1 forwards).
+  The scaling also multiplies the parts outside the blocks (patch and time/text embeddings, output
+  projection), which are well under 1% of a block at these token counts, so it slightly overstates.
+* ``vae-decode``   ``vae.decode(z)`` of the CogVideoX and Wan2.1 VAEs (their default configs are the
+  released ones) at a reduced resolution: time and peak memory.
+
+Providers: ``torch`` (unpatched eager), ``compile`` (torch.compile of it), ``patched`` (after
+``i2v_kernels.patch``; backend ``auto``) and ``patched-compile``. The compiled providers run on a GPU in
+full runs only (inductor takes minutes per whole model on the CPU). Peak memory is what one call
+allocates beyond the weights and inputs (CUDA only).
+
+Correctness before timing (``bench_conv3d.run_model_case``): the model is built and run in fp32 first
+(the reference), then cast to the benchmark dtype; every provider's max error against the fp32 output
+must be at most twice eager diffusers' own error in that dtype plus the dtype's tolerance (fp32 1e-5,
+bf16 1e-2) times the output's scale, as in ``tests/test_diffusers.py``.
+
+CPU runs build tiny configs of the same classes: they show the script and the patched models run, not
+how fast anything is. diffusers is imported lazily: without it every case is listed as skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from benchmarks import utils
+from benchmarks.bench_conv3d import ModelCase, ModelRun, SkipCase, run_model_case
+from benchmarks.utils import Provider, Session
+
+FAMILY = "diffusers"
+OPS = ("transformer", "vae-decode")
+PROVIDERS = ("torch", "compile", "patched", "patched-compile")
+LAYERS = 2  # blocks built on a GPU; time per step is scaled to the real depth
+
+
+# --------------------------------------------------------------------------------------------------
+# Models: published configs (GPU) and tiny ones of the same classes (CPU)
+
+
+@dataclass(frozen=True)
+class DiT:
+    """A video transformer: diffusers class and constructor config (without ``num_layers``), blocks to
+    build and the real depth (None: a tiny config, not scaled), the batch of one forward and the forwards
+    per denoising step, ``latent`` (``hidden_states`` without the batch, in the class's layout), the text
+    tokens ``(count, width)`` and, for image-to-video, the image tokens ``(count, width)``."""
+
+    label: str
+    cls: str
+    config: dict
+    layers: int
+    full_layers: Optional[int]
+    batch: int
+    forwards_per_step: int
+    latent: tuple
+    text: tuple
+    source: str
+    image: Optional[tuple] = None
+
+
+@dataclass(frozen=True)
+class VAE:
+    label: str
+    cls: str
+    config: dict
+    z: tuple  # latent [B, C, T, h, w]
+    source: str
+
+
+def _inputs(spec: DiT, device: torch.device) -> dict:
+    """The forward's keyword arguments (fp32), as the model's diffusers pipeline passes them."""
+    B = spec.batch
+    kwargs = {
+        "hidden_states": torch.randn(B, *spec.latent, device=device),
+        "timestep": torch.tensor([999, 500][:B] + [250] * max(0, B - 2), device=device),
+        "encoder_hidden_states": torch.randn(B, *spec.text, device=device),
+    }
+    if spec.image is not None:  # Wan I2V: CLIP image tokens
+        kwargs["encoder_hidden_states_image"] = torch.randn(B, *spec.image, device=device)
+    if spec.cls == "CogVideoXTransformer3DModel" and spec.config.get("use_rotary_positional_embeddings"):
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+        T, _, h, w = spec.latent
+        p = spec.config["patch_size"]
+        grid = (h // p, w // p)
+        crops = _grid_crop(grid, (spec.config["sample_height"] // p, spec.config["sample_width"] // p))
+        kwargs["image_rotary_emb"] = get_3d_rotary_pos_embed(spec.config["attention_head_dim"], crops, grid, T,
+                                                             device=device)
+    return kwargs
+
+
+def _grid_crop(grid: tuple, base: tuple) -> tuple:
+    """Where CogVideoXPipeline places the token grid in the base grid for 3D RoPE: resized to fit the base
+    grid's aspect, centred -- ``((top, left), (bottom, right))``. (The pipeline module imports transformers,
+    so the arithmetic is written out here.)"""
+    (h, w), (bh, bw) = grid, base
+    if h / w > bh / bw:
+        rh, rw = bh, int(round(bh / h * w))
+    else:
+        rh, rw = int(round(bw / w * h)), bw
+    top, left = int(round((bh - rh) / 2)), int(round((bw - rw) / 2))
+    return (top, left), (top + rh, left + rw)
+
+
+# Latent layouts: CogVideoX [T, C, h, w]; Wan and Latte [C, T, h, w].
+COGVIDEOX_5B = DiT(
+    "cogvideox-5b", "CogVideoXTransformer3DModel",
+    dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+         text_embed_dim=4096, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
+         temporal_compression_ratio=4, max_text_seq_length=226, activation_fn="gelu-approximate",
+         norm_elementwise_affine=True, norm_eps=1e-5, attention_bias=True, use_rotary_positional_embeddings=True,
+         use_learned_positional_embeddings=False),
+    LAYERS, 42, 2, 1, (13, 16, 60, 90), (226, 4096),
+    "THUDM/CogVideoX-5b transformer config (48 heads of 64, 42 layers, 3D RoPE); 49 frames at 720x480: 13 latent "
+    "frames of 60x90 -> 17550 video + 226 text tokens; CFG batched (B = 2)")
+WAN_1_3B = DiT(
+    "wan2.1-t2v-1.3b-480p", "WanTransformer3DModel",
+    dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+         text_dim=4096, freq_dim=256, ffn_dim=8960, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+         rope_max_seq_len=1024),
+    LAYERS, 30, 1, 2, (16, 21, 60, 104), (512, 4096),
+    "Wan-AI/Wan2.1-T2V-1.3B config (12 heads of 128, ffn 8960, 30 layers); 81 frames at 832x480: 21 latent frames "
+    "of 60x104 -> 32760 tokens, 512 text tokens; CFG as two B = 1 forwards")
+WAN_14B_I2V = DiT(
+    "wan2.1-i2v-14b-480p", "WanTransformer3DModel",
+    dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
+         text_dim=4096, freq_dim=256, ffn_dim=13824, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+         image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024),
+    LAYERS, 40, 1, 2, (36, 21, 60, 104), (512, 4096),
+    "Wan-AI/Wan2.1-I2V-14B-480P config (40 heads of 128, ffn 13824, 40 layers, CLIP image cross-attention); "
+    "81 frames at 832x480 -> 32760 tokens (16 noise + 20 image-condition channels), 512 text + 257 image tokens; "
+    "CFG as two B = 1 forwards", image=(257, 1280))
+LATTE_1 = DiT(
+    "latte-1", "LatteTransformer3DModel",
+    dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, cross_attention_dim=1152,
+         attention_bias=True, sample_size=64, patch_size=2, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+         norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=4096,
+         video_length=16),
+    LAYERS, 28, 2, 1, (4, 16, 64, 64), (120, 4096),
+    "maxin-cn/Latte-1 config (Latte-XL/2: 16 heads of 72, 28 spatial + 28 temporal blocks); 16 frames at 512x512: "
+    "32x32 tokens per frame, 120 text tokens; CFG batched (B = 2)")
+
+# CPU: tiny configs of the same classes (sizes as tests/test_diffusers.py uses them).
+COGVIDEOX_TINY = DiT(
+    "cogvideox-tiny", "CogVideoXTransformer3DModel",
+    dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+         text_embed_dim=16, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+         temporal_compression_ratio=4, max_text_seq_length=6, use_rotary_positional_embeddings=True),
+    2, None, 2, 1, (3, 4, 8, 8), (6, 16), "tiny CogVideoX config (2 heads of 16, RoPE)")
+WAN_TINY = DiT(
+    "wan-i2v-tiny", "WanTransformer3DModel",
+    dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+         text_dim=16, freq_dim=32, ffn_dim=32, cross_attn_norm=True, rope_max_seq_len=32, image_dim=16,
+         added_kv_proj_dim=24),
+    2, None, 1, 2, (4, 3, 8, 8), (512, 16), "tiny Wan I2V config (2 heads of 12, image cross-attention)", image=(7, 16))
+LATTE_TINY = DiT(
+    "latte-tiny", "LatteTransformer3DModel",
+    dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, cross_attention_dim=16,
+         sample_size=8, patch_size=2, norm_type="ada_norm_single", caption_channels=32, video_length=3,
+         norm_elementwise_affine=False, norm_eps=1e-6, activation_fn="gelu-approximate", num_embeds_ada_norm=1000),
+    2, None, 2, 1, (4, 3, 8, 8), (5, 32), "tiny Latte config (2 heads of 8)")
+
+COGVIDEOX_VAE = VAE("cogvideox-vae-240x360", "AutoencoderKLCogVideoX", {}, (1, 16, 13, 30, 45),
+                    "AutoencoderKLCogVideoX default config (the released CogVideoX VAE), 13 latent frames of 30x45 "
+                    "-> 49 frames at 240x360 (half of 480x720 in each dimension)")
+COGVIDEOX_VAE_QUICK = VAE("cogvideox-vae-240x360-5f", "AutoencoderKLCogVideoX", {}, (1, 16, 5, 30, 45),
+                          "AutoencoderKLCogVideoX default config, 5 latent frames of 30x45 -> 17 frames at 240x360")
+WAN_VAE = VAE("wan2.1-vae-240x416", "AutoencoderKLWan", {}, (1, 16, 21, 30, 52),
+              "AutoencoderKLWan default config (the released Wan2.1 VAE), 21 latent frames of 30x52 -> 81 frames "
+              "at 240x416 (half of 480x832 in each dimension)")
+COGVIDEOX_VAE_TINY = VAE("cogvideox-vae-tiny", "AutoencoderKLCogVideoX",
+                         dict(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 2,
+                              up_block_types=("CogVideoXUpBlock3D",) * 2, block_out_channels=(8, 16),
+                              latent_channels=4, layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=4,
+                              sample_height=16, sample_width=16),
+                         (1, 4, 5, 6, 6), "tiny CogVideoX VAE config (widths 8/16)")
+WAN_VAE_TINY = VAE("wan-vae-tiny", "AutoencoderKLWan",
+                   dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
+                        scale_factor_spatial=4),
+                   (1, 4, 5, 6, 6), "tiny Wan VAE config (base width 8)")
+
+MODELS = {
+    # (device, quick) -> (transformers, VAEs)
+    ("cuda", False): ((COGVIDEOX_5B, WAN_1_3B, WAN_14B_I2V, LATTE_1), (COGVIDEOX_VAE, WAN_VAE)),
+    ("cuda", True): ((COGVIDEOX_5B,), (COGVIDEOX_VAE_QUICK,)),
+    ("cpu", False): ((COGVIDEOX_TINY, WAN_TINY, LATTE_TINY), (COGVIDEOX_VAE_TINY, WAN_VAE_TINY)),
+    ("cpu", True): ((COGVIDEOX_TINY, WAN_TINY), (COGVIDEOX_VAE_TINY,)),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases
+
+
+def _diffusers_class(name: str):
+    """``(class, None)`` or ``(None, why not)``."""
+    try:
+        import diffusers
+    except ImportError as e:
+        return None, f"diffusers is not installed ({type(e).__name__}: {e}); pip install 'i2v-kernels[diffusers]'"
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        return None, f"diffusers {diffusers.__version__} has no {name}"
+    return cls, None
+
+
+def _build(cls, config: dict, device: torch.device):
+    """The model in fp32 on ``device``, random weights (seeded by the runner), eval mode."""
+    try:
+        with torch.device(device):
+            return cls(**config).to(device).eval()
+    except TypeError as e:  # an older diffusers without one of the config's arguments
+        import diffusers
+
+        raise SkipCase(f"diffusers {diffusers.__version__} cannot build {cls.__name__} from this config "
+                       f"({type(e).__name__}: {e})") from e
+
+
+def _providers(session: Session, model, patched, run: Callable) -> list[Provider]:
+    """torch / compile / patched / patched-compile over a model and its patched copy; ``run(model, x)``
+    is the timed call."""
+    def eager(x):
+        return run(model, x)
+
+    def ours(x):
+        return run(patched, x)
+
+    compile_why = None
+    if session.device.type != "cuda":
+        compile_why = "GPU full runs only: inductor takes minutes per whole model on the CPU"
+    elif session.quick:
+        compile_why = "left out of --quick: compiling a whole model takes a minute or more"
+    out = [utils.eager_provider(eager)]
+    if session.wants("compile"):
+        out.append(utils.compile_provider(eager, why_not=compile_why))
+    if session.wants("patched"):
+        out.append(Provider("patched", ours, kind="ours"))
+    if session.wants("patched-compile"):
+        out.append(Provider("patched-compile", why_not=compile_why, kind="ours") if compile_why else
+                   Provider("patched-compile", torch.compile(ours, dynamic=False), kind="ours", skip_on_failure=True))
+    return out
+
+
+def _patched_copy(model):
+    import i2v_kernels
+
+    patched = copy.deepcopy(model)
+    i2v_kernels.patch(patched)
+    return patched
+
+
+def _transformer_case(spec: DiT, dtype: torch.dtype, session: Session) -> ModelCase:
+    cls, why = _diffusers_class(spec.cls)
+
+    def setup(device: torch.device) -> ModelRun:
+        model = _build(cls, dict(spec.config, num_layers=spec.layers), device)
+        inputs = _inputs(spec, device)
+        reference = model(**inputs).sample  # the fp32 model: the oracle
+        if dtype != torch.float32:
+            model.to(dtype)
+        # latents and text in the model's dtype; timesteps stay integers, RoPE tables fp32 (as the pipelines pass them)
+        inputs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                  for k, v in inputs.items()}
+        return ModelRun(inputs=(inputs,), reference=reference,
+                        providers=_providers(session, model, _patched_copy(model), lambda m, kw: m(**kw).sample))
+
+    extra = {"model": spec.source, "class": spec.cls, "layers": spec.layers, "full_layers": spec.full_layers,
+             "batch": spec.batch, "forwards_per_step": spec.forwards_per_step}
+    label = spec.label + (f" ({spec.layers} of {spec.full_layers} layers)" if spec.full_layers else "")
+    return ModelCase(op="transformer", label=label, dims=[spec.batch, *spec.latent], dtype=dtype,
+                     setup=setup if cls else None, provider_names=PROVIDERS, extra=extra, why_not=why)
+
+
+def _vae_case(spec: VAE, dtype: torch.dtype, session: Session) -> ModelCase:
+    cls, why = _diffusers_class(spec.cls)
+
+    def setup(device: torch.device) -> ModelRun:
+        vae = _build(cls, spec.config, device)
+        z = torch.randn(spec.z, device=device)
+        reference = vae.decode(z).sample
+        if dtype != torch.float32:
+            vae.to(dtype)
+        return ModelRun(inputs=(z.to(dtype),), reference=reference,
+                        providers=_providers(session, vae, _patched_copy(vae), lambda v, z: v.decode(z).sample))
+
+    extra = {"model": spec.source, "class": spec.cls}
+    return ModelCase(op="vae-decode", label=spec.label, dims=list(spec.z), dtype=dtype, setup=setup if cls else None,
+                     provider_names=PROVIDERS, extra=extra, why_not=why)
+
+
+def build_cases(session: Session) -> list[ModelCase]:
+    transformers, vaes = MODELS[(session.device.type, session.quick)]
+    cases = []
+    for dtype in session.dtypes:
+        if session.wants_op("transformer"):
+            cases += [_transformer_case(spec, dtype, session) for spec in transformers]
+        if session.wants_op("vae-decode"):
+            cases += [_vae_case(spec, dtype, session) for spec in vaes]
+    return cases
+
+
+# --------------------------------------------------------------------------------------------------
+# Targets (issue 6); informational only
+
+LEGEND = (
+    "GPU, bf16: `step>=1.3x` the patched CogVideoX-5B forward (one denoising step) at least 1.3x unpatched eager "
+    "(other transformers: n/a, the speedup is still shown); VAE decode: `decode>=1.3x` at least 1.3x unpatched "
+    "eager and `mem<=orig` peak memory at most the unpatched decode's.",
+    "Correctness (before timing): max |out - fp32 model| <= 2 x unpatched eager's own error in the same dtype + "
+    "eps x max |fp32 output| (eps: fp32 1e-5, fp16 1e-3, bf16 1e-2); `max err` is that max error.",
+    "Peak MiB: what one call allocates beyond the live weights and inputs (CUDA only). CPU runs use tiny configs: "
+    "they prove the script and the patched models run, not speed.",
+)
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def targets(row: dict, case: ModelCase, session: Session) -> dict:
+    if session.device.type != "cuda" or case.dtype != torch.bfloat16 or row["provider"] != "patched":
+        return {}
+    vs_eager = row["ratio_vs_eager"]
+    if case.op == "transformer":
+        if not case.label.startswith("cogvideox-5b"):
+            return {"targets": "n/a"}
+        return {"step>=1.3x": "n/a" if vs_eager is None else _verdict(vs_eager >= 1.3)}
+    eager = next((r for r in session.case_rows if r["provider"] == "torch" and r["peak_mem_mb"] is not None), None)
+    return {
+        "decode>=1.3x": "n/a" if vs_eager is None else _verdict(vs_eager >= 1.3),
+        "mem<=orig": "n/a" if eager is None or row["peak_mem_mb"] is None else _verdict(
+            row["peak_mem_mb"] <= eager["peak_mem_mb"]),
+    }
+
+
+def step_table(session: Session) -> list[str]:
+    """Time per denoising step at full depth, from the transformer rows of this run."""
+    rows = [r for r in session.rows if r["op"] == "transformer" and r["status"] == "ok"]
+    if not rows:
+        return []
+    lines = ["", "## Time per denoising step at full depth", "",
+             "Measured forward x forwards per step (CFG) x full layers / layers built (tiny CPU configs: not "
+             "scaled). The parts outside the blocks are scaled too, so this slightly overstates; speedups are the "
+             "measured ones.", "",
+             "| model | dtype | provider | forward ms | forwards/step | layers built / full | ms per step | x eager |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["shape"]
+        full = s.get("full_layers") or s["layers"]
+        step = r["ms"] * s["forwards_per_step"] * full / s["layers"]
+        vs = "-" if r["ratio_vs_eager"] is None else f"{r['ratio_vs_eager']:.2f}x"
+        lines.append(f"| {s['label']} | {r['dtype']} | {r['provider']} | {r['ms']:.3f} | {s['forwards_per_step']} | "
+                     f"{s['layers']} / {s.get('full_layers') or '-'} | {step:,.1f} | {vs} |")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = utils.make_parser("Benchmark of i2v_kernels.patch() on diffusers video models "
+                               "(see benchmarks/results/README.md).", prog="python -m benchmarks.bench_diffusers")
+    args = parser.parse_args(argv)
+    session = Session(FAMILY, args, PROVIDERS, OPS)
+    print(f"{FAMILY}: {session.device_label}; dtypes {', '.join(utils.dtype_name(d) for d in session.dtypes)}; "
+          f"{'quick' if session.quick else 'full'} run", flush=True)
+    if session.device.type == "cuda":
+        # the fp32 reference in true fp32 (cuDNN would run the VAEs' fp32 convs in TF32)
+        torch.backends.cudnn.allow_tf32 = False
+        session.measure_gpu_roofline()
+    for case in build_cases(session):
+        run_model_case(session, case, targets)
+    status = session.finish("diffusers video models: i2v_kernels.patch() vs unpatched", LEGEND)
+    extra = step_table(session)
+    if extra:
+        print("\n".join(extra))
+        if session.save:
+            md = utils.RESULTS_DIR / f"{FAMILY}_{session.slug}.md"
+            with open(md, "a") as f:
+                f.write("\n".join(extra) + "\n")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
