@@ -4,23 +4,11 @@ import pytest
 import torch
 
 import i2v_kernels
-from i2v_kernels import _backend
 from i2v_kernels.ops.adaln import reference as ref
+from _util import TOL, skip_unless_usable
 
-TOL = {
-    torch.float64: dict(atol=1e-10, rtol=1e-10),
-    torch.float32: dict(atol=2e-5, rtol=2e-5),
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CPU_BACKENDS = ["triton", "cpu", "torch"]
-
-
-def _usable(backend, device="cpu"):
-    reason = _backend._GENERIC[backend](torch.device(device))
-    if reason:
-        pytest.skip(f"{backend} backend unusable here: {reason}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,7 +73,7 @@ def _close(actual, expected, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 def test_adaln_modulate(backend, dtype, case):
-    _usable(backend)
+    skip_unless_usable(backend)
     x, _, _, shift, scale, weight, bias = _case(case, dtype)
     out = _run(backend, lambda: i2v_kernels.adaln_modulate(x, shift, scale, eps=1e-5))
     _close(out, ref.adaln_modulate(x, shift, scale, eps=1e-5), dtype)
@@ -97,7 +85,7 @@ def test_adaln_modulate(backend, dtype, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 def test_gated_residual_adaln(backend, dtype, case):
-    _usable(backend)
+    skip_unless_usable(backend)
     x, y, gate, shift, scale, weight, bias = _case(case, dtype)
     r, out = _run(backend, lambda: i2v_kernels.gated_residual_adaln(x, y, gate, shift, scale))
     r_ref, out_ref = ref.gated_residual_adaln(x, y, gate, shift, scale)
@@ -109,7 +97,7 @@ def test_gated_residual_adaln(backend, dtype, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["per-sample-B2N7C64", "per-frame-B2T3S5C48", "shared-C1000", "sliced-C72", "C1"])
 def test_gated_residual(backend, dtype, case):
-    _usable(backend)
+    skip_unless_usable(backend)
     x, y, gate, *_ = _case(case, dtype)
     out = _run(backend, lambda: i2v_kernels.gated_residual(x, y, gate))
     _close(out, ref.gated_residual(x, y, gate), dtype)
@@ -121,7 +109,7 @@ def test_gated_residual(backend, dtype, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["per-sample-B2N7C64", "shared-C1000", "permuted-C64", "sliced-C72", "C1"])
 def test_rms_norm(backend, dtype, case):
-    _usable(backend)
+    skip_unless_usable(backend)
     x, *_, weight, _ = _case(case, dtype)
     _close(_run(backend, lambda: i2v_kernels.rms_norm(x, weight)), ref.rms_norm(x, weight), dtype)
     _close(_run(backend, lambda: i2v_kernels.rms_norm(x, eps=1e-3)), ref.rms_norm(x, eps=1e-3), dtype)
@@ -141,7 +129,7 @@ def test_reference_matches_pytorch_layer_norm():
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_float64(backend):
-    _usable(backend)
+    skip_unless_usable(backend)
     x, y, gate, shift, scale, weight, bias = _case("per-frame-B2T3S5C48", torch.float64)
     r, out = _run(backend, lambda: i2v_kernels.gated_residual_adaln(x, y, gate, shift, scale, weight=weight, bias=bias))
     r_ref, out_ref = ref.gated_residual_adaln(x, y, gate, shift, scale, weight=weight, bias=bias)
@@ -153,7 +141,7 @@ def test_float64(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_fp32_modulation_with_half_x(backend, dtype):
     """Wan keeps its modulation in fp32 next to bf16 activations: no lossy cast of the modulation."""
-    _usable(backend)
+    skip_unless_usable(backend)
     x, y, gate, shift, scale, weight, bias = _case("per-frame-B2T3S5C48", dtype, mod_dtype=torch.float32)
     r, out = _run(backend, lambda: i2v_kernels.gated_residual_adaln(x, y, gate, shift, scale, weight=weight, bias=bias))
     r_ref, out_ref = ref.gated_residual_adaln(x, y, gate, shift, scale, weight=weight, bias=bias)
@@ -163,7 +151,7 @@ def test_fp32_modulation_with_half_x(backend, dtype):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_shift_or_scale_absent(backend):
-    _usable(backend)
+    skip_unless_usable(backend)
     x, _, _, shift, scale, *_ = _case("per-sample-B2N7C64", torch.float32)
     _close(_run(backend, lambda: i2v_kernels.adaln_modulate(x, None, scale)), ref.adaln_modulate(x, None, scale), torch.float32)
     _close(_run(backend, lambda: i2v_kernels.adaln_modulate(x, shift, None)), ref.adaln_modulate(x, shift, None), torch.float32)
@@ -174,7 +162,7 @@ def test_shift_or_scale_absent(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 64), (2, 0, 64), (0, 3, 5, 8)], ids=str)
 def test_empty_rows(backend, shape):
-    _usable(backend)
+    skip_unless_usable(backend)
     x = torch.randn(shape)
     out = _run(backend, lambda: i2v_kernels.adaln_modulate(x, torch.randn(shape[-1]), torch.randn(shape[-1])))
     assert out.shape == x.shape
@@ -185,7 +173,7 @@ def test_empty_rows(backend, shape):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_constant_rows_stay_finite(backend):
     """A constant row has zero variance: eps alone keeps the result finite (it is shift)."""
-    _usable(backend)
+    skip_unless_usable(backend)
     x = torch.full((3, 4, 32), 2.5)
     shift, scale = torch.randn(3, 1, 32), torch.randn(3, 1, 32)
     out = _run(backend, lambda: i2v_kernels.adaln_modulate(x, shift, scale))
@@ -195,7 +183,7 @@ def test_constant_rows_stay_finite(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_modulation_is_read_in_place(backend, monkeypatch):
     """Broadcast modulation reaches the kernel as stride-0 views of the original storage, not copies."""
-    _usable(backend)
+    skip_unless_usable(backend)
     if backend == "torch":
         pytest.skip("the reference broadcasts through PyTorch ops")
     seen = []
@@ -231,7 +219,7 @@ def _grad_inputs(dtype=torch.float64):
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_gradcheck(backend):
-    _usable(backend)
+    skip_unless_usable(backend)
     x, y, gate, shift, scale, weight, bias = _grad_inputs()
     with i2v_kernels.use_backend(backend):
         torch.autograd.gradcheck(lambda *a: i2v_kernels.adaln_modulate(a[0], a[1], a[2], weight=a[3], bias=a[4]),
@@ -245,7 +233,7 @@ def test_gradcheck(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gradients_match_reference_autograd(backend):
     """fp32 gradients of every input (broadcast ones summed back) against autograd of the reference."""
-    _usable(backend)
+    skip_unless_usable(backend)
     inputs = _grad_inputs(torch.float32)
     ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
     r, out = _run(backend, lambda: i2v_kernels.gated_residual_adaln(*inputs[:5], weight=inputs[5], bias=inputs[6]))
@@ -285,7 +273,7 @@ def _opcheck_samples():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck(backend):
-    _usable(backend)
+    skip_unless_usable(backend)
     with i2v_kernels.use_backend(backend):
         for op, args in _opcheck_samples():
             torch.library.opcheck(op, args)
@@ -293,7 +281,7 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_compile_fullgraph(backend):
-    _usable(backend)
+    skip_unless_usable(backend)
 
     def block(x, y, gate, shift, scale, weight):
         r, h = i2v_kernels.gated_residual_adaln(x, y, gate, shift, scale)
@@ -345,7 +333,7 @@ def _bad_inputs():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", [b[0] for b in _bad_inputs()])
 def test_bad_input_names_the_argument(backend, name):
-    _usable(backend)
+    skip_unless_usable(backend)
     (fn, exc, arg), = [b[1:] for b in _bad_inputs() if b[0] == name]
     with i2v_kernels.use_backend(backend), pytest.raises(exc, match=rf"\b{arg}\b"):
         fn()
@@ -353,7 +341,7 @@ def test_bad_input_names_the_argument(backend, name):
 
 def test_cpp_op_checks_its_arguments():
     """Called directly (bypassing the Python checks), the C++ op refuses bad input with TORCH_CHECK."""
-    _usable("cpu")
+    skip_unless_usable("cpu")
     x = torch.randn(4, 16)
     with pytest.raises(RuntimeError, match="shift"):
         torch.ops.i2v_kernels._adaln_fwd(x, None, None, torch.randn(4, 8), None, None, None, 1, 1e-6)
@@ -412,7 +400,7 @@ GPU_CASES = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_gpu_backends(backend, dtype, case):
-    _usable(backend, "cuda")
+    skip_unless_usable(backend, "cuda")
     shape, mshape = GPU_CASES[case]
     mod_dtype = torch.float32 if "fp32-mod" in case else dtype
     x, y = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(2))
@@ -434,7 +422,7 @@ def test_gpu_backends(backend, dtype, case):
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_strided_inputs(backend):
-    _usable(backend, "cuda")
+    skip_unless_usable(backend, "cuda")
     base = torch.randn(2, 8, 5, 3 * 256, device="cuda", dtype=torch.bfloat16)
     x = base[..., 256:512].transpose(1, 2)  # [2, 5, 8, 256], sliced and permuted
     shift = torch.randn(2, 1, 8, 256, device="cuda", dtype=torch.bfloat16)

@@ -11,14 +11,9 @@ import torch
 import i2v_kernels
 from i2v_kernels import _backend
 from i2v_kernels.ops.attention import reference as ref
+from _util import skip_unless_usable
 
 HALF = [torch.float16, torch.bfloat16]
-
-
-def _usable(backend, device="cpu"):
-    reason = _backend._GENERIC[backend](torch.device(device))
-    if reason:
-        pytest.skip(f"{backend} backend unusable here: {reason}")
 
 
 def _eager_same_dtype(q, k, v, scale, causal=False, kv_lens=None):
@@ -72,7 +67,7 @@ VIDEO_SHAPES = {
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("shape", list(VIDEO_SHAPES))
 def test_spatial_attention(backend, dtype, shape):
-    _usable(backend)
+    skip_unless_usable(backend)
     B, T, S, H, D = VIDEO_SHAPES[shape]
     q, k, v = _packed_qkv(B, T, S, H, D, dtype)
     with i2v_kernels.use_backend(backend):
@@ -87,7 +82,7 @@ def test_spatial_attention(backend, dtype, shape):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", list(VIDEO_SHAPES))
 def test_temporal_attention(backend, dtype, causal, shape):
-    _usable(backend)
+    skip_unless_usable(backend)
     B, T, S, H, D = VIDEO_SHAPES[shape]
     q, k, v = _packed_qkv(B, T, S, H, D, dtype)
     with i2v_kernels.use_backend(backend):
@@ -99,7 +94,7 @@ def test_temporal_attention(backend, dtype, causal, shape):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_temporal_beyond_packed_kernel(causal):
     """T above the packed kernel's limit goes through the flash kernel: same answer."""
-    _usable("triton")
+    skip_unless_usable("triton")
     from i2v_kernels.ops.attention import triton as attn_triton
 
     T = attn_triton.MAX_PACKED_T + 3
@@ -131,7 +126,7 @@ DENSE_SHAPES = {
 @pytest.mark.parametrize("with_lens", [False, True], ids=["all-keys", "kv_lens"])
 @pytest.mark.parametrize("shape", list(DENSE_SHAPES))
 def test_dense_and_cross_attention(backend, dtype, with_lens, shape):
-    _usable(backend)
+    skip_unless_usable(backend)
     B, N, M, H, D = DENSE_SHAPES[shape]
     q = torch.randn(B, N, H, D, dtype=dtype)
     kv = torch.randn(B, M, 2, H, D, dtype=dtype)
@@ -160,7 +155,7 @@ def test_kv_lens_ignores_padding_keys():
 @pytest.mark.parametrize("mode", ["spatial", "temporal", "dense"])
 def test_fused_prologue_matches_unfused(backend, qk_norm, rope_style, mode):
     """QK-norm + RoPE inside the kernel equals normalizing and rotating first, then attending."""
-    _usable(backend)
+    skip_unless_usable(backend)
     dtype = torch.bfloat16
     B, T, S, H, D = 1, 3, 10, 2, 32
     if mode == "dense":
@@ -206,7 +201,7 @@ def test_default_scale_and_explicit_scale():
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_empty_batch(backend):
-    _usable(backend)
+    skip_unless_usable(backend)
     q = torch.randn(0, 3, 5, 2, 16, dtype=torch.float16)
     with i2v_kernels.use_backend(backend):
         assert i2v_kernels.spatial_attention(q, q, q).shape == q.shape
@@ -258,7 +253,7 @@ GRAD_CASES = {
 @pytest.mark.parametrize("case", list(GRAD_CASES))
 def test_gradients_match_reference(backend, dtype, case):
     """Half-precision gradients (Triton flash backward, or the fp32 formulas) against fp32 autograd."""
-    _usable(backend)
+    skip_unless_usable(backend)
     mode, shape, extra = GRAD_CASES[case]
     extra = dict(extra)
     if mode == "dense":
@@ -306,7 +301,7 @@ def _op_samples():
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_opcheck(backend):
-    _usable(backend)
+    skip_unless_usable(backend)
     with i2v_kernels.use_backend(backend):
         for op, args in _op_samples():
             torch.library.opcheck(op, args)
@@ -417,7 +412,7 @@ def test_gpu_spatial_and_dense(dtype, shape):
 @pytest.mark.parametrize("shape", [(2, 1, 5, 3, 64), (1, 13, 7, 2, 72), (2, 33, 3, 4, 32), (1, 128, 2, 2, 128),
                                    (1, 49, 4, 3, 40)], ids=str)
 def test_gpu_temporal_backends(backend, dtype, shape):
-    _usable(backend, "cuda")
+    skip_unless_usable(backend, "cuda")
     if backend == "triton" and dtype == torch.float32:
         pytest.skip("the Triton attention kernels take float16/bfloat16")
     B, T, S, H, D = shape
@@ -438,7 +433,7 @@ def test_gpu_temporal_backends(backend, dtype, shape):
 @pytest.mark.parametrize("T", [1, 8, 13, 49, 64, 128])
 def test_gpu_temporal_many_positions(backend, T):
     """B*S*H above 65,535 problems (where SDPA's efficient kernel's grid overflows)."""
-    _usable(backend, "cuda")
+    skip_unless_usable(backend, "cuda")
     B, S, H, D = 1, 70000 // 4 + 1, 4, 64
     qkv = torch.randn(B, T, S, 3 * H * D, device="cuda", dtype=torch.bfloat16)
     q, k, v = qkv.view(B, T, S, 3, H, D).unbind(3)

@@ -12,21 +12,10 @@ from i2v_kernels import _backend
 from i2v_kernels.ops.conv3d import causal_conv3d
 from i2v_kernels.ops.conv3d import reference as ref
 from i2v_kernels.ops.conv3d.modules import CausalConv3d, ConvCache, decode_in_chunks, streaming
+from _util import TOL, skip_unless_usable
 
-TOL = {
-    torch.float64: dict(atol=1e-10, rtol=1e-10),
-    torch.float32: dict(atol=2e-5, rtol=2e-5),
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["cpu", "triton", "torch"]
-
-
-def _usable(backend, device="cpu"):
-    reason = _backend._GENERIC[backend](torch.device(device))
-    if reason:
-        pytest.skip(f"{backend} backend unusable here: {reason}")
 
 
 def _triple(v):
@@ -105,7 +94,7 @@ def test_reference_matches_construction(case):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 def test_forward_float32(backend, case):
-    _usable(backend)
+    skip_unless_usable(backend)
     x, w, b, kw = _case(case, torch.float32)
     with i2v_kernels.use_backend(backend):
         y = causal_conv3d(x, w, b, **kw)
@@ -116,7 +105,7 @@ def test_forward_float32(backend, case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", LOW_PRECISION_CASES)
 def test_forward_half(backend, dtype, case):
-    _usable(backend)
+    skip_unless_usable(backend)
     x, w, b, kw = _case(case, dtype)
     with i2v_kernels.use_backend(backend):
         y = causal_conv3d(x, w, b, **kw)
@@ -133,7 +122,7 @@ def test_float64(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_output_is_channels_last_3d_on_every_backend(backend):
-    _usable(backend)
+    skip_unless_usable(backend)
     x, w, b, kw = _case("stride-222-odd-H9W5", torch.float32)
     with i2v_kernels.use_backend(backend):
         y = causal_conv3d(x, w, b, **kw)
@@ -145,7 +134,7 @@ def test_output_is_channels_last_3d_on_every_backend(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["channels_last", "time-slice-of-channels-last", "permuted", "channel-slice"])
 def test_strided_inputs(backend, layout):
-    _usable(backend)
+    skip_unless_usable(backend)
     B, C, T, H, W = 1, 6, 4, 5, 7
     if layout == "channels_last":
         x = torch.randn(B, C, T, H, W).contiguous(memory_format=torch.channels_last_3d)
@@ -166,7 +155,7 @@ def test_strided_inputs(backend, layout):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_residual_fused(backend, dtype):
-    _usable(backend)
+    skip_unless_usable(backend)
     x, w, b, kw = _case("k333-replicate-T5-H7W6", dtype)
     res = torch.randn(2, 9, 5, 7, 6).to(dtype)
     with i2v_kernels.use_backend(backend):
@@ -247,7 +236,7 @@ CHUNK_PARAMS = [(b, c, conf) for b in ("torch", "cpu") for c in CHUNKINGS for co
 
 @pytest.mark.parametrize("backend,chunks,conf", CHUNK_PARAMS, ids="-".join)
 def test_chunked_equals_whole(backend, chunks, conf):
-    _usable(backend)
+    skip_unless_usable(backend)
     kernel, dilation, time_pad = {"k333-replicate": (3, 1, "replicate"),
                                   "k333-zeros-dilation2": (3, (2, 1, 1), "zeros"),
                                   "k311-zeros": ((3, 1, 1), 1, "zeros")}[conf]
@@ -314,7 +303,7 @@ def test_decode_in_chunks_equals_whole(chunk):
 
 
 def test_decode_in_chunks_triton_one_frame_chunks():
-    _usable("triton")
+    skip_unless_usable("triton")
     dec = ToyDecoder()
     z = torch.randn(1, 4, 3, 2, 3)
     with torch.no_grad(), i2v_kernels.use_backend("triton"):
@@ -407,7 +396,7 @@ def test_gradcheck(case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_match_construction(backend):
-    _usable(backend)
+    skip_unless_usable(backend)
     x, w, b, kw = _case("k333-replicate-cache", torch.float32)
     leaves = [t.clone().requires_grad_() for t in (x, w, b, kw["cache"])]
     with i2v_kernels.use_backend(backend):
@@ -453,7 +442,7 @@ def _op_samples():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    _usable(backend)
+    skip_unless_usable(backend)
     with i2v_kernels.use_backend(backend):
         for op, args in _op_samples():
             torch.library.opcheck(op, args)
@@ -471,7 +460,7 @@ def test_opcheck_backward_op():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_fullgraph(backend):
-    _usable(backend)
+    skip_unless_usable(backend)
     w1 = (torch.randn(6, 4, 3, 3, 3) / 10).requires_grad_()
     w2 = (torch.randn(6, 6, 3, 1, 1) / 4).requires_grad_()
     b = torch.randn(6, requires_grad=True)
@@ -757,7 +746,7 @@ def test_gpu_float32_and_chunked_equals_whole():
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_backend_vae_shapes(backend, dtype, shape):
-    _usable(backend, "cuda")
+    skip_unless_usable(backend, "cuda")
     B, Cin, Cout, T, H, W, k, s, time_pad = GPU_SHAPES[shape]
     x = torch.randn(B, Cin, T, H, W, device="cuda", dtype=dtype)
     w = (torch.randn(Cout, Cin, *k, device="cuda") / (Cin * k[0] * k[1] * k[2]) ** 0.5).to(dtype)
@@ -776,7 +765,7 @@ def test_gpu_backend_vae_shapes(backend, dtype, shape):
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("case", CASES)
 def test_gpu_cuda_backend_cases_float32(case):
-    _usable("cuda", "cuda")
+    skip_unless_usable("cuda", "cuda")
     x, w, b, kw = _case(case, torch.float32)
     x, w, b = x.cuda(), w.cuda(), b.cuda()
     kw = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
@@ -789,7 +778,7 @@ def test_gpu_cuda_backend_cases_float32(case):
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("layout", ["channels_last", "time-slice-of-channels-last", "permuted", "channel-slice"])
 def test_gpu_cuda_backend_strided_inputs(layout):
-    _usable("cuda", "cuda")
+    skip_unless_usable("cuda", "cuda")
     B, C, T, H, W = 1, 6, 4, 5, 7
     if layout == "channels_last":
         x = torch.randn(B, C, T, H, W).contiguous(memory_format=torch.channels_last_3d)
@@ -811,7 +800,7 @@ def test_gpu_cuda_backend_strided_inputs(layout):
 
 @pytest.mark.needs_cuda
 def test_gpu_cuda_backend_chunked_equals_whole_and_opcheck():
-    _usable("cuda", "cuda")
+    skip_unless_usable("cuda", "cuda")
     m = CausalConv3d(16, 24, 3, time_pad="replicate").cuda()
     x = torch.randn(1, 16, 6, 9, 11, device="cuda")
     with i2v_kernels.use_backend("cuda"), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
