@@ -307,14 +307,7 @@ def targets(row: dict, case: Case, session: Session) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = utils.make_parser("Benchmark of the fused adaLN family (see benchmarks/results/README.md).",
-                               prog="python -m benchmarks.bench_adaln")
-    args = parser.parse_args(argv)
-    session = Session(FAMILY, args, PROVIDERS, OPS)
-    print(f"{FAMILY}: {session.device_label}; dtypes {', '.join(utils.dtype_name(d) for d in session.dtypes)}; "
-          f"{'quick' if session.quick else 'full'} run", flush=True)
-    if session.device.type == "cuda":
-        session.measure_gpu_roofline()
+    session = utils.start_session(FAMILY, "Benchmark of the fused adaLN family", PROVIDERS, OPS, argv)
     utils.run_cases(session, build_cases(session), providers, targets)
     legend = GPU_LEGEND if session.device.type == "cuda" else CPU_LEGEND
     return session.finish("adaLN family: fused LayerNorm + modulation, gated residual, RMSNorm", legend)

@@ -336,14 +336,7 @@ def _best_sdpa_ms(case: Case, session: Session) -> Optional[float]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = utils.make_parser("Benchmark of attention variants (see benchmarks/results/README.md).",
-                               prog="python -m benchmarks.bench_attention")
-    args = parser.parse_args(argv)
-    session = Session(FAMILY, args, PROVIDERS, OPS)
-    print(f"{FAMILY}: {session.device_label}; dtypes {', '.join(utils.dtype_name(d) for d in session.dtypes)}; "
-          f"{'quick' if session.quick else 'full'} run", flush=True)
-    if session.device.type == "cuda":
-        session.measure_gpu_roofline()
+    session = utils.start_session(FAMILY, "Benchmark of attention variants", PROVIDERS, OPS, argv)
     utils.run_cases(session, build_cases(session), providers, targets)
     return session.finish("Attention variants: spatial, temporal, dense 3D, factorized, cross", LEGEND)
 

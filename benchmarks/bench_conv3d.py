@@ -660,16 +660,11 @@ def decode_targets(row: dict, case: ModelCase, session: Session) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = utils.make_parser("Benchmark of the causal 3D convolution and streaming VAE decode "
-                               "(see benchmarks/results/README.md).", prog="python -m benchmarks.bench_conv3d")
-    args = parser.parse_args(argv)
-    session = Session(FAMILY, args, PROVIDERS, OPS)
-    print(f"{FAMILY}: {session.device_label}; dtypes {', '.join(utils.dtype_name(d) for d in session.dtypes)}; "
-          f"{'quick' if session.quick else 'full'} run", flush=True)
+    session = utils.start_session(FAMILY, "Benchmark of the causal 3D convolution and streaming VAE decode",
+                                  PROVIDERS, OPS, argv)
     if session.device.type == "cuda":
         # fp32 means fp32: cuDNN would otherwise run fp32 convs (the fp32 reference included) in TF32.
         torch.backends.cudnn.allow_tf32 = False
-        session.measure_gpu_roofline()
     utils.run_cases(session, build_cases(session), providers, targets)
     if session.wants_op("vae-decode"):
         for dtype in session.dtypes:

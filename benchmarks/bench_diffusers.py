@@ -370,16 +370,11 @@ def step_table(session: Session) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = utils.make_parser("Benchmark of i2v_kernels.patch() on diffusers video models "
-                               "(see benchmarks/results/README.md).", prog="python -m benchmarks.bench_diffusers")
-    args = parser.parse_args(argv)
-    session = Session(FAMILY, args, PROVIDERS, OPS)
-    print(f"{FAMILY}: {session.device_label}; dtypes {', '.join(utils.dtype_name(d) for d in session.dtypes)}; "
-          f"{'quick' if session.quick else 'full'} run", flush=True)
+    session = utils.start_session(FAMILY, "Benchmark of i2v_kernels.patch() on diffusers video models",
+                                  PROVIDERS, OPS, argv)
     if session.device.type == "cuda":
         # the fp32 reference in true fp32 (cuDNN would run the VAEs' fp32 convs in TF32)
         torch.backends.cudnn.allow_tf32 = False
-        session.measure_gpu_roofline()
     for case in build_cases(session):
         run_model_case(session, case, targets)
     status = session.finish("diffusers video models: i2v_kernels.patch() vs unpatched", LEGEND)

@@ -825,6 +825,18 @@ def plot_speedups(session: Session, path: Path, title: str) -> Optional[Path]:
     return path
 
 
+def start_session(family: str, description: str, known_providers: Sequence[str], known_ops: Sequence[str],
+                  argv: Optional[list[str]] = None) -> Session:
+    """Parse the common flags, open the run (printing its header) and, on a GPU, measure the roofline."""
+    parser = make_parser(f"{description} (see benchmarks/results/README.md).", prog=f"python -m benchmarks.bench_{family}")
+    session = Session(family, parser.parse_args(argv), known_providers, known_ops)
+    print(f"{family}: {session.device_label}; dtypes {', '.join(dtype_name(d) for d in session.dtypes)}; "
+          f"{'quick' if session.quick else 'full'} run", flush=True)
+    if session.device.type == "cuda":
+        session.measure_gpu_roofline()
+    return session
+
+
 def run_cases(session: Session, cases: Iterable[Case], providers: Callable[[Case, Session], list[Provider]],
               targets: Optional[Callable[[dict, Case, Session], dict]] = None) -> None:
     """Run every case in turn (inputs live one case at a time)."""
