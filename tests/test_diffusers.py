@@ -7,6 +7,7 @@ to the original code fails. Triton runs through the interpreter on the smallest 
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import Counter
 
@@ -24,8 +25,10 @@ from i2v_kernels.integrations.diffusers import PatchSummary, patch, patch_summar
 
 import diffusers  # noqa: E402
 from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
+from packaging.version import Version  # noqa: E402
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
+DIFFUSERS = Version(diffusers.__version__)
 
 
 # ==================================================================================================
@@ -81,10 +84,30 @@ def patched_processors(model: nn.Module) -> Counter:
 
 # ==================================================================================================
 # Tiny models: (model, run) with run(model) -> output tensor; inputs drawn once, reused every call
+#
+# The configs are built against the installed diffusers (0.33 ... newest): a constructor argument the
+# installed class lacks is dropped when it only tunes something else (``optional``), otherwise the
+# test is skipped, naming the version -- it never fails for a missing argument.
+
+
+def build(cls, optional=(), **kwargs):
+    """``cls(**kwargs)`` with the arguments the installed ``cls.__init__`` accepts."""
+    accepted = inspect.signature(cls.__init__).parameters
+    missing = [k for k in kwargs if k not in accepted]
+    needed = [k for k in missing if k not in optional]
+    if needed:
+        pytest.skip(f"{cls.__name__} in diffusers {diffusers.__version__} has no {', '.join(needed)}")
+    return cls(**{k: v for k, v in kwargs.items() if k not in missing})
+
+
+def needs_diffusers(version: str, what: str) -> None:
+    if DIFFUSERS < Version(version):
+        pytest.skip(f"{what} needs diffusers >= {version} (installed: {diffusers.__version__})")
 
 
 def latte_model(dtype=torch.float32):
-    model = diffusers.LatteTransformer3DModel(
+    model = build(
+        diffusers.LatteTransformer3DModel,
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
         cross_attention_dim=16, sample_size=8, patch_size=2, norm_type="ada_norm_single", caption_channels=32,
         video_length=3, norm_elementwise_affine=False, norm_eps=1e-6, activation_fn="gelu-approximate",
@@ -96,7 +119,8 @@ def latte_model(dtype=torch.float32):
 
 
 def cogvideox_model(dtype=torch.float32, rope=True, heads=2, head_dim=16, layers=2, frames=3, size=8, text=6):
-    model = diffusers.CogVideoXTransformer3DModel(
+    model = build(
+        diffusers.CogVideoXTransformer3DModel,
         num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4, time_embed_dim=8,
         text_embed_dim=16, num_layers=layers, sample_width=size, sample_height=size, sample_frames=4 * (frames - 1) + 1,
         patch_size=2, temporal_compression_ratio=4, max_text_seq_length=text,
@@ -110,12 +134,16 @@ def cogvideox_model(dtype=torch.float32, rope=True, heads=2, head_dim=16, layers
 
 
 def wan_model(dtype=torch.float32, image=False, per_token_timestep=False, heads=2, head_dim=12, layers=2, size=8):
-    model = diffusers.WanTransformer3DModel(
+    if per_token_timestep:
+        needs_diffusers("0.35", "Wan 2.2 TI2V (per-token timesteps)")
+    model = build(
+        diffusers.WanTransformer3DModel,
         patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4,
         text_dim=16, freq_dim=32, ffn_dim=32, num_layers=layers, cross_attn_norm=True, rope_max_seq_len=32,
         image_dim=16 if image else None, added_kv_proj_dim=heads * head_dim if image else None).eval().to(dtype)
     x = torch.randn(2, 4, 3, size, size).to(dtype)
-    # I2V: Wan splits the context as [image tokens, 512 text tokens]
+    # I2V: Wan splits the context as [image tokens, 512 text tokens] (diffusers 0.33: the first 257
+    # tokens are the image's, so here 257 of the 512 "text" tokens; both sides compute the same split)
     context = torch.randn(2, 512 if image else 10, 16).to(dtype)
     image_context = torch.randn(2, 7, 16).to(dtype) if image else None
     t = torch.randint(0, 1000, (2, 3 * (size // 2) ** 2)) if per_token_timestep else torch.tensor([10, 500])
@@ -124,7 +152,8 @@ def wan_model(dtype=torch.float32, image=False, per_token_timestep=False, heads=
 
 
 def ltx_model(dtype=torch.float32, mask="prefix", heads=2, head_dim=8, layers=2):
-    model = diffusers.LTXVideoTransformer3DModel(
+    model = build(
+        diffusers.LTXVideoTransformer3DModel,
         in_channels=8, out_channels=8, num_attention_heads=heads, attention_head_dim=head_dim,
         cross_attention_dim=heads * head_dim, num_layers=layers, caption_channels=16).eval().to(dtype)
     x = torch.randn(2, 3 * 4 * 4, 8).to(dtype)
@@ -154,19 +183,23 @@ ADALN_OPS = {
 
 
 def cogvideox_vae():
-    return diffusers.AutoencoderKLCogVideoX(
+    return build(
+        diffusers.AutoencoderKLCogVideoX,
         in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 2,
         up_block_types=("CogVideoXUpBlock3D",) * 2, block_out_channels=(8, 16), latent_channels=4, layers_per_block=1,
         norm_num_groups=4, temporal_compression_ratio=4, sample_height=16, sample_width=16).eval()
 
 
 def wan_vae():
-    return diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
-                                      temperal_downsample=[False, True], scale_factor_spatial=4).eval()
+    # scale_factor_spatial (diffusers >= 0.35) only sizes the tiles (0.33 has no Wan tiling at all)
+    return build(diffusers.AutoencoderKLWan, optional=("scale_factor_spatial",), base_dim=8, z_dim=4,
+                 dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
+                 scale_factor_spatial=4).eval()
 
 
 def ltx_vae(decoder_causal=False):
-    return diffusers.AutoencoderKLLTXVideo(
+    return build(
+        diffusers.AutoencoderKLLTXVideo,
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
         layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1), spatio_temporal_scaling=(True, False),
         decoder_spatio_temporal_scaling=(True, False), decoder_inject_noise=(False, False, False),
@@ -174,7 +207,11 @@ def ltx_vae(decoder_causal=False):
         encoder_causal=True, decoder_causal=decoder_causal).eval()
 
 
-def enable_small_tiles(vae):
+def enable_small_tiles(vae) -> bool:
+    """Small tiles (and LTX's frame batches); False when the installed VAE cannot tile (Wan's before
+    diffusers 0.35)."""
+    if not hasattr(vae, "enable_tiling"):
+        return False
     name = type(vae).__name__
     if name == "AutoencoderKLCogVideoX":
         vae.enable_tiling(tile_sample_min_height=8, tile_sample_min_width=8, tile_overlap_factor_height=1 / 4,
@@ -186,6 +223,7 @@ def enable_small_tiles(vae):
         vae.enable_tiling(tile_sample_min_height=8, tile_sample_min_width=8, tile_sample_stride_height=4,
                           tile_sample_stride_width=4, tile_sample_min_num_frames=4, tile_sample_stride_num_frames=2)
         vae.use_framewise_decoding = True
+    return True
 
 
 VAES = {
@@ -316,6 +354,21 @@ def test_latte_original_layout_paths():
     assert counter.calls["gated_residual_adaln"] == 4
 
 
+def test_wan_complex_rope_is_the_interleaved_rotation():
+    """diffusers 0.33/0.34's Wan RoPE (complex freqs times the pairs read as complex numbers, in fp64)
+    equals the attention op's interleaved rotation with the tables the integration derives."""
+    N, D = 5, 8
+    freqs = torch.polar(torch.ones(N, D // 2, dtype=torch.float64), torch.rand(N, D // 2, dtype=torch.float64) * 6)
+    freqs = freqs.view(1, 1, N, D // 2)
+    x = torch.randn(1, 2, N, D)  # [B, H, N, D] as the old processor has it
+    ref = torch.view_as_real(torch.view_as_complex(x.double().unflatten(3, (-1, 2))) * freqs).flatten(3).float()
+    cos, sin = integration._wan_complex_rope(freqs, N, D)
+    assert cos.shape == sin.shape == (1, N, D) and cos.dtype == torch.float32
+    rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(3)
+    torch.testing.assert_close(x * cos[:, None] + rotated * sin[:, None], ref, atol=1e-6, rtol=1e-6)
+    assert integration._wan_complex_rope(freqs, N + 1, D) is None  # another length: original path
+
+
 def test_masks_to_kv_lens_or_original_path():
     # a prefix mask (padded prompt) becomes kv_lens: the cross-attention stays on our op
     model, run = ltx_model(mask="prefix")
@@ -428,8 +481,8 @@ def test_vae_parity(name):
     with torch.no_grad():
         ref = vae.decode(z).sample
         ref_enc = vae.encode(x).latent_dist.mean
-        enable_small_tiles(vae)
-        ref_tiled = vae.decode(z).sample
+        tiles = enable_small_tiles(vae)
+        ref_tiled = vae.decode(z).sample if tiles else None
         vae.use_tiling = vae.use_framewise_decoding = False
     patch(vae)
     summary = patch_summary(vae)
@@ -439,8 +492,9 @@ def test_vae_parity(name):
     assert calls["causal_conv3d"] > 0
     with torch.no_grad():  # (the spy's per-op Python dispatch is slow: counted once above)
         torch.testing.assert_close(vae.encode(x).latent_dist.mean, ref_enc, **FP32_TOL)
-        enable_small_tiles(vae)
-        torch.testing.assert_close(vae.decode(z).sample, ref_tiled, **FP32_TOL)
+        if tiles:
+            enable_small_tiles(vae)
+            torch.testing.assert_close(vae.decode(z).sample, ref_tiled, **FP32_TOL)
     unpatch(vae)
     assert_restored(vae, before)
 

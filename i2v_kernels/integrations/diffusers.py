@@ -24,12 +24,14 @@ Attention + CogVideoX(Fused)    processor -> :class:`I2VCogVideoXAttnProcessor`:
 AttnProcessor2_0                the LayerNorm QK-norm and RoPE fused (identity RoPE on the text)
 CogVideoXBlock                  ``forward``: CogVideoXLayerNormZero + gated residuals -> fused adaLN
 WanAttention + WanAttnProcessor processor -> :class:`I2VWanAttnProcessor`: ``rms_norm`` (QK-norm
-                                across heads) + ``attention`` with RoPE fused; I2V image branch
+(0.33/0.34: Attention +         across heads) + ``attention`` with RoPE fused (0.33/0.34's complex
+WanAttnProcessor2_0)            RoPE as interleaved cos/sin tables); I2V image branch
 WanTransformerBlock             ``forward``: FP32LayerNorm + ``scale_shift_table`` -> fused adaLN
                                 with the fp32 modulation passed as is
 LTXAttention +                  processor -> :class:`I2VLTXAttnProcessor`: ``rms_norm`` + per-head
 LTXVideoAttnProcessor           RoPE fused into ``spatial_attention``; masked cross-attention with
-                                ``kv_lens``
+(0.33/0.34: Attention +         ``kv_lens``
+LTXVideoAttentionProcessor2_0)
 LTXVideoTransformerBlock        ``forward``: ``rms_norm`` + ``gated_residual`` (the RMSNorm
                                 modulation itself stays in PyTorch: no fused RMS-modulate op)
 CogVideoXCausalConv3d           ``forward(x, conv_cache)``: ``causal_conv3d(time_pad="replicate",
@@ -267,6 +269,11 @@ def _rms(norm, x: Tensor) -> Tensor:
     return norm(x)
 
 
+def _rms_or_none(norm, x: Tensor) -> Tensor:
+    """:func:`_rms`, where ``None`` (older diffusers' ``Attention`` without QK-norm) is no norm."""
+    return x if norm is None else _rms(norm, x)
+
+
 def _layer_norm(norm) -> Optional[tuple]:
     """``(weight, bias, eps)`` of an ``nn.LayerNorm`` over one last dim (FP32LayerNorm included)."""
     if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.eps > 0:
@@ -459,22 +466,68 @@ def _wan_rope(rotary_emb, N: int, D: int):
     return _memo((cos, sin), ("wan-rope",), build)
 
 
-class I2VWanAttnProcessor(_Processor):
-    """Replaces ``WanAttnProcessor``: RMSNorm QK-norm across heads (over the full inner dim, so
-    :func:`i2v_kernels.rms_norm` on ``[B, N, C]``), then :func:`i2v_kernels.attention` with the RoPE
-    fused; in I2V cross-attention the image tokens (``add_k_proj`` / ``add_v_proj``, the context's
-    first ``len - 512`` tokens) get a second ``attention`` call whose output is added, as in Wan."""
+def _wan_complex_rope(rotary_emb, N: int, D: int):
+    """Older diffusers' Wan RoPE (``WanAttnProcessor2_0`` up to 0.34): complex ``freqs [1, 1, N, D/2]``
+    multiplying each pair ``(x[2i], x[2i+1])`` read as ``x[2i] + 1j x[2i+1]``. That product is the
+    interleaved rotation with ``cos = freqs.real`` and ``sin = freqs.imag`` repeated over each pair,
+    as fp32 tables ``[1, N, D]`` (diffusers rotates in fp64 and rounds to the input's dtype)."""
+    if not (isinstance(rotary_emb, Tensor) and rotary_emb.is_complex()) or D % 2:
+        return None
+    if rotary_emb.dim() != 4 or tuple(rotary_emb.shape) != (1, 1, N, D // 2):
+        return None
 
-    replaces = ("WanAttnProcessor",)  # (newer WanAttnProcessor2_0() returns one; older ones differ)
+    def build():
+        f = rotary_emb[:, 0]
+        return tuple(t.float().repeat_interleave(2, dim=-1).contiguous() for t in (f.real, f.imag))
+
+    return _memo((rotary_emb,), ("wan-complex-rope",), build)
+
+
+def _diffusers_version() -> tuple[int, ...]:
+    """The imported diffusers' ``(major, minor, patch)`` (``()`` when unknown)."""
+    import re
+    import sys
+
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", getattr(sys.modules.get("diffusers"), "__version__", ""))
+    return tuple(int(g) for g in match.groups() if g is not None) if match else ()
+
+
+def _wan_image_tokens(n_context: int, legacy: bool) -> Optional[int]:
+    """How many leading context tokens are image tokens in Wan's I2V cross-attention: 512 text tokens
+    follow them (the context length Wan hardcodes); diffusers 0.33's ``WanAttnProcessor2_0`` instead
+    took the first 257 (CLIP's token count) whatever the length. None when the older processor comes
+    from a diffusers whose version is unknown."""
+    if legacy:
+        version = _diffusers_version()
+        if not version:
+            return None
+        if version < (0, 34):
+            return 257
+    return n_context - 512
+
+
+class I2VWanAttnProcessor(_Processor):
+    """Replaces ``WanAttnProcessor`` (``WanAttention``, diffusers >= 0.35) and the older
+    ``WanAttnProcessor2_0`` (a generic ``Attention``, diffusers 0.33 / 0.34, complex RoPE): RMSNorm
+    QK-norm across heads (over the full inner dim, so :func:`i2v_kernels.rms_norm` on ``[B, N, C]``),
+    then :func:`i2v_kernels.attention` with the RoPE fused; in I2V cross-attention the image tokens
+    (``add_k_proj`` / ``add_v_proj``, the context's leading tokens) get a second ``attention`` call
+    whose output is added, as in Wan."""
+
+    # (newer diffusers' WanAttnProcessor2_0() returns a WanAttnProcessor: that name only appears on
+    # the older versions, whose class computes the same math with a complex RoPE)
+    replaces = ("WanAttnProcessor", "WanAttnProcessor2_0")
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None, rotary_emb=None) -> Tensor:
         def original():
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
+        legacy = type(self.original).__name__ == "WanAttnProcessor2_0"
         has_image = getattr(attn, "add_k_proj", None) is not None
         if (attention_mask is not None or hidden_states.dim() != 3 or self._parallel_config is not None
                 or getattr(attn, "kv_inner_dim", attn.inner_dim) != attn.inner_dim
+                or getattr(attn, "inner_kv_dim", attn.inner_dim) != attn.inner_dim
                 or (has_image and (rotary_emb is not None or encoder_hidden_states is None))):
             return original()
         B, N, _ = hidden_states.shape
@@ -482,17 +535,21 @@ class I2VWanAttnProcessor(_Processor):
         D = attn.inner_dim // H
         rope = None
         if rotary_emb is not None:
-            rope = _wan_rope(rotary_emb, N, D)
+            rope = _wan_complex_rope(rotary_emb, N, D) if legacy else _wan_rope(rotary_emb, N, D)
             if rope is None:
                 return original()
         context, image = encoder_hidden_states, None
         if has_image:
-            # 512 text tokens follow the image tokens (the context length Wan hardcodes)
-            n_image = encoder_hidden_states.shape[1] - 512
+            n_image = _wan_image_tokens(encoder_hidden_states.shape[1], legacy)
+            if n_image is None:
+                return original()
             image, context = encoder_hidden_states[:, :n_image], encoder_hidden_states[:, n_image:]
+            if image.shape[1] == 0 or context.shape[1] == 0:
+                return original()
         if context is None:
             context = hidden_states
-        fused = getattr(attn, "fused_projections", False)
+        # the older processor ignores fused projections (it always reads to_q / to_k / to_v)
+        fused = getattr(attn, "fused_projections", False) and not legacy
         if fused and not attn.is_cross_attention:
             q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         elif fused:
@@ -500,7 +557,7 @@ class I2VWanAttnProcessor(_Processor):
             k, v = attn.to_kv(context).chunk(2, dim=-1)
         else:
             q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        q, k = _rms(attn.norm_q, q), _rms(attn.norm_k, k)
+        q, k = _rms_or_none(attn.norm_q, q), _rms_or_none(attn.norm_k, k)
         heads = lambda t: t.unflatten(2, (H, -1))  # noqa: E731
         q = heads(q)
         out = attention(q, heads(k), heads(v), rope=rope, rope_style="interleaved")
@@ -538,7 +595,10 @@ class I2VLTXAttnProcessor(_Processor):
 
     Other masks and grouped KV heads run the original processor."""
 
-    replaces = ("LTXVideoAttnProcessor",)  # (newer LTXVideoAttentionProcessor2_0() returns one)
+    # diffusers <= 0.34: LTXVideoAttentionProcessor2_0 on a generic Attention, the same math (the mask
+    # repeated per head, RoPE on the flat projections); newer versions' LTXVideoAttentionProcessor2_0()
+    # returns an LTXVideoAttnProcessor
+    replaces = ("LTXVideoAttnProcessor", "LTXVideoAttentionProcessor2_0")
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None, image_rotary_emb=None) -> Tensor:
