@@ -50,7 +50,8 @@ test: build
 
 demo: build
 	@$(PYTHON) -c "import i2v_model, sys; sys.exit(0 if i2v_model.BUNDLED else 1)" || { \
-	  echo "make demo: the reference model is not bundled yet (it arrives with the model issue); no video was made." >&2; exit 1; }
+	  echo "make demo: the trained tiny weights (model/weights/tiny.safetensors) are not bundled yet; no video was made." >&2; \
+	  echo "  make them with: $(PYTHON) -m i2v_model train --run runs/tiny && $(PYTHON) -m i2v_model train --run runs/tiny --export" >&2; exit 1; }
 	$(PYTHON) -m i2v_model generate
 
 BENCHES = $(basename $(notdir $(wildcard benchmarks/bench_*.py)))
