@@ -21,15 +21,15 @@ import torch
 from torch import Tensor
 
 from i2v_kernels import _backend
+from i2v_kernels.ops._checks import FLOAT_DTYPES, check_float_tensor
 from i2v_kernels.ops.adaln import reference
 from i2v_kernels.ops.adaln.reference import NORM_LAYER, NORM_NONE, NORM_RMS
 
 __all__ = ["adaln_modulate", "gated_residual", "gated_residual_adaln", "rms_norm"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NATIVE_DTYPES = {
     "cuda": (torch.float16, torch.bfloat16, torch.float32),
-    "cpu": _FLOAT_DTYPES,
+    "cpu": FLOAT_DTYPES,
 }
 
 _backend.load_extension()  # registers the C++ schemas before the Python ops join the namespace
@@ -56,22 +56,13 @@ def _check_types(op: str, **tensors) -> None:
                             f", got {type(t).__name__}")
 
 
-def _check_tensor(name: str, t: Tensor, x: Tensor, op: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; move them to one device")
-
-
 def _check(op: str, x, y=None, gate=None, shift=None, scale=None, weight=None, bias=None) -> None:
-    _check_tensor("x", x, x, op)
+    check_float_tensor(op, "x", x, x, "x")
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"{op}: x must be [..., C] with C >= 1 channels, got shape {tuple(x.shape)}")
     C = x.shape[-1]
     if y is not None:
-        _check_tensor("y", y, x, op)
+        check_float_tensor(op, "y", y, x, "x")
         if y.shape != x.shape:
             raise ValueError(f"{op}: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
         if y.dtype != x.dtype:
@@ -79,7 +70,7 @@ def _check(op: str, x, y=None, gate=None, shift=None, scale=None, weight=None, b
     for name, m in (("gate", gate), ("shift", shift), ("scale", scale)):
         if m is None:
             continue
-        _check_tensor(name, m, x, op)
+        check_float_tensor(op, name, m, x, "x")
         if m.dim() == 0 or m.shape[-1] != C or m.dim() > x.dim() or any(
             a != 1 and a != b for a, b in zip(reversed(m.shape), reversed(x.shape))
         ):
@@ -90,7 +81,7 @@ def _check(op: str, x, y=None, gate=None, shift=None, scale=None, weight=None, b
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
-        _check_tensor(name, p, x, op)
+        check_float_tensor(op, name, p, x, "x")
         if tuple(p.shape) != (C,):
             raise ValueError(f"{op}: {name} must have shape ({C},) to match x's last dim, got {tuple(p.shape)}")
 

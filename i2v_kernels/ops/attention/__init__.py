@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from i2v_kernels import _backend
+from i2v_kernels.ops._checks import check_float_tensor
 from i2v_kernels.ops.attention import reference
 
 __all__ = ["attention", "spatial_attention", "temporal_attention"]
@@ -33,7 +34,6 @@ SPATIAL, TEMPORAL, DENSE = 0, 1, 2
 _NAMES = {SPATIAL: "spatial_attention", TEMPORAL: "temporal_attention", DENSE: "attention"}
 _IMPLEMENTED = ("triton", "torch")
 _IMPLEMENTED_FWD = {SPATIAL: _IMPLEMENTED, TEMPORAL: ("cuda",) + _IMPLEMENTED, DENSE: _IMPLEMENTED}
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _backend.load_extension()
 
@@ -42,19 +42,10 @@ _backend.load_extension()
 # Argument checks
 
 
-def _check_float(name, t, ref, op):
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but q is on {ref.device}; move them to one device")
-
-
 def _check(mode, q, k, v, scale, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style):
     op = _NAMES[mode]
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_float(name, t, q, op)
+        check_float_tensor(op, name, t, q, "q")
         if t.dtype != q.dtype:
             raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
     if mode == DENSE:
@@ -92,7 +83,7 @@ def _check(mode, q, k, v, scale, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos
             raise ValueError(f"{op}: {name} was given but qk_norm is None; pass qk_norm='layer' or 'rms'")
         if qk_norm == "rms" and name.endswith("bias"):
             raise ValueError(f"{op}: {name} applies only to qk_norm='layer' (RMSNorm has no bias)")
-        _check_float(name, t, q, op)
+        check_float_tensor(op, name, t, q, "q")
         if tuple(t.shape) != (D,):
             raise ValueError(f"{op}: {name} must have shape ({D},) (the head dim D), got {tuple(t.shape)}")
     if rope_style not in ("interleaved", "half"):
@@ -106,7 +97,7 @@ def _check(mode, q, k, v, scale, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos
             raise ValueError(f"{op}: rope applies to self-attention (N == M); got N={q.shape[1]}, M={k.shape[1]}")
         target = q.shape[:-2] + q.shape[-1:]
         for name, t in (("rope cos", cos), ("rope sin", sin)):
-            _check_float(name, t, q, op)
+            check_float_tensor(op, name, t, q, "q")
             if t.dim() == 0 or t.dim() > len(target) or any(
                 a != 1 and a != b for a, b in zip(reversed(t.shape), reversed(target))
             ):

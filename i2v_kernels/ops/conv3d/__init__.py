@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from i2v_kernels import _backend
+from i2v_kernels.ops._checks import check_float_tensor
 from i2v_kernels.ops.conv3d import reference
 from i2v_kernels.ops.conv3d.reference import TIME_PADS
 
@@ -37,23 +38,12 @@ __all__ = ["causal_conv3d"]
 
 _OP = "causal_conv3d"
 _IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _backend.load_extension()  # registers the C++ schemas before the Python ops join the namespace
 
 
 # --------------------------------------------------------------------------------------------------
 # Argument checks (shared by the real and fake implementations, so torch.compile reports them too)
-
-
-def _check_tensor(name: str, t, x: Tensor) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{_OP}: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{_OP}: {name} must be a floating-point tensor (float16/bfloat16/float32/float64), "
-                        f"got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{_OP}: {name} is on {t.device} but x is on {x.device}; move them to one device")
 
 
 def _check_triple(name: str, v) -> tuple[int, int, int]:
@@ -69,13 +59,13 @@ def _check_triple(name: str, v) -> tuple[int, int, int]:
 
 def _check(x, weight, bias, cache, residual, stride, dilation, time_pad):
     """Validate one call; returns ``(out_shape, P, (pad_h, pad_w))``."""
-    _check_tensor("x", x, x)
+    check_float_tensor(_OP, "x", x, x, "x")
     if x.dim() != 5:
         raise ValueError(f"{_OP}: x must be [B, Cin, T, H, W] (5 dims), got shape {tuple(x.shape)}")
     B, C, T, H, W = x.shape
     if C < 1 or T < 1 or H < 1 or W < 1:
         raise ValueError(f"{_OP}: x [B, Cin, T, H, W] needs Cin, T, H, W >= 1, got shape {tuple(x.shape)}")
-    _check_tensor("weight", weight, x)
+    check_float_tensor(_OP, "weight", weight, x, "x")
     if weight.dim() != 5:
         raise ValueError(f"{_OP}: weight must be [Cout, Cin, kt, kh, kw] (5 dims), got shape {tuple(weight.shape)}")
     Cout, Cin_w, kt, kh, kw = weight.shape
@@ -88,7 +78,7 @@ def _check(x, weight, bias, cache, residual, stride, dilation, time_pad):
     if weight.dtype != x.dtype:
         raise TypeError(f"{_OP}: weight must have x's dtype {x.dtype}, got {weight.dtype}")
     if bias is not None:
-        _check_tensor("bias", bias, x)
+        check_float_tensor(_OP, "bias", bias, x, "x")
         if tuple(bias.shape) != (Cout,):
             raise ValueError(f"{_OP}: bias must have shape ({Cout},) (Cout of weight), got {tuple(bias.shape)}")
     stride = _check_triple("stride", stride)
@@ -102,7 +92,7 @@ def _check(x, weight, bias, cache, residual, stride, dilation, time_pad):
             raise ValueError(f"{_OP}: the kernel (size {k}, dilation {d}) spans {d * (k - 1) + 1} pixels, more than "
                              f"the padded input's {dim} = {size} + 2 * {pad}; x is {tuple(x.shape)}")
     if cache is not None:
-        _check_tensor("cache", cache, x)
+        check_float_tensor(_OP, "cache", cache, x, "x")
         if tuple(cache.shape) != (B, C, P, H, W):
             raise ValueError(f"{_OP}: cache must be [B, Cin, P, H, W] = {(B, C, P, H, W)} (P = (kt - 1) * dilation_t "
                              f"= {P} frames of the previous chunk), got {tuple(cache.shape)}")
@@ -110,7 +100,7 @@ def _check(x, weight, bias, cache, residual, stride, dilation, time_pad):
             raise TypeError(f"{_OP}: cache must have x's dtype {x.dtype}, got {cache.dtype}")
     out_shape = reference.output_shape(x.shape, weight.shape, stride, dilation)
     if residual is not None:
-        _check_tensor("residual", residual, x)
+        check_float_tensor(_OP, "residual", residual, x, "x")
         if tuple(residual.shape) != tuple(out_shape):
             raise ValueError(f"{_OP}: residual must have the output's shape [B, Cout, T_out, H_out, W_out] = "
                              f"{tuple(out_shape)}, got {tuple(residual.shape)}")
