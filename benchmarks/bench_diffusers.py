@@ -378,13 +378,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for case in build_cases(session):
         run_model_case(session, case, targets)
     status = session.finish("diffusers video models: i2v_kernels.patch() vs unpatched", LEGEND)
-    extra = step_table(session)
-    if extra:
-        print("\n".join(extra))
-        if session.save:
-            md = utils.RESULTS_DIR / f"{FAMILY}_{session.slug}.md"
-            with open(md, "a") as f:
-                f.write("\n".join(extra) + "\n")
+    session.add_tables(step_table(session))
     return status
 
 

@@ -668,6 +668,16 @@ class Session:
         return 0
 
 
+    def add_tables(self, lines: Sequence[str]) -> None:
+        """Print extra markdown tables after :meth:`finish` and append them to the run's ``.md`` file."""
+        if not lines:
+            return
+        print("\n".join(lines))
+        if self.save:
+            with open(RESULTS_DIR / f"{self.family}_{self.slug}.md", "a") as f:
+                f.write("\n".join(lines) + "\n")
+
+
 # --------------------------------------------------------------------------------------------------
 # Rendering
 

@@ -325,6 +325,38 @@ def test_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
+def test_reference_feeds_sdpa_4d(monkeypatch):
+    """The eager reference (the benchmarks' baseline, the model's use_kernels=False path) folds the
+    frame/position dims into SDPA's batch: its fused CUDA kernels take 4-D inputs only, and inductor
+    mis-permutes a 5-D SDPA's output (below)."""
+    real = torch.nn.functional.scaled_dot_product_attention
+    dims = []
+
+    def spy(q, k, v, **kw):
+        dims.append(q.dim())
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q, k, v = _packed_qkv(2, 3, 5, 2, 8, torch.float32)
+    s, t = ref.spatial_attention(q, k, v), ref.temporal_attention(q, k, v, causal=True)
+    assert dims == [4, 4]
+    e = lambda x: x.double()
+    torch.testing.assert_close(s, _eager_mode("spatial", e(q), e(k), e(v), 8 ** -0.5).float())
+    torch.testing.assert_close(t, _eager_mode("temporal", e(q), e(k), e(v), 8 ** -0.5, causal=True).float())
+
+
+@pytest.mark.slow
+def test_reference_under_inductor():
+    """torch.compile (inductor) of the factorized reference equals eager (a 5-D SDPA came back with its
+    dims permuted under inductor in torch 2.14)."""
+    def block(q, k, v):
+        return ref.temporal_attention(ref.spatial_attention(q, k, v), k, v, causal=True)
+
+    q, k, v = _packed_qkv(2, 5, 16, 6, 32, torch.float32)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(block)(q, k, v), block(q, k, v))
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input
 

@@ -58,6 +58,13 @@ def prologue(x: Tensor, norm: Optional[str], weight, bias, eps: float, rope, rop
 def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False, kv_lens: Optional[Tensor] = None) -> Tensor:
     """``[..., Sq, D] x [..., Sk, D]`` attention through PyTorch SDPA, in the inputs' dtype (the caller
     upcasts); batch dim 0 indexes ``kv_lens``."""
+    if q.dim() > 4 and kv_lens is None:
+        # Fold the leading dims into one batch: SDPA's fused CUDA kernels take 4-D inputs only, and
+        # inductor (torch 2.14) permutes the output of a 5-D SDPA wrongly under torch.compile.
+        lead = q.shape[:-3]
+        out = sdpa(q.reshape(-1, *q.shape[-3:]), k.reshape(-1, *k.shape[-3:]), v.reshape(-1, *v.shape[-3:]),
+                   scale, causal)
+        return out.view(*lead, *out.shape[-3:])
     mask = None
     if kv_lens is not None:
         Sk = k.shape[-2]
