@@ -1,10 +1,11 @@
 """Factorized video DiT for image-to-video flow matching.
 
 Input: the noisy latent ``x [B, C, T, h, w]``, the conditioning ``cond [B, C + 1, T, h, w]`` (the
-first-frame latent at frame 0 and zeros after it, then a mask channel that is 1 on frame 0: the
-CogVideoX-I2V scheme of concatenating the image latent along channels), the flow time ``t [B]`` in
+first-frame latent repeated on every frame, then a mask channel that is 1 on frame 0: image latent
+concatenated along channels as in CogVideoX-I2V, see :func:`i2v_model.sampler.image_condition`), the flow time ``t [B]`` in
 ``[0, 1]`` and the prompt tokens ``context [B, L, C_text]`` (first ``kv_lens[b]`` valid) with their
-pooled vector ``pooled [B, C_text]``. Output: the velocity ``v [B, C, T, h, w]``.
+pooled vector ``pooled [B, C_text]``. Output: the velocity ``v [B, C, T, h, w]`` of the
+predicted clean latent (:meth:`VideoDiT.denoise`).
 
 Tokens are ``[B, T, S, D]`` with ``S = (h / p) (w / p)`` (``p x p`` spatial patches). Each block::
 
@@ -115,6 +116,7 @@ class VideoDiT(nn.Module):
     def __init__(self, cfg: DiTConfig, latent_channels: int, context_dim: int, use_kernels: bool = True):
         super().__init__()
         self.cfg, self.latent_channels, self.use_kernels = cfg, latent_channels, use_kernels
+        self.min_t = 1e-3  # velocity = (x - x0) / t: t floored (the sampler never asks at t = 0)
         D, p = cfg.width, cfg.patch
         in_channels = 2 * latent_channels + 1  # noisy latent, image latent, mask
         self.patch_embed = nn.Linear(in_channels * p * p, D)
@@ -159,6 +161,15 @@ class VideoDiT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor, context: Tensor, kv_lens: Tensor,
                 pooled: Tensor) -> Tensor:
+        """The velocity ``v = (x_t - x0) / t`` of the predicted clean latent ``x0`` (:meth:`denoise`)."""
+        x0 = self.denoise(x, t, cond, context, kv_lens, pooled)
+        return (x - x0) / t.to(x.dtype).clamp_min(self.min_t).view(-1, 1, 1, 1, 1)
+
+    def denoise(self, x: Tensor, t: Tensor, cond: Tensor, context: Tensor, kv_lens: Tensor,
+                pooled: Tensor) -> Tensor:
+        """The clean latent ``x0 [B, C, T, h, w]``, predicted as the image latent (``cond``'s first ``C``
+        channels, the first frame on every frame) plus what the network adds: motion is a residual over
+        a still shot, and an untrained or unsure network gives a still image, never noise."""
         B, C, T, h, w = x.shape
         p = self.cfg.patch
         if C != self.latent_channels or h % p or w % p:
@@ -175,4 +186,4 @@ class VideoDiT(nn.Module):
             tokens = block(tokens, c, rope, context, kv_lens)
         shift, scale = self.modulation_out(c).view(B, 1, 1, 2, -1).unbind(3)
         out = self.proj_out(self.norm_out(tokens, shift, scale))
-        return self.unpatchify(out, h, w)
+        return cond[:, :C].to(x.dtype) + self.unpatchify(out, h, w)

@@ -13,7 +13,8 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["euler_sample", "flow_matching_loss", "image_condition", "sample_timesteps", "shifted_timesteps"]
+__all__ = ["euler_sample", "flow_matching_loss", "image_condition", "sample_timesteps", "shifted_timesteps",
+           "x0_matching_loss"]
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:
@@ -29,20 +30,44 @@ def shifted_timesteps(steps: int, shift: float = 1.0, device=None) -> Tensor:
 
 
 def sample_timesteps(batch: int, shift: float = 1.0, generator: Optional[torch.Generator] = None,
-                     device=None) -> Tensor:
-    """Training times: logit-normal (mass in the middle), then shifted like the sampling schedule."""
+                     device=None, uniform: float = 0.1) -> Tensor:
+    """Training times: logit-normal (mass in the middle), then shifted like the sampling schedule; a
+    ``uniform`` fraction is drawn uniformly instead, so the ends the sampler visits (its first step is
+    ``t = 1``) are trained too."""
     t = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
-    return shift_time(t, shift)
+    u = torch.rand(batch, generator=generator, device=device)
+    pick = torch.rand(batch, generator=generator, device=device) < uniform
+    return shift_time(torch.where(pick, u, t), shift)
 
 
 def image_condition(image_latent: Tensor, frames: int) -> Tensor:
-    """``[B, C, 1, h, w]`` first-frame latent -> ``cond [B, C + 1, frames, h, w]``: the latent at frame 0,
-    zeros after it, and a mask channel that is 1 on frame 0 (CogVideoX-I2V's channel concatenation)."""
+    """``[B, C, 1, h, w]`` first-frame latent -> ``cond [B, C + 1, frames, h, w]``: the latent repeated on
+    every frame, and a mask channel that is 1 on frame 0 (the frame that *is* the image) and 0 after it.
+
+    Channel concatenation as in CogVideoX-I2V, except that every frame's tokens carry the image latent at
+    their own position (CogVideoX pads the later frames with zeros and leaves it to temporal attention
+    to carry the image forward): a still shot is then a per-token identity, and motion a local warp of
+    the condition, which a small DiT learns in a few thousand steps.
+    """
     B, C, _, h, w = image_latent.shape
     cond = image_latent.new_zeros(B, C + 1, frames, h, w)
-    cond[:, :C, :1] = image_latent
+    cond[:, :C] = image_latent
     cond[:, C, 0] = 1.0
     return cond
+
+
+def x0_matching_loss(denoise: Callable[[Tensor, Tensor], Tensor], z0: Tensor, t: Tensor,
+                     generator: Optional[torch.Generator] = None) -> Tensor:
+    """Flow matching in clean-latent form: MSE between ``denoise(x_t, t)`` and ``z0`` over frames ``1:``.
+
+    Equal to :func:`flow_matching_loss` of the velocity ``(x_t - x0) / t`` weighted by ``t^2`` (which keeps
+    the low-noise end, where the velocity divides by a small ``t``, from dominating).
+    """
+    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    tt = t.view(-1, 1, 1, 1, 1).to(z0.dtype)
+    xt = (1 - tt) * z0 + tt * noise
+    xt = torch.cat([z0[:, :, :1], xt[:, :, 1:]], dim=2)
+    return ((denoise(xt, t) - z0)[:, :, 1:] ** 2).mean()
 
 
 def flow_matching_loss(velocity: Callable[[Tensor, Tensor], Tensor], z0: Tensor, t: Tensor,

@@ -1,14 +1,18 @@
 """``i2v train``: train the VAE, then the DiT and text encoder, on procedural clips; export the weights.
 
-Stages (``--stage vae|dit|all``):
+Stages (``--stage vae|dit|decoder|all``; ``all`` runs them in this order):
 
 1. **vae** -- reconstruct random ``crop x crop`` windows of ``vae_frames``-frame clips (the VAE is fully
    convolutional and causal, so it transfers to 64x64, 17 frames): L1 + MSE + a small KL term. Then
    the latent mean/std are measured on full clips and stored in the VAE (the DiT's latent scale).
-2. **dit** -- flow matching on latents of 17-frame clips. A pool of encoded clips is kept in memory
+2. **dit** -- flow matching on latents of 17-frame clips, the DiT predicting the clean latent (as a
+   residual over the first frame, see :meth:`VideoDiT.denoise`) with a t^2-weighted velocity loss. A pool of encoded clips is kept in memory
    and partly refreshed with new clips every ``refresh_every`` steps (encoding every batch would cost
    more than the DiT step). Prompts are dropped 10% of the time (classifier-free guidance). An EMA of
    the DiT and text encoder is what gets exported.
+3. **decoder** (``decoder_steps > 0``) -- more reconstruction steps for the VAE decoder alone, on the
+   posterior mean (what generation decodes), the encoder frozen: the latent space the DiT learned stays
+   exactly as it was, so this can follow the DiT stage. Its checkpoint's VAE is the one exported.
 
 Reproducible and resumable: all randomness is a function of ``(seed, step)`` (clip ``i`` of the data
 stream is fixed, see :mod:`i2v_model.data`), the run folder holds ``config.json`` and one checkpoint
@@ -41,7 +45,7 @@ from torch import Tensor
 from i2v_model.config import get_config
 from i2v_model.data import ClipSource
 from i2v_model.pipeline import I2VPipeline, weights_path
-from i2v_model.sampler import flow_matching_loss, image_condition, sample_timesteps
+from i2v_model.sampler import image_condition, sample_timesteps, x0_matching_loss
 
 __all__ = ["TrainConfig", "export", "main", "train_dit", "train_vae"]
 
@@ -53,7 +57,7 @@ class TrainConfig:
     threads: int = 0              # torch threads (0: torch's default)
     use_kernels: bool = False     # train through i2v_kernels ops (True) or their eager references
     # VAE stage
-    vae_steps: int = 3000
+    vae_steps: int = 4000
     vae_batch: int = 8
     vae_frames: int = 9
     vae_crop: int = 32
@@ -61,13 +65,16 @@ class TrainConfig:
     kl_weight: float = 1e-6
     stats_clips: int = 32         # full-size clips that measure the latent mean/std
     # DiT stage
-    dit_steps: int = 6000
-    dit_batch: int = 16
+    dit_steps: int = 2800
+    dit_batch: int = 12
     dit_lr: float = 5e-4
     pool: int = 1024              # encoded clips kept in memory
     refresh_every: int = 100      # steps between pool refreshes
     refresh: int = 32             # clips replaced per refresh
     cfg_drop: float = 0.1
+    # decoder stage (after the DiT; 0 skips it)
+    decoder_steps: int = 0
+    decoder_lr: float = 5e-4
     ema: float = 0.999
     warmup: int = 200
     ckpt_every: int = 200
@@ -107,6 +114,26 @@ def _log(run: Path, line: str) -> None:
         f.write(line + "\n")
 
 
+def _update(opt: torch.optim.Optimizer, params, loss: Tensor, bar) -> None:
+    """One optimizer step on ``loss`` (gradients clipped to norm 1), and the progress bar."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+
+
+def _crop_batch(cfg: TrainConfig, source: ClipSource, step: int, gen: torch.Generator) -> Tensor:
+    """Batch ``step`` of the reconstruction stages: ``vae_batch`` clips cut to one random
+    ``vae_crop``-square window (on the 8-pixel latent grid), channels-last."""
+    video, _, _ = source.batch(step * cfg.vae_batch, cfg.vae_batch)
+    c = cfg.vae_crop
+    y0, x0 = (int(v) for v in torch.randint(0, source.size - c + 1, (2,), generator=gen) // 8 * 8)
+    return video[..., y0:y0 + c, x0:x0 + c].contiguous(memory_format=torch.channels_last_3d)
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -126,10 +153,7 @@ def train_vae(cfg: TrainConfig, run: Path, pipe: Optional[I2VPipeline] = None) -
     start, t0 = step, time.perf_counter()
     while step < cfg.vae_steps:
         gen = _generator(cfg, 1, step)
-        video, _, _ = source.batch(step * cfg.vae_batch, cfg.vae_batch)
-        c = cfg.vae_crop
-        y0, x0 = (int(v) for v in torch.randint(0, mcfg.width - c + 1, (2,), generator=gen) // 8 * 8)
-        video = video[..., y0:y0 + c, x0:x0 + c].contiguous(memory_format=torch.channels_last_3d)
+        video = _crop_batch(cfg, source, step, gen)
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup)
         recon, mean, logvar = vae(video, generator=gen)
@@ -137,14 +161,8 @@ def train_vae(cfg: TrainConfig, run: Path, pipe: Optional[I2VPipeline] = None) -
         mse = ((recon - video) ** 2).mean()
         kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
         loss = l1 + mse + cfg.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        _update(opt, vae.parameters(), loss, bar)
         step += 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if step % cfg.log_every == 0 or step == cfg.vae_steps:
             psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-12))
             rate = (step - start) / (time.perf_counter() - t0)
@@ -167,6 +185,48 @@ def train_vae(cfg: TrainConfig, run: Path, pipe: Optional[I2VPipeline] = None) -
     stats = json.loads((run / "vae_stats.json").read_text())
     vae.set_latent_stats(stats["mean"], stats["std"])
     return pipe
+
+
+def train_decoder(cfg: TrainConfig, run: Path, pipe: I2VPipeline) -> I2VPipeline:
+    """Decoder-only reconstruction steps with the encoder frozen (stage 3 of the module docstring)."""
+    mcfg = pipe.cfg
+    vae = pipe.vae
+    params = list(vae.decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    ckpt_path, step = run / "decoder.pt", 0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        vae.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+    source = ClipSource(cfg.seed + 3, cfg.vae_frames, mcfg.width)
+    vae.encoder.eval().requires_grad_(False)
+    vae.decoder.train()
+    bar = _progress(cfg.decoder_steps, step, "decoder") if step < cfg.decoder_steps else None
+    start, t0 = step, time.perf_counter()
+    while step < cfg.decoder_steps:
+        gen = _generator(cfg, 3, step)
+        video = _crop_batch(cfg, source, step, gen)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg.decoder_steps, cfg.decoder_lr, min(cfg.warmup, cfg.decoder_steps // 10))
+        with torch.no_grad():
+            mean, _ = vae.encode_dist(video)
+        recon = vae.decoder(mean)
+        mse = ((recon - video) ** 2).mean()
+        loss = (recon - video).abs().mean() + mse
+        _update(opt, params, loss, bar)
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.decoder_steps:
+            psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-12))
+            rate = (step - start) / (time.perf_counter() - t0)
+            _log(run, f"decoder step {step}/{cfg.decoder_steps} loss {loss.item():.4f} psnr {psnr:.2f} "
+                      f"{rate:.2f} steps/s")
+        if step % cfg.ckpt_every == 0 or step == cfg.decoder_steps:
+            _save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path)
+    if bar is not None:
+        bar.close()
+    vae.requires_grad_(True)
+    return pipe.eval()
 
 
 def _encode_clips(pipe: I2VPipeline, source: ClipSource, start: int, n: int, chunk: int = 16):
@@ -220,11 +280,8 @@ def train_dit(cfg: TrainConfig, run: Path, pipe: I2VPipeline) -> I2VPipeline:
         context = pipe.text(prompts)
         cond = image_condition(z0[:, :, :1], z0.shape[2])
         t = sample_timesteps(cfg.dit_batch, mcfg.shift, generator=gen)
-        loss = flow_matching_loss(lambda x, tt: pipe.dit(x, tt, cond, *context), z0, t, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = x0_matching_loss(lambda x, tt: pipe.dit.denoise(x, tt, cond, *context), z0, t, generator=gen)
+        _update(opt, params, loss, bar)
         with torch.no_grad():
             decay = min(cfg.ema, (1 + step) / (10 + step))
             for name, module in (("dit", pipe.dit), ("text", pipe.text)):
@@ -232,9 +289,6 @@ def train_dit(cfg: TrainConfig, run: Path, pipe: I2VPipeline) -> I2VPipeline:
                     if v.dtype.is_floating_point:
                         ema[name][k].lerp_(v, 1 - decay)
         step += 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if step % cfg.log_every == 0 or step == cfg.dit_steps:
             rate = (step - start) / (time.perf_counter() - t0)
             _log(run, f"dit step {step}/{cfg.dit_steps} loss {loss.item():.4f} {rate:.2f} steps/s")
@@ -256,7 +310,9 @@ def export(run: Path, out: Path) -> Path:
     pipe = I2VPipeline(get_config(cfg.model), use_kernels=False)
     if not (run / "vae.pt").exists() or not (run / "dit.pt").exists():
         raise FileNotFoundError(f"{run} has no vae.pt and dit.pt checkpoints to export yet")
-    pipe.vae.load_state_dict(torch.load(run / "vae.pt", weights_only=False)["model"])
+    # The decoder stage's VAE when it ran (same encoder, refined decoder), else the VAE stage's.
+    vae_ckpt = run / "decoder.pt" if (run / "decoder.pt").exists() else run / "vae.pt"
+    pipe.vae.load_state_dict(torch.load(vae_ckpt, weights_only=False)["model"])
     stats = json.loads((run / "vae_stats.json").read_text())
     pipe.vae.set_latent_stats(stats["mean"], stats["std"])
     dit = torch.load(run / "dit.pt", weights_only=False)
@@ -275,7 +331,7 @@ def export(run: Path, out: Path) -> Path:
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="i2v train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", default="runs/tiny", help="run folder: config, checkpoints, log")
-    parser.add_argument("--stage", choices=["vae", "dit", "all"], default="all")
+    parser.add_argument("--stage", choices=["vae", "dit", "decoder", "all"], default="all")
     parser.add_argument("--export", action="store_true", help="export the run's weights and exit")
     parser.add_argument("--weights", default=None, help="export target (default: the bundled tiny weights)")
     defaults = TrainConfig()
@@ -303,7 +359,7 @@ def main(argv=None, args: Optional[argparse.Namespace] = None) -> int:
     if cfg_path.exists():  # resume: the recorded config wins; new overrides must agree or be step counts
         recorded = json.loads(cfg_path.read_text())["train"]
         for k, v in overrides.items():
-            if k not in ("vae_steps", "dit_steps", "threads", "ckpt_every", "log_every") and recorded.get(k) != v:
+            if k not in ("vae_steps", "dit_steps", "decoder_steps", "threads", "ckpt_every", "log_every") and recorded.get(k) != v:
                 raise ValueError(f"{run} was started with {k}={recorded.get(k)!r}; resume it unchanged or use a new --run")
         cfg = TrainConfig(**{**recorded, **overrides})
     else:
@@ -324,6 +380,14 @@ def main(argv=None, args: Optional[argparse.Namespace] = None) -> int:
         if args.stage == "dit":
             train_vae(cfg, run, pipe)  # loads the finished VAE checkpoint and its latent stats
         train_dit(cfg, run, pipe)
+    if args.stage == "decoder" and cfg.decoder_steps < 1:
+        raise ValueError("--stage decoder needs --decoder-steps N (N >= 1)")
+    if args.stage in ("decoder", "all") and cfg.decoder_steps > 0:
+        if not (run / "vae.pt").exists():
+            raise ValueError(f"{run} has no trained VAE (run --stage vae first)")
+        if args.stage == "decoder":
+            train_vae(cfg, run, pipe)
+        train_decoder(cfg, run, pipe)
     _log(run, f"done in {time.perf_counter() - start:.0f} s; export with: i2v train --run {run} --export")
     return 0
 

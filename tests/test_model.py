@@ -121,6 +121,32 @@ def test_vae_kernels_match_plain_and_shapes():
         a.encode(x[:, :, :8])
 
 
+def test_vae_shortcut_reshapes_invert_each_other():
+    """The parameter-free Downsample/Upsample shortcuts: channel folding is exactly undone, in space and
+    in causal time (frame 0 alone), and averaging/repeating channels are each other's inverse on
+    repeated inputs."""
+    from i2v_model.vae import average_channels, channels_to_space, repeat_channels, space_to_channels
+
+    x = torch.randn(2, 3, 9, 8, 6)
+    s = space_to_channels(x, temporal=False)
+    assert s.shape == (2, 12, 9, 4, 3)
+    torch.testing.assert_close(channels_to_space(s, temporal=False, first=True), x, rtol=0, atol=0)
+    t = space_to_channels(x, temporal=True)
+    assert t.shape == (2, 24, 5, 4, 3)
+    # Output frame j holds input frames (2j - 1, 2j): the frames a causal stride-2 conv output j ends on.
+    # Channels are (c, dt, dy, dx); frame 0 is its own pair.
+    for j, (a, b) in enumerate([(0, 0), (1, 2), (3, 4)]):
+        torch.testing.assert_close(t[:, 0, j], x[:, 0, a, ::2, ::2], rtol=0, atol=0)
+        torch.testing.assert_close(t[:, 4, j], x[:, 0, b, ::2, ::2], rtol=0, atol=0)
+        torch.testing.assert_close(t[:, 5, j], x[:, 0, b, ::2, 1::2], rtol=0, atol=0)
+        torch.testing.assert_close(t[:, 6, j], x[:, 0, b, 1::2, ::2], rtol=0, atol=0)
+    torch.testing.assert_close(channels_to_space(t, temporal=True, first=True), x, rtol=0, atol=0)
+    assert channels_to_space(t[:, :, 1:], temporal=True, first=False).shape == (2, 3, 8, 8, 6)
+    y = torch.randn(2, 4, 3, 5)
+    torch.testing.assert_close(average_channels(repeat_channels(y, 12), 4), y)
+    assert torch.equal(repeat_channels(y, 8)[:, 2:4], y[:, 1:2].expand(2, 2, 3, 5))
+
+
 def test_vae_is_causal():
     """Latent frame 0 depends on video frame 0 alone; decoded frame 0 on latent frame 0 alone."""
     vae = CausalVAE(small_config().vae).eval()
@@ -183,7 +209,8 @@ def test_sampler():
     torch.testing.assert_close(out[:, :, :1], first)
     torch.testing.assert_close(out[:, :, 1:], noise[:, :, 1:] - 1)  # integrates -1 over t: 1 -> 0
     cond = image_condition(first, 3)
-    assert cond.shape == (2, 5, 3, 4, 4) and cond[:, 4, 0].eq(1).all() and cond[:, :, 1:].eq(0).all()
+    assert cond.shape == (2, 5, 3, 4, 4) and cond[:, 4, 0].eq(1).all() and cond[:, 4, 1:].eq(0).all()
+    assert torch.equal(cond[:, :4], first.expand(-1, -1, 3, -1, -1))
 
     model_calls = []
 
@@ -429,8 +456,17 @@ def test_training_smoke_resume_and_export(small_tiny, tmp_path, capsys):
     assert "dit step 3/4" in log and log.count("dit step 1/") == 1
     with pytest.raises(ValueError, match="resume it unchanged"):
         train.main(["--run", str(run), "--dit-batch", "3"])
+    # The decoder stage refines the decoder only; the export takes its VAE.
+    vae_before = torch.load(run / "vae.pt", weights_only=False)["model"]
+    assert train.main(["--run", str(run), "--stage", "decoder", "--decoder-steps", "2"]) == 0
+    assert "decoder step 2/2" in (run / "log.txt").read_text()
+    refined = torch.load(run / "decoder.pt", weights_only=False)["model"]
+    assert all(torch.equal(refined[k], v) for k, v in vae_before.items() if k.startswith("encoder."))
+    assert not all(torch.equal(refined[k], v) for k, v in vae_before.items() if k.startswith("decoder."))
     out = tmp_path / "w.safetensors"
     assert train.main(["--run", str(run), "--export", "--weights", str(out)]) == 0
     pipe = I2VPipeline.from_pretrained("tiny", weights=out)
     assert pipe.pretrained and pipe.vae.latent_std.item() != 1.0
+    torch.testing.assert_close(pipe.vae.decoder.conv_out.weight, refined["decoder.conv_out.weight"])
+    torch.testing.assert_close(pipe.vae.encoder.conv_in.weight, vae_before["encoder.conv_in.weight"])
     capsys.readouterr()
