@@ -328,12 +328,36 @@ def export(run: Path, out: Path) -> Path:
     return out
 
 
+def seed_vae(cfg: TrainConfig, run: Path, weights: Path) -> None:
+    """Write ``run``'s finished VAE checkpoint and latent statistics from an exported weights file."""
+    from safetensors.torch import load_file
+
+    if (run / "vae.pt").exists():
+        raise ValueError(f"{run} already has a VAE checkpoint; --vae-from needs a new --run")
+    if not weights.is_file():
+        raise FileNotFoundError(f"--vae-from: no such weights file: {weights}")
+    state = {k[len("vae."):]: v for k, v in load_file(str(weights)).items() if k.startswith("vae.")}
+    vae = I2VPipeline(get_config(cfg.model), use_kernels=False).vae
+    try:
+        vae.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"--vae-from: {weights} has no VAE of model {cfg.model!r} ({str(e).splitlines()[0]})") from None
+    stats = {"mean": vae.latent_mean.item(), "std": vae.latent_std.item()}
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    _save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": cfg.vae_steps}, run / "vae.pt")
+    (run / "vae_stats.json").write_text(json.dumps(stats))
+    _log(run, f"vae taken from {weights} (latent stats {stats})")
+
+
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="i2v train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", default="runs/tiny", help="run folder: config, checkpoints, log")
     parser.add_argument("--stage", choices=["vae", "dit", "decoder", "all"], default="all")
     parser.add_argument("--export", action="store_true", help="export the run's weights and exit")
     parser.add_argument("--weights", default=None, help="export target (default: the bundled tiny weights)")
+    parser.add_argument("--vae-from", default=None, metavar="WEIGHTS",
+                        help="start the run from the VAE of an exported weights file (e.g. the bundled one) "
+                             "instead of training it: the VAE stage counts as done")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -370,6 +394,8 @@ def main(argv=None, args: Optional[argparse.Namespace] = None) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    if args.vae_from:
+        seed_vae(cfg, run, Path(args.vae_from))
     pipe = I2VPipeline(get_config(cfg.model), use_kernels=cfg.use_kernels)
     start = time.perf_counter()
     if args.stage in ("vae", "all"):

@@ -469,6 +469,17 @@ def test_training_smoke_resume_and_export(small_tiny, tmp_path, capsys):
     assert pipe.pretrained and pipe.vae.latent_std.item() != 1.0
     torch.testing.assert_close(pipe.vae.decoder.conv_out.weight, refined["decoder.conv_out.weight"])
     torch.testing.assert_close(pipe.vae.encoder.conv_in.weight, vae_before["encoder.conv_in.weight"])
+    # A new run seeded with that VAE skips the VAE stage and trains the DiT on its latents.
+    run2 = tmp_path / "run2"
+    assert train.main(["--run", str(run2), "--vae-from", str(out), "--vae-steps", "3", "--stats-clips", "2",
+                       "--dit-steps", "1", "--dit-batch", "2", "--pool", "2", "--log-every", "1", "--warmup", "1"]) == 0
+    log2 = (run2 / "log.txt").read_text()
+    assert "vae taken from" in log2 and "vae step" not in log2 and "dit step 1/1" in log2
+    seeded = torch.load(run2 / "vae.pt", weights_only=False)
+    assert seeded["step"] == 3
+    torch.testing.assert_close(seeded["model"]["decoder.conv_out.weight"], pipe.vae.decoder.conv_out.weight)
+    with pytest.raises(ValueError, match="needs a new --run"):
+        train.main(["--run", str(run2), "--vae-from", str(out)])
     capsys.readouterr()
 
 
