@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["euler_sample", "flow_matching_loss", "image_condition", "sample_timesteps", "shifted_timesteps",
+__all__ = ["euler_sample", "flow_matching_loss", "image_condition", "noised", "sample_timesteps", "shifted_timesteps",
            "x0_matching_loss"]
 
 
@@ -56,6 +56,15 @@ def image_condition(image_latent: Tensor, frames: int) -> Tensor:
     return cond
 
 
+def noised(z0: Tensor, t: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """``(x_t, noise)``: ``x_t = (1 - t) z0 + t noise`` for ``z0 [B, C, T, h, w]`` and ``t [B]``, frame 0
+    kept clean (it is the given image)."""
+    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    tt = t.view(-1, 1, 1, 1, 1).to(z0.dtype)
+    xt = (1 - tt) * z0 + tt * noise
+    return torch.cat([z0[:, :, :1], xt[:, :, 1:]], dim=2), noise
+
+
 def x0_matching_loss(denoise: Callable[[Tensor, Tensor], Tensor], z0: Tensor, t: Tensor,
                      generator: Optional[torch.Generator] = None) -> Tensor:
     """Flow matching in clean-latent form: MSE between ``denoise(x_t, t)`` and ``z0`` over frames ``1:``.
@@ -63,10 +72,7 @@ def x0_matching_loss(denoise: Callable[[Tensor, Tensor], Tensor], z0: Tensor, t:
     Equal to :func:`flow_matching_loss` of the velocity ``(x_t - x0) / t`` weighted by ``t^2`` (which keeps
     the low-noise end, where the velocity divides by a small ``t``, from dominating).
     """
-    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
-    tt = t.view(-1, 1, 1, 1, 1).to(z0.dtype)
-    xt = (1 - tt) * z0 + tt * noise
-    xt = torch.cat([z0[:, :, :1], xt[:, :, 1:]], dim=2)
+    xt, _ = noised(z0, t, generator)
     return ((denoise(xt, t) - z0)[:, :, 1:] ** 2).mean()
 
 
@@ -76,10 +82,7 @@ def flow_matching_loss(velocity: Callable[[Tensor, Tensor], Tensor], z0: Tensor,
 
     ``z0 [B, C, T, h, w]`` clean latents, ``t [B]``.
     """
-    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
-    tt = t.view(-1, 1, 1, 1, 1).to(z0.dtype)
-    xt = (1 - tt) * z0 + tt * noise
-    xt = torch.cat([z0[:, :, :1], xt[:, :, 1:]], dim=2)
+    xt, noise = noised(z0, t, generator)
     v = velocity(xt, t)
     return ((v - (noise - z0))[:, :, 1:] ** 2).mean()
 

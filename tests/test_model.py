@@ -16,7 +16,8 @@ from i2v_model.dit import VideoDiT, rope_3d
 from i2v_model.evaluate import estimate_motion, motion_matches, phase_correlation
 from i2v_model.io import ImageError, load_image, read_video, save_video
 from i2v_model.pipeline import I2VPipeline
-from i2v_model.sampler import euler_sample, flow_matching_loss, guided, image_condition, shifted_timesteps
+from i2v_model.sampler import (euler_sample, flow_matching_loss, guided, image_condition, shifted_timesteps,
+                               x0_matching_loss)
 from i2v_model.text import ByteTokenizer, TextEncoder
 from i2v_model.vae import CausalVAE
 
@@ -223,6 +224,12 @@ def test_sampler():
     v = guided(model, cond, ctx, null, 3.0)(noise, torch.ones(2))
     torch.testing.assert_close(v, 3.0 * torch.ones_like(noise))  # 0 + 3 (1 - 0)
     assert model_calls == [4]  # one batch for both halves
+    # The clean-latent loss is the velocity loss of v = (x_t - x0) / t weighted by t^2.
+    z0, denoise = torch.randn(2, 4, 3, 4, 4), lambda x, t: 0.5 * x
+    t = torch.full((2,), 0.3)
+    x0_loss = x0_matching_loss(denoise, z0, t, generator=torch.Generator().manual_seed(1))
+    v_loss = flow_matching_loss(lambda x, t: (x - denoise(x, t)) / 0.3, z0, t, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x0_loss, 0.09 * v_loss)
     loss = flow_matching_loss(lambda x, t: torch.zeros_like(x), torch.randn(2, 4, 3, 4, 4), torch.rand(2))
     assert loss.ndim == 0 and torch.isfinite(loss)
 
