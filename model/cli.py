@@ -116,7 +116,16 @@ def _outputs(out: Optional[str]) -> list[Path]:
 def _load_pipeline(args, cfg):
     from i2v_model.pipeline import I2VPipeline
 
-    pipe = I2VPipeline.from_pretrained(cfg.name, use_kernels=args.backend != "eager", device=_device())
+    weights = getattr(args, "weights", None)
+    if weights is not None and not Path(weights).is_file():
+        raise UserError(f"--weights: no such file: {weights}")
+    try:
+        pipe = I2VPipeline.from_pretrained(cfg.name, weights=weights, use_kernels=args.backend != "eager",
+                                           device=_device())
+    except Exception as e:  # not safetensors (SafetensorError), or weights of another architecture
+        if weights is None:
+            raise
+        raise UserError(f"--weights: cannot load {weights}: {str(e).splitlines()[0]}") from None
     if not pipe.pretrained:
         print(f"i2v: note: model {cfg.name!r} has no trained weights here; using random weights", file=sys.stderr)
     if getattr(args, "compile", False):
@@ -254,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", help=f"kernel backend: {', '.join(BACKENDS)} (eager: plain PyTorch)")
     g.add_argument("--compile", action="store_true", help="torch.compile the DiT")
     g.add_argument("--model", default="tiny", help=f"one of: {', '.join(config_names())}")
+    g.add_argument("--weights", help="a safetensors file from `i2v train --export` (default: the bundled weights)")
     g.add_argument("--fps", type=int, default=8)
     g.add_argument("--upscale", type=int, default=1, help="enlarge the written frames N times (nearest)")
     g.set_defaults(func=cmd_generate)
@@ -265,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--motions", help="comma-separated subset of the camera motions (default: all)")
     e.add_argument("--backend", default="auto")
     e.add_argument("--model", default="tiny")
+    e.add_argument("--weights", help="a safetensors file from `i2v train --export` (default: the bundled weights)")
     e.set_defaults(func=cmd_eval)
 
     from i2v_model.train import build_parser as train_parser

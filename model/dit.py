@@ -5,9 +5,11 @@ first-frame latent repeated on every frame, then a mask channel that is 1 on fra
 concatenated along channels as in CogVideoX-I2V, see :func:`i2v_model.sampler.image_condition`), the flow time ``t [B]`` in
 ``[0, 1]`` and the prompt tokens ``context [B, L, C_text]`` (first ``kv_lens[b]`` valid) with their
 pooled vector ``pooled [B, C_text]``. Output: the velocity ``v [B, C, T, h, w]`` of the
-predicted clean latent (:meth:`VideoDiT.denoise`).
+predicted clean latent (:meth:`VideoDiT.denoise`: the first frame moved by a predicted flow, plus a
+preconditioned correction).
 
-Tokens are ``[B, T, S, D]`` with ``S = (h / p) (w / p)`` (``p x p`` spatial patches). Each block::
+Tokens are ``[B, T, S, D]`` with ``S = (h / p) (w / p)`` (``p x p`` spatial patches), plus a learned
+projection of sin-cos features of their absolute position (frame, row, column). Each block::
 
     h = adaLN(x; shift1, scale1)
     x, h = x + gate1 * spatial_attn(h),  adaLN(.; shift2, scale2)     # gated_residual_adaln (fused)
@@ -40,15 +42,20 @@ from i2v_kernels.ops.adaln import reference as adaln_ref
 
 from i2v_model.config import DiTConfig
 
-__all__ = ["VideoDiT", "rope_3d", "timestep_features"]
+__all__ = ["VideoDiT", "rope_3d", "sinusoids", "timestep_features", "warp"]
 
 
-def timestep_features(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal features of ``1000 t``: ``t [B] -> [B, dim]`` (cos then sin)."""
+def sinusoids(pos: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of positions ``pos [N] -> [N, dim]`` (cos then sin, periods 2 pi .. max_period)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    angles = 1000.0 * t.float()[:, None] * freqs[None, :]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=pos.device) / half)
+    angles = pos.float()[:, None] * freqs[None, :]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def timestep_features(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal features of ``1000 t``: ``t [B] -> [B, dim]``."""
+    return sinusoids(1000.0 * t.float(), dim)
 
 
 def rope_bands(head_dim: int) -> tuple[int, int, int]:
@@ -120,12 +127,17 @@ class VideoDiT(nn.Module):
         D, p = cfg.width, cfg.patch
         in_channels = 2 * latent_channels + 1  # noisy latent, image latent, mask
         self.patch_embed = nn.Linear(in_channels * p * p, D)
+        # Absolute position (frame index, row and column from the centre; as Latte's and DiT's fixed
+        # sin-cos embeddings, here through a learned projection): attention sees only relative
+        # positions (and inside a frame none in time), yet a pan moves frame k's content k times as far
+        # and a zoom moves each point in proportion to its distance from the centre.
+        self.pos_embed = nn.Linear(3 * cfg.freq_dim, D)
         self.time_embed = nn.Sequential(nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
         self.text_embed = nn.Linear(context_dim, D)
         self.blocks = nn.ModuleList(DiTBlock(cfg, context_dim, use_kernels) for _ in range(cfg.depth))
         self.norm_out = AdaLNModulate(D, use_kernels=use_kernels)
         self.modulation_out = nn.Linear(D, 2 * D)
-        self.proj_out = nn.Linear(D, latent_channels * p * p)
+        self.proj_out = nn.Linear(D, (latent_channels + 2) * p * p)  # the denoiser output and a 2-D flow
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -136,6 +148,7 @@ class VideoDiT(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.time_embed[0].weight, std=0.02)
         nn.init.normal_(self.time_embed[2].weight, std=0.02)
+        nn.init.normal_(self.pos_embed.weight, std=0.02)
         # adaLN-Zero: zero gates make every block the identity at initialization.
         for block in self.blocks:
             nn.init.zeros_(block.modulation.weight)
@@ -155,9 +168,20 @@ class VideoDiT(nn.Module):
     def unpatchify(self, x: Tensor, h: int, w: int) -> Tensor:
         """``[B, T, S, C p p] -> [B, C, T, h, w]``."""
         B, T, S, _ = x.shape
-        p, C = self.cfg.patch, self.latent_channels
+        p = self.cfg.patch
+        C = x.shape[-1] // (p * p)
         x = x.view(B, T, h // p, w // p, C, p, p).permute(0, 4, 1, 2, 5, 3, 6)
         return x.reshape(B, C, T, h, w)
+
+    def position_features(self, T: int, H: int, W: int, device=None) -> Tensor:
+        """Sinusoids of each token's frame index and of its row and column from the frame's centre:
+        ``[T, H W, 3 freq_dim]`` (token grid ``T x H x W``)."""
+        f = self.cfg.freq_dim
+        t = sinusoids(torch.arange(T, device=device, dtype=torch.float32), f)
+        r = sinusoids(torch.arange(H, device=device, dtype=torch.float32) - (H - 1) / 2, f)
+        c = sinusoids(torch.arange(W, device=device, dtype=torch.float32) - (W - 1) / 2, f)
+        return torch.cat([t[:, None, None].expand(T, H, W, f), r[None, :, None].expand(T, H, W, f),
+                          c[None, None, :].expand(T, H, W, f)], dim=-1).reshape(T, H * W, 3 * f)
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor, context: Tensor, kv_lens: Tensor,
                 pooled: Tensor) -> Tensor:
@@ -165,11 +189,36 @@ class VideoDiT(nn.Module):
         x0 = self.denoise(x, t, cond, context, kv_lens, pooled)
         return (x - x0) / t.to(x.dtype).clamp_min(self.min_t).view(-1, 1, 1, 1, 1)
 
+    def preconditioning(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(c_skip, c_out)``, each ``[B, 1, 1, 1, 1]``, of :meth:`denoise` at flow times ``t [B]``.
+
+        With the clean latent ``x0 = z + d`` (``z`` the first frame's latent, ``d`` the motion residual,
+        std ``s = sigma_motion``) and ``x_t = (1 - t) x0 + t noise``, the best linear guess of ``d`` from
+        ``x_t - (1 - t) z = (1 - t) d + t noise`` is ``c_skip (x_t - (1 - t) z)`` with
+        ``c_skip = (1 - t) s^2 / ((1 - t)^2 s^2 + t^2)``, and its error has std
+        ``c_out = s t / sqrt((1 - t)^2 s^2 + t^2)`` (EDM's preconditioning, Karras et al. 2022, around
+        the first frame). The network predicts that error in units of ``c_out``: at low noise the skip
+        is nearly exact (``x0 ~ x_t``), at high noise the network supplies the motion.
+        """
+        s2 = self.cfg.sigma_motion ** 2
+        t = t.float().view(-1, 1, 1, 1, 1)
+        a = 1 - t
+        denom = a * a * s2 + t * t
+        return a * s2 / denom, self.cfg.sigma_motion * t / denom.sqrt()
+
     def denoise(self, x: Tensor, t: Tensor, cond: Tensor, context: Tensor, kv_lens: Tensor,
                 pooled: Tensor) -> Tensor:
-        """The clean latent ``x0 [B, C, T, h, w]``, predicted as the image latent (``cond``'s first ``C``
-        channels, the first frame on every frame) plus what the network adds: motion is a residual over
-        a still shot, and an untrained or unsure network gives a still image, never noise."""
+        """The clean latent ``x0 [B, C, T, h, w]``: the first frame's latent (``cond``'s first ``C``
+        channels) moved by a predicted flow (:func:`warp`), plus the preconditioned skip from ``x_t``
+        and the network's correction scaled by ``c_out`` (:meth:`preconditioning`).
+
+        The network's output has ``C + 2`` channels per latent pixel: the correction, and a flow step
+        ``(dx, dy)`` in latent pixels from each frame to the next (their running sum is the flow from
+        the first frame). Camera motion and moving objects are flows of the first frame, so motion is a
+        smooth field to regress, not a pattern to paint; the correction
+        adds what the flow cannot show (content entering the frame, blur). An untrained or unsure
+        network gives a still image at high noise and the input itself at low noise, never noise.
+        """
         B, C, T, h, w = x.shape
         p = self.cfg.patch
         if C != self.latent_channels or h % p or w % p:
@@ -178,12 +227,37 @@ class VideoDiT(nn.Module):
         if cond.shape != (B, C + 1, T, h, w):
             raise ValueError(f"VideoDiT: cond must be [B, {C + 1}, T, h, w] = {(B, C + 1, T, h, w)}, "
                              f"got {tuple(cond.shape)}")
+        if t.shape != (B,):
+            raise ValueError(f"VideoDiT: t must be [B] = [{B}], got {tuple(t.shape)}")
         tokens = self.patch_embed(self.patchify(torch.cat([x, cond.to(x.dtype)], dim=1)))
+        pos = self.position_features(T, h // p, w // p, device=x.device).to(x.dtype)
+        tokens = tokens + self.pos_embed(pos)[None]
         c = self.time_embed(timestep_features(t, self.cfg.freq_dim).to(x.dtype)) + self.text_embed(pooled)
         c = F.silu(c)
         rope = rope_3d(T, h // p, w // p, self.cfg.head_dim, self.cfg.rope_theta, device=x.device)
         for block in self.blocks:
             tokens = block(tokens, c, rope, context, kv_lens)
         shift, scale = self.modulation_out(c).view(B, 1, 1, 2, -1).unbind(3)
-        out = self.proj_out(self.norm_out(tokens, shift, scale))
-        return cond[:, :C].to(x.dtype) + self.unpatchify(out, h, w)
+        out = self.unpatchify(self.proj_out(self.norm_out(tokens, shift, scale)), h, w)
+        # The flow of frame k is the sum of the per-frame steps of frames 1..k: a steady motion is one
+        # step repeated, so the far frames' large shifts follow from the near frames' small ones (a
+        # bilinear warp's gradient only reaches about a pixel; frame 0 is the image and never moves).
+        steps = out[:, C:, 1:]
+        flow = torch.cat([torch.zeros_like(out[:, C:, :1]), steps.cumsum(dim=2)], dim=2)
+        moved = warp(cond[:, :C].to(x.dtype), flow)
+        c_skip, c_out = (c.to(x.dtype) for c in self.preconditioning(t))
+        return moved + c_skip * (x - (1 - t.to(x.dtype).view(-1, 1, 1, 1, 1)) * moved) + c_out * out[:, :C]
+
+
+def warp(z: Tensor, flow: Tensor) -> Tensor:
+    """``z [B, C, T, h, w]`` resampled at ``(x + dx, y + dy)`` for ``flow [B, 2, T, h, w]`` in pixels
+    (bilinear, borders extended): each output pixel takes the content found ``flow`` away from it."""
+    B, C, T, h, w = z.shape
+    ys = (2 * torch.arange(h, device=z.device, dtype=z.dtype) + 1) / h - 1   # pixel centres (align_corners=False)
+    xs = (2 * torch.arange(w, device=z.device, dtype=z.dtype) + 1) / w - 1
+    gx = xs.view(1, 1, 1, w) + flow[:, 0] * (2.0 / w)
+    gy = ys.view(1, 1, h, 1) + flow[:, 1] * (2.0 / h)
+    grid = torch.stack([gx, gy], dim=-1).reshape(B * T, h, w, 2)
+    frames = z.transpose(1, 2).reshape(B * T, C, h, w)
+    out = F.grid_sample(frames, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.view(B, T, C, h, w).transpose(1, 2)

@@ -66,14 +66,18 @@ def noised(z0: Tensor, t: Tensor, generator: Optional[torch.Generator] = None) -
 
 
 def x0_matching_loss(denoise: Callable[[Tensor, Tensor], Tensor], z0: Tensor, t: Tensor,
-                     generator: Optional[torch.Generator] = None) -> Tensor:
-    """Flow matching in clean-latent form: MSE between ``denoise(x_t, t)`` and ``z0`` over frames ``1:``.
+                     generator: Optional[torch.Generator] = None, weight: Optional[Tensor] = None) -> Tensor:
+    """Flow matching in clean-latent form: MSE between ``denoise(x_t, t)`` and ``z0`` over frames ``1:``,
+    each sample's squared error times ``weight [B]`` when given.
 
-    Equal to :func:`flow_matching_loss` of the velocity ``(x_t - x0) / t`` weighted by ``t^2`` (which keeps
-    the low-noise end, where the velocity divides by a small ``t``, from dominating).
+    Unweighted it equals :func:`flow_matching_loss` of the velocity ``(x_t - x0) / t`` weighted by ``t^2``
+    (which keeps the low-noise end, where the velocity divides by a small ``t``, from dominating);
+    ``weight = c_out^-2`` trains a preconditioned denoiser (:meth:`VideoDiT.preconditioning`) with unit
+    weight on its network output at every noise level, as EDM does.
     """
     xt, _ = noised(z0, t, generator)
-    return ((denoise(xt, t) - z0)[:, :, 1:] ** 2).mean()
+    err = ((denoise(xt, t) - z0)[:, :, 1:] ** 2).flatten(1).mean(1)
+    return (err if weight is None else err * weight.to(err.dtype)).mean()
 
 
 def flow_matching_loss(velocity: Callable[[Tensor, Tensor], Tensor], z0: Tensor, t: Tensor,

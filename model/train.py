@@ -6,7 +6,8 @@ Stages (``--stage vae|dit|decoder|all``; ``all`` runs them in this order):
    convolutional and causal, so it transfers to 64x64, 17 frames): L1 + MSE + a small KL term. Then
    the latent mean/std are measured on full clips and stored in the VAE (the DiT's latent scale).
 2. **dit** -- flow matching on latents of 17-frame clips, the DiT predicting the clean latent (as a
-   residual over the first frame, see :meth:`VideoDiT.denoise`) with a t^2-weighted velocity loss. A pool of encoded clips is kept in memory
+   residual over the first frame, preconditioned as EDM does, see :meth:`VideoDiT.denoise`), each noise
+   level weighted alike in the network's output units. A pool of encoded clips is kept in memory
    and partly refreshed with new clips every ``refresh_every`` steps (encoding every batch would cost
    more than the DiT step). Prompts are dropped 10% of the time (classifier-free guidance). An EMA of
    the DiT and text encoder is what gets exported.
@@ -65,7 +66,7 @@ class TrainConfig:
     kl_weight: float = 1e-6
     stats_clips: int = 32         # full-size clips that measure the latent mean/std
     # DiT stage
-    dit_steps: int = 2800
+    dit_steps: int = 5000
     dit_batch: int = 12
     dit_lr: float = 5e-4
     pool: int = 1024              # encoded clips kept in memory
@@ -280,7 +281,9 @@ def train_dit(cfg: TrainConfig, run: Path, pipe: I2VPipeline) -> I2VPipeline:
         context = pipe.text(prompts)
         cond = image_condition(z0[:, :, :1], z0.shape[2])
         t = sample_timesteps(cfg.dit_batch, mcfg.shift, generator=gen)
-        loss = x0_matching_loss(lambda x, tt: pipe.dit.denoise(x, tt, cond, *context), z0, t, generator=gen)
+        weight = pipe.dit.preconditioning(t)[1].flatten().clamp_min(1e-3) ** -2  # unit weight on the network
+        loss = x0_matching_loss(lambda x, tt: pipe.dit.denoise(x, tt, cond, *context), z0, t, generator=gen,
+                                weight=weight)
         _update(opt, params, loss, bar)
         with torch.no_grad():
             decay = min(cfg.ema, (1 + step) / (10 + step))

@@ -12,7 +12,7 @@ import torch
 
 from i2v_model.config import CONFIGS, DiTConfig, ModelConfig, TextConfig, VAEConfig, get_config
 from i2v_model.data import CAMERA_MOTIONS, ClipSource, Motion, render_clip
-from i2v_model.dit import VideoDiT, rope_3d
+from i2v_model.dit import VideoDiT, rope_3d, warp
 from i2v_model.evaluate import estimate_motion, motion_matches, phase_correlation
 from i2v_model.io import ImageError, load_image, read_video, save_video
 from i2v_model.pipeline import I2VPipeline
@@ -99,6 +99,82 @@ def test_dit_padding_is_ignored():
     with torch.no_grad():
         torch.testing.assert_close(dit(x, t, cond, ctx, torch.tensor([6]), pooled),
                                    dit(x, t, cond, ctx2, torch.tensor([6]), pooled))
+
+
+def test_dit_preconditioning_ends():
+    """Whatever the network says: at t = 0 the clean latent is the input itself, at t = 1 it is the first
+    frame plus c_out = sigma_motion times the network output; c_skip / c_out are the linear estimate's."""
+    cfg = small_config()
+    dit = randomize(VideoDiT(cfg.dit, cfg.vae.latent_channels, cfg.text.out_dim)).eval()
+    x, cond = torch.randn(2, 4, 3, 4, 4), torch.randn(2, 5, 3, 4, 4)
+    ctx, lens, pooled = torch.randn(2, 6, 32), torch.tensor([6, 3]), torch.randn(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(dit.denoise(x, torch.zeros(2), cond, ctx, lens, pooled), x)
+        at_one = dit.denoise(x, torch.ones(2), cond, ctx, lens, pooled)
+        other_x = dit.denoise(torch.randn_like(x), torch.ones(2), cond, ctx, lens, pooled)
+    assert (at_one - cond[:, :4]).abs().mean() > 1e-3  # the network's part, not the condition alone
+    assert not torch.allclose(at_one, other_x)          # the network still sees x_t ...
+    s, t = cfg.dit.sigma_motion, torch.tensor([0.3])
+    c_skip, c_out = dit.preconditioning(t)
+    # ... but the skip does not: c_skip, c_out minimize E|c_skip ((1-t) d + t n) - d|^2 for d ~ N(0, s^2).
+    a = 1 - t
+    torch.testing.assert_close(c_skip.flatten(), a * s ** 2 / (a ** 2 * s ** 2 + t ** 2))
+    residual = (c_skip.flatten() * a - 1) ** 2 * s ** 2 + (c_skip.flatten() * t) ** 2
+    torch.testing.assert_close(c_out.flatten() ** 2, residual)
+    with pytest.raises(ValueError, match="t must be"):
+        dit.denoise(x, torch.zeros(3), cond, ctx, lens, pooled)
+
+
+def test_dit_knows_the_frame_index():
+    """Identical frames (no mask) still get different outputs per frame: attention alone sees only
+    relative positions, the position embedding gives each frame its index."""
+    cfg = small_config()
+    dit = randomize(VideoDiT(cfg.dit, cfg.vae.latent_channels, cfg.text.out_dim)).eval()
+    x = torch.randn(1, 4, 1, 4, 4).expand(1, 4, 3, 4, 4).contiguous()
+    cond = torch.cat([torch.randn(1, 4, 1, 4, 4).expand(1, 4, 3, 4, 4), torch.zeros(1, 1, 3, 4, 4)], dim=1)
+    ctx, lens, pooled = torch.randn(1, 6, 32), torch.tensor([6]), torch.randn(1, 32)
+    seen = []
+    dit.proj_out.register_forward_hook(lambda m, i, o: seen.append(o))  # the network's output [B, T, S, .]
+    with torch.no_grad():
+        dit.denoise(x, torch.full((1,), 0.7), cond, ctx, lens, pooled)
+        assert (seen[-1][:, 1] - seen[-1][:, 2]).abs().max() > 1e-3
+        dit.pos_embed.weight.zero_()
+        dit.pos_embed.bias.zero_()
+        dit.denoise(x, torch.full((1,), 0.7), cond, ctx, lens, pooled)
+    torch.testing.assert_close(seen[-1][:, 1], seen[-1][:, 2])  # without it the frames are indistinguishable
+
+
+def test_warp_moves_content_by_the_flow():
+    z = torch.randn(2, 3, 2, 6, 7)
+    torch.testing.assert_close(warp(z, torch.zeros(2, 2, 2, 6, 7)), z)
+    flow = torch.zeros(2, 2, 2, 6, 7)
+    flow[:, 0, 1] = 2.0   # frame 1: take the content 2 pixels to the right (it moves left)
+    flow[1, 1, 0] = -1.0  # sample 1, frame 0: take the content 1 pixel up (it moves down)
+    out = warp(z, flow)
+    torch.testing.assert_close(out[:, :, 1, :, :-2], z[:, :, 1, :, 2:])
+    torch.testing.assert_close(out[:, :, 1, :, -2:], z[:, :, 1, :, -1:].expand(-1, -1, -1, 2))  # border
+    torch.testing.assert_close(out[1, :, 0, 1:], z[1, :, 0, :-1])
+    torch.testing.assert_close(out[0, :, 0], z[0, :, 0])
+    half = warp(z, torch.full((2, 2, 2, 6, 7), 0.5) * torch.tensor([1.0, 0.0]).view(1, 2, 1, 1, 1))
+    torch.testing.assert_close(half[..., :-1], (z[..., :-1] + z[..., 1:]) / 2)  # bilinear between
+
+
+def test_dit_flow_output_moves_the_first_frame():
+    """At t = 1 with a zero correction the clean latent is the first frame warped by the flow head's
+    running sum: a step of one pixel per frame moves frame k by k pixels."""
+    cfg = small_config()
+    dit = VideoDiT(cfg.dit, cfg.vae.latent_channels, cfg.text.out_dim).eval()
+    C, p = cfg.vae.latent_channels, cfg.dit.patch
+    with torch.no_grad():
+        dit.proj_out.bias.view(C + 2, p, p)[C] = 1.0  # flow step dx = 1 everywhere, nothing else
+    x, cond = torch.randn(1, C, 3, 4, 6), torch.randn(1, C + 1, 3, 4, 6)
+    ctx, lens, pooled = torch.randn(1, 6, 32), torch.tensor([6]), torch.randn(1, 32)
+    with torch.no_grad():
+        y = dit.denoise(x, torch.ones(1), cond, ctx, lens, pooled)
+    z = cond[:, :C]
+    torch.testing.assert_close(y[:, :, 0], z[:, :, 0])
+    torch.testing.assert_close(y[:, :, 1, :, :-1], z[:, :, 1, :, 1:])
+    torch.testing.assert_close(y[:, :, 2, :, :-2], z[:, :, 2, :, 2:])
 
 
 def test_rope_3d_shape():
@@ -230,6 +306,15 @@ def test_sampler():
     x0_loss = x0_matching_loss(denoise, z0, t, generator=torch.Generator().manual_seed(1))
     v_loss = flow_matching_loss(lambda x, t: (x - denoise(x, t)) / 0.3, z0, t, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(x0_loss, 0.09 * v_loss)
+    # A per-sample weight scales each sample's error (the EDM weighting of the trainer).
+    t2 = torch.tensor([0.2, 0.7])
+    g = torch.Generator().manual_seed(3)
+    n = torch.randn(z0.shape, generator=g)  # the same noise the batched call draws
+    xt = torch.cat([z0[:, :, :1], ((1 - t2.view(-1, 1, 1, 1, 1)) * z0 + t2.view(-1, 1, 1, 1, 1) * n)[:, :, 1:]], 2)
+    per_sample = ((0.5 * xt - z0)[:, :, 1:] ** 2).flatten(1).mean(1)
+    weighted = x0_matching_loss(denoise, z0, t2, generator=torch.Generator().manual_seed(3),
+                                weight=torch.tensor([1.0, 4.0]))
+    torch.testing.assert_close(weighted, (per_sample[0] + 4 * per_sample[1]) / 2)
     loss = flow_matching_loss(lambda x, t: torch.zeros_like(x), torch.randn(2, 4, 3, 4, 4), torch.rand(2))
     assert loss.ndim == 0 and torch.isfinite(loss)
 
@@ -399,8 +484,10 @@ def _run_cli(argv, capsys):
     (["generate", "--nope"], "unrecognized arguments"),
     (["eval", "--model", "huge"], "unknown model"),
     (["eval", "--motions", "pan_sideways"], "unknown motion"),
+    (["generate", "--weights", "missing.safetensors"], "--weights: no such file"),
+    (["eval", "--weights", "notes.txt"], "--weights: cannot load notes.txt"),
 ], ids=["missing", "not-image", "frames-8", "frames-0", "model", "backend", "out-folder", "out-suffix", "steps",
-        "frames-type", "unknown-flag", "eval-model", "eval-motion"])
+        "frames-type", "unknown-flag", "eval-model", "eval-motion", "weights-missing", "weights-not-safetensors"])
 def test_cli_bad_input(in_tmp, capsys, argv, message):
     (in_tmp / "notes.txt").write_text("hello")
     before = sorted(os.listdir(in_tmp))
@@ -476,6 +563,9 @@ def test_training_smoke_resume_and_export(small_tiny, tmp_path, capsys):
     assert pipe.pretrained and pipe.vae.latent_std.item() != 1.0
     torch.testing.assert_close(pipe.vae.decoder.conv_out.weight, refined["decoder.conv_out.weight"])
     torch.testing.assert_close(pipe.vae.encoder.conv_in.weight, vae_before["encoder.conv_in.weight"])
+    rc, out_text, err = _run_cli(["eval", "--weights", str(out), "--images", "1", "--steps", "1", "--motions",
+                                  "static"], capsys)
+    assert rc == 0 and "motion adherence" in out_text, err
     # A new run seeded with that VAE skips the VAE stage and trains the DiT on its latents.
     run2 = tmp_path / "run2"
     assert train.main(["--run", str(run2), "--vae-from", str(out), "--vae-steps", "3", "--stats-clips", "2",
@@ -526,10 +616,7 @@ def test_bundled_vae_reconstructs_heldout_clips(bundled):
 
 @pytest.mark.slow
 def test_bundled_model_keeps_the_input_as_frame_0(bundled):
-    """A held-out image and the bundled sample: a full-length video whose first frame is the input.
-
-    (Motion adherence is what ``i2v eval`` measures; the bundled DiT does not meet its target yet, see
-    the README, so it is not asserted here.)"""
+    """A held-out image and the bundled sample: a full-length video whose first frame is the input."""
     from i2v_model.data import PROMPTS
     from i2v_model.evaluate import psnr
     from i2v_model.io import load_image
@@ -541,3 +628,20 @@ def test_bundled_model_keeps_the_input_as_frame_0(bundled):
         assert video.shape == (3, 17, 64, 64) and torch.isfinite(video).all()
         assert set(timings) == {"encode", "denoise", "decode"}
         assert psnr(video[:, 0], image) > 25.0
+
+
+@pytest.mark.slow
+def test_bundled_model_pans_and_tilts_the_prompted_way(bundled):
+    """Pans and tilts on held-out images (not the ones ``i2v eval`` uses) move the content as the
+    cinematographer's convention says, measured as ``i2v eval`` measures it. (Adherence over all nine
+    camera motions is below its 90% target, see the README: zooms and rotations are not asserted.)"""
+    from i2v_model.data import PROMPTS
+
+    _, images = _heldout_images(2)
+    results = []
+    for kind in ("pan_right", "pan_left", "tilt_up", "tilt_down"):
+        for i, image in enumerate(images):
+            video, _ = bundled.generate(image, PROMPTS[kind][0], seed=i)
+            m = estimate_motion(video)
+            results.append((kind, i, motion_matches(kind, m), str(m)))
+    assert sum(ok for _, _, ok, _ in results) >= 7, results
