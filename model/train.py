@@ -66,7 +66,7 @@ class TrainConfig:
     kl_weight: float = 1e-6
     stats_clips: int = 32         # full-size clips that measure the latent mean/std
     # DiT stage
-    dit_steps: int = 5000
+    dit_steps: int = 7500
     dit_batch: int = 12
     dit_lr: float = 5e-4
     pool: int = 1024              # encoded clips kept in memory
