@@ -61,9 +61,10 @@ class DiTConfig:
     patch: int = 2            # spatial patch size on the latent (time is never patched)
     qk_norm: str | None = "rms"
     rope_theta: float = 10000.0
-    freq_dim: int = 256       # sinusoidal timestep (and frame index) features
-    # Std of the motion residual (clean latent minus the first frame's, in normalized latent units): the
-    # denoiser's preconditioning, see VideoDiT.denoise. Measured on training clips of the tiny model.
+    freq_dim: int = 256       # sinusoidal timestep (and token position) features
+    # Std of the clean latent minus the first frame's (normalized latent units; measured on training
+    # clips of the tiny model), the residual's std before the predicted flow moves the first frame:
+    # the denoiser's preconditioning, see VideoDiT.preconditioning.
     sigma_motion: float = 0.75
 
     @property

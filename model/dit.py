@@ -192,8 +192,8 @@ class VideoDiT(nn.Module):
     def preconditioning(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(c_skip, c_out)``, each ``[B, 1, 1, 1, 1]``, of :meth:`denoise` at flow times ``t [B]``.
 
-        With the clean latent ``x0 = z + d`` (``z`` the first frame's latent, ``d`` the motion residual,
-        std ``s = sigma_motion``) and ``x_t = (1 - t) x0 + t noise``, the best linear guess of ``d`` from
+        With the clean latent ``x0 = z + d`` (``z`` the first frame's latent moved by the predicted
+        flow, ``d`` the residual, std at most ``s = sigma_motion``) and ``x_t = (1 - t) x0 + t noise``, the best linear guess of ``d`` from
         ``x_t - (1 - t) z = (1 - t) d + t noise`` is ``c_skip (x_t - (1 - t) z)`` with
         ``c_skip = (1 - t) s^2 / ((1 - t)^2 s^2 + t^2)``, and its error has std
         ``c_out = s t / sqrt((1 - t)^2 s^2 + t^2)`` (EDM's preconditioning, Karras et al. 2022, around
@@ -215,8 +215,8 @@ class VideoDiT(nn.Module):
         The network's output has ``C + 2`` channels per latent pixel: the correction, and a flow step
         ``(dx, dy)`` in latent pixels from each frame to the next (their running sum is the flow from
         the first frame). Camera motion and moving objects are flows of the first frame, so motion is a
-        smooth field to regress, not a pattern to paint; the correction
-        adds what the flow cannot show (content entering the frame, blur). An untrained or unsure
+        smooth field to regress, not a pattern to paint; the correction adds what the flow cannot
+        show (content entering the frame, blur). An untrained or unsure
         network gives a still image at high noise and the input itself at low noise, never noise.
         """
         B, C, T, h, w = x.shape
@@ -245,7 +245,7 @@ class VideoDiT(nn.Module):
         steps = out[:, C:, 1:]
         flow = torch.cat([torch.zeros_like(out[:, C:, :1]), steps.cumsum(dim=2)], dim=2)
         moved = warp(cond[:, :C].to(x.dtype), flow)
-        c_skip, c_out = (c.to(x.dtype) for c in self.preconditioning(t))
+        c_skip, c_out = (k.to(x.dtype) for k in self.preconditioning(t))
         return moved + c_skip * (x - (1 - t.to(x.dtype).view(-1, 1, 1, 1, 1)) * moved) + c_out * out[:, :C]
 
 

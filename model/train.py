@@ -45,6 +45,7 @@ from torch import Tensor
 
 from i2v_model.config import get_config
 from i2v_model.data import ClipSource
+from i2v_model.evaluate import psnr
 from i2v_model.pipeline import I2VPipeline, weights_path
 from i2v_model.sampler import image_condition, sample_timesteps, x0_matching_loss
 
@@ -165,10 +166,9 @@ def train_vae(cfg: TrainConfig, run: Path, pipe: Optional[I2VPipeline] = None) -
         _update(opt, vae.parameters(), loss, bar)
         step += 1
         if step % cfg.log_every == 0 or step == cfg.vae_steps:
-            psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-12))
             rate = (step - start) / (time.perf_counter() - t0)
             _log(run, f"vae step {step}/{cfg.vae_steps} loss {loss.item():.4f} l1 {l1.item():.4f} "
-                      f"psnr {psnr:.2f} kl {kl.item():.2f} {rate:.2f} steps/s")
+                      f"psnr {psnr(recon.detach(), video):.2f} kl {kl.item():.2f} {rate:.2f} steps/s")
         if step % cfg.ckpt_every == 0 or step == cfg.vae_steps:
             _save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path)
     if bar is not None:
@@ -218,10 +218,9 @@ def train_decoder(cfg: TrainConfig, run: Path, pipe: I2VPipeline) -> I2VPipeline
         _update(opt, params, loss, bar)
         step += 1
         if step % cfg.log_every == 0 or step == cfg.decoder_steps:
-            psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-12))
             rate = (step - start) / (time.perf_counter() - t0)
-            _log(run, f"decoder step {step}/{cfg.decoder_steps} loss {loss.item():.4f} psnr {psnr:.2f} "
-                      f"{rate:.2f} steps/s")
+            _log(run, f"decoder step {step}/{cfg.decoder_steps} loss {loss.item():.4f} "
+                      f"psnr {psnr(recon.detach(), video):.2f} {rate:.2f} steps/s")
         if step % cfg.ckpt_every == 0 or step == cfg.decoder_steps:
             _save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path)
     if bar is not None:
