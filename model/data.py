@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CAMERA_MOTIONS", "MOTIONS", "PROMPTS", "ClipSource", "Motion", "package_images", "procedural_image",
-           "render_clip", "scene_image"]
+__all__ = ["CAMERA_MOTIONS", "MOTIONS", "PROMPTS", "ClipSource", "Motion", "camera_flow", "camera_path",
+           "package_images", "procedural_image", "render_clip", "scene_image"]
 
 CAMERA_MOTIONS = ("pan_right", "pan_left", "tilt_up", "tilt_down", "zoom_in", "zoom_out", "rotate_cw", "rotate_ccw",
                   "static")
@@ -211,16 +211,15 @@ def _paste_sprite(frame: Tensor, x: float, y: float, r: float, color: Tensor, sq
     return frame * (1 - alpha) + color[:, None, None] * alpha
 
 
-def render_clip(canvas: Tensor, motion: Motion, frames: int, size: int,
-                rng: Optional[np.random.Generator] = None) -> Tensor:
-    """Film ``canvas [3, S, S]`` (values in [-1, 1], ``S >= 2 size``) with ``motion``: ``[3, frames, size, size]``.
+def camera_path(motion: Motion, frames: int, size: int, canvas: int) -> Tensor:
+    """The window of each frame on a ``canvas``-pixel square canvas: ``[frames, 2, 3]`` affine maps
+    (``F.affine_grid``'s convention, normalized units) from a frame's pixel to the canvas point it shows.
 
     The window starts ``size`` canvas pixels wide at the centre (pans start off-centre, so the travel is
-    symmetric) and moves as the module docstring says.
+    symmetric) and moves as the module docstring says; object motions keep the camera still.
     """
-    S = canvas.shape[-1]
-    px = 2.0 / S  # one canvas pixel in grid_sample's normalized units
-    half = size / S  # window half-width, normalized
+    px = 2.0 / canvas  # one canvas pixel in grid_sample's normalized units
+    half = size / canvas  # window half-width, normalized
     f = torch.arange(frames, dtype=torch.float32)
     cx, cy, scale, theta = torch.zeros(frames), torch.zeros(frames), torch.ones(frames), torch.zeros(frames)
     travel = motion.speed * (frames - 1)
@@ -238,7 +237,26 @@ def render_clip(canvas: Tensor, motion: Motion, frames: int, size: int,
         sign = -1.0 if motion.kind == "rotate_cw" else 1.0
         theta = sign * math.radians(motion.angle) * f / max(frames - 1, 1)
     cos, sin = torch.cos(theta) * scale * half, torch.sin(theta) * scale * half
-    affine = torch.stack([torch.stack([cos, -sin, cx], -1), torch.stack([sin, cos, cy], -1)], -2)  # [F, 2, 3]
+    return torch.stack([torch.stack([cos, -sin, cx], -1), torch.stack([sin, cos, cy], -1)], -2)
+
+
+def camera_flow(motion: Motion, frames: int, size: int, canvas: Optional[int] = None) -> Tensor:
+    """The camera's flow from the first frame, as :func:`i2v_model.dit.affine_flow` parameters per frame
+    ``[frames, 6]`` in normalized units (half-widths): frame ``k``'s pixel at offset ``p`` from the
+    centre shows what the first frame showed at ``p + (a0 u + a1 v + a2, a3 u + a4 v + a5)``. Multiply
+    by half the width in pixels (of any grid over the frame, e.g. the latent's) for pixels."""
+    A = camera_path(motion, frames, size, canvas or 2 * size)
+    inv = torch.linalg.inv(A[0, :, :2])
+    M = inv @ A[:, :, :2] - torch.eye(2)          # first-frame point of p: p + M p + inv (c_k - c_0)
+    shift = (inv @ (A[:, :, 2] - A[0, :, 2])[..., None])[..., 0]
+    return torch.stack([M[:, 0, 0], M[:, 0, 1], shift[:, 0], M[:, 1, 0], M[:, 1, 1], shift[:, 1]], dim=-1)
+
+
+def render_clip(canvas: Tensor, motion: Motion, frames: int, size: int,
+                rng: Optional[np.random.Generator] = None) -> Tensor:
+    """Film ``canvas [3, S, S]`` (values in [-1, 1], ``S >= 2 size``) with ``motion`` through the windows
+    of :func:`camera_path`: ``[3, frames, size, size]``."""
+    affine = camera_path(motion, frames, size, canvas.shape[-1])
     grid = F.affine_grid(affine, [frames, 3, size, size], align_corners=False)
     video = F.grid_sample(canvas[None].expand(frames, -1, -1, -1), grid, mode="bilinear", padding_mode="reflection",
                           align_corners=False)

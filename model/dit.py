@@ -42,7 +42,7 @@ from i2v_kernels.ops.adaln import reference as adaln_ref
 
 from i2v_model.config import DiTConfig
 
-__all__ = ["VideoDiT", "rope_3d", "sinusoids", "timestep_features", "warp"]
+__all__ = ["VideoDiT", "affine_flow", "rope_3d", "sinusoids", "timestep_features", "warp"]
 
 
 def sinusoids(pos: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -138,6 +138,9 @@ class VideoDiT(nn.Module):
         self.norm_out = AdaLNModulate(D, use_kernels=use_kernels)
         self.modulation_out = nn.Linear(D, 2 * D)
         self.proj_out = nn.Linear(D, (latent_channels + 2) * p * p)  # the denoiser output and a 2-D flow
+        # The camera's part of the flow step of each frame: one affine map per frame (pans, zooms and
+        # rotations are exactly that), from the frame's mean token; see affine_flow.
+        self.motion_out = nn.Linear(D, 6)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -157,6 +160,8 @@ class VideoDiT(nn.Module):
         nn.init.zeros_(self.modulation_out.bias)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        nn.init.zeros_(self.motion_out.weight)
+        nn.init.zeros_(self.motion_out.bias)
 
     def patchify(self, x: Tensor) -> Tensor:
         """``[B, C, T, h, w] -> [B, T, (h/p)(w/p), C p p]``."""
@@ -208,16 +213,28 @@ class VideoDiT(nn.Module):
 
     def denoise(self, x: Tensor, t: Tensor, cond: Tensor, context: Tensor, kv_lens: Tensor,
                 pooled: Tensor) -> Tensor:
-        """The clean latent ``x0 [B, C, T, h, w]``: the first frame's latent (``cond``'s first ``C``
+        """The clean latent ``x0`` of :meth:`predict`."""
+        return self.predict(x, t, cond, context, kv_lens, pooled)[0]
+
+    def predict(self, x: Tensor, t: Tensor, cond: Tensor, context: Tensor, kv_lens: Tensor,
+                pooled: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x0, camera)``: the clean latent ``x0 [B, C, T, h, w]``: the first frame's latent (``cond``'s first ``C``
         channels) moved by a predicted flow (:func:`warp`), plus the preconditioned skip from ``x_t``
         and the network's correction scaled by ``c_out`` (:meth:`preconditioning`).
 
         The network's output has ``C + 2`` channels per latent pixel: the correction, and a flow step
         ``(dx, dy)`` in latent pixels from each frame to the next (their running sum is the flow from
-        the first frame). Camera motion and moving objects are flows of the first frame, so motion is a
-        smooth field to regress, not a pattern to paint; the correction adds what the flow cannot
-        show (content entering the frame, blur). An untrained or unsure
-        network gives a still image at high noise and the input itself at low noise, never noise.
+        the first frame), to which a global affine step per frame is added (``motion_out`` of the
+        frame's mean token, :func:`affine_flow`): a zoom or a rotation moves each pixel in proportion to
+        its distance from the centre, one number for the whole frame here rather than a field that
+        every token must derive from its position. ``camera [B, T, 6]`` is that affine part of each
+        frame's flow from the first (zero on frame 0; latent pixels, :func:`affine_flow`'s parameters),
+        which training can also supervise when the camera's path is known.
+
+        Camera motion and moving objects are flows of the first frame, so motion is a smooth field to
+        regress, not a pattern to paint; the correction adds what the flow cannot show (content
+        entering the frame, blur). An untrained or unsure network gives a still image at high noise and
+        the input itself at low noise, never noise.
         """
         B, C, T, h, w = x.shape
         p = self.cfg.patch
@@ -238,15 +255,34 @@ class VideoDiT(nn.Module):
         for block in self.blocks:
             tokens = block(tokens, c, rope, context, kv_lens)
         shift, scale = self.modulation_out(c).view(B, 1, 1, 2, -1).unbind(3)
-        out = self.unpatchify(self.proj_out(self.norm_out(tokens, shift, scale)), h, w)
+        tokens = self.norm_out(tokens, shift, scale)
+        out = self.unpatchify(self.proj_out(tokens), h, w)
         # The flow of frame k is the sum of the per-frame steps of frames 1..k: a steady motion is one
         # step repeated, so the far frames' large shifts follow from the near frames' small ones (a
         # bilinear warp's gradient only reaches about a pixel; frame 0 is the image and never moves).
-        steps = out[:, C:, 1:]
-        flow = torch.cat([torch.zeros_like(out[:, C:, :1]), steps.cumsum(dim=2)], dim=2)
-        moved = warp(cond[:, :C].to(x.dtype), flow)
+        # Each step is a global affine map (the camera) plus a per-pixel residual (moving objects).
+        camera_steps = self.motion_out(tokens[:, 1:].mean(dim=2))                       # [B, T - 1, 6]
+        camera = torch.cat([camera_steps.new_zeros(B, 1, 6), camera_steps.cumsum(dim=1)], dim=1)
+        flow = torch.cat([torch.zeros_like(out[:, C:, :1]), out[:, C:, 1:].cumsum(dim=2)], dim=2)
+        moved = warp(cond[:, :C].to(x.dtype), flow + affine_flow(camera, h, w))
         c_skip, c_out = (k.to(x.dtype) for k in self.preconditioning(t))
-        return moved + c_skip * (x - (1 - t.to(x.dtype).view(-1, 1, 1, 1, 1)) * moved) + c_out * out[:, :C]
+        x0 = moved + c_skip * (x - (1 - t.to(x.dtype).view(-1, 1, 1, 1, 1)) * moved) + c_out * out[:, :C]
+        return x0, camera
+
+
+def affine_flow(params: Tensor, h: int, w: int) -> Tensor:
+    """Flow fields ``[B, 2, T, h, w]`` (pixels) of affine maps ``params [B, T, 6]``: at pixel ``(x, y)``,
+    with ``(u, v)`` its offset from the frame's centre in half-widths/half-heights (-1 .. 1),
+    ``dx = a0 u + a1 v + a2`` and ``dy = a3 u + a4 v + a5``.
+
+    A pan is ``(a2, a5)``; a zoom in (content growing about the centre) is ``a0 = a4 < 0``; a clockwise
+    turn of the content (y down) is ``a1 = -a3 > 0``: parameters a camera motion shares by every pixel.
+    """
+    B, T, _ = params.shape
+    v = ((torch.arange(h, device=params.device, dtype=params.dtype) - (h - 1) / 2) / (h / 2)).view(1, 1, h, 1)
+    u = ((torch.arange(w, device=params.device, dtype=params.dtype) - (w - 1) / 2) / (w / 2)).view(1, 1, 1, w)
+    a = params.view(B, T, 6, 1, 1).unbind(2)
+    return torch.stack([a[0] * u + a[1] * v + a[2], a[3] * u + a[4] * v + a[5]], dim=1)
 
 
 def warp(z: Tensor, flow: Tensor) -> Tensor:

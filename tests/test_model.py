@@ -37,7 +37,7 @@ def randomize(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
     every op."""
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if "modulation" in name or "proj_out" in name:
+            if "modulation" in name or "proj_out" in name or "motion_out" in name:
                 p.normal_(0, std)
     return module
 
@@ -175,6 +175,50 @@ def test_dit_flow_output_moves_the_first_frame():
     torch.testing.assert_close(y[:, :, 0], z[:, :, 0])
     torch.testing.assert_close(y[:, :, 1, :, :-1], z[:, :, 1, :, 1:])
     torch.testing.assert_close(y[:, :, 2, :, :-2], z[:, :, 2, :, 2:])
+
+
+def test_affine_flow_pan_zoom_rotation():
+    from i2v_model.dit import affine_flow
+
+    h, w = 4, 6
+    v = (torch.arange(h) - (h - 1) / 2) / (h / 2)
+    u = (torch.arange(w) - (w - 1) / 2) / (w / 2)
+    params = torch.tensor([[[0, 0, 1.5, 0, 0, -0.5],     # pan: the same (1.5, -0.5) everywhere
+                            [-0.3, 0, 0, 0, -0.3, 0],    # zoom in: pointing at the centre
+                            [0, 0.2, 0, -0.2, 0, 0]]])   # clockwise turn of the content
+    f = affine_flow(params, h, w)
+    assert f.shape == (1, 2, 3, h, w)
+    torch.testing.assert_close(f[0, :, 0], torch.tensor([1.5, -0.5]).view(2, 1, 1).expand(2, h, w))
+    torch.testing.assert_close(f[0, 0, 1], -0.3 * u.expand(h, w))
+    torch.testing.assert_close(f[0, 1, 1], -0.3 * v[:, None].expand(h, w))
+    torch.testing.assert_close(f[0, 0, 2], 0.2 * v[:, None].expand(h, w))
+    torch.testing.assert_close(f[0, 1, 2], -0.2 * u.expand(h, w))
+    # Warping an image by the zoom flow enlarges its content about the centre (as the data's zoom in).
+    z = torch.zeros(1, 1, 1, 8, 8)
+    z[..., 2:6, 2:6] = 1.0
+    grown = warp(z, affine_flow(torch.tensor([[[-2.0, 0, 0, 0, -2.0, 0]]]), 8, 8))  # 2x: 2 px in at the edge
+    assert grown.sum() > z.sum() * 1.5 and grown[..., 1, 3] > 0.2 and grown[..., 6, 4] > 0.2
+    torch.testing.assert_close(grown[..., 3:5, 3:5], z[..., 3:5, 3:5])
+
+
+def test_dit_camera_head_moves_every_pixel_alike():
+    """The global motion head's translation moves the whole frame: its bias alone, a step of one pixel
+    per frame, gives the same video as the per-pixel flow output does (the head's mean token has no say
+    while its weight is zero)."""
+    cfg = small_config()
+    dit = VideoDiT(cfg.dit, cfg.vae.latent_channels, cfg.text.out_dim).eval()
+    C = cfg.vae.latent_channels
+    x, cond = torch.randn(1, C, 3, 4, 6), torch.randn(1, C + 1, 3, 4, 6)
+    ctx, lens, pooled = torch.randn(1, 6, 32), torch.tensor([6]), torch.randn(1, 32)
+    with torch.no_grad():
+        still = dit.denoise(x, torch.ones(1), cond, ctx, lens, pooled)
+        torch.testing.assert_close(still, cond[:, :C].expand(-1, -1, 3, -1, -1))  # zero-initialized: a still image
+        dit.motion_out.bias[5] = 1.0   # dy = 1 per frame: take the content from below (it moves up)
+        y = dit.denoise(x, torch.ones(1), cond, ctx, lens, pooled)
+    z = cond[:, :C]
+    torch.testing.assert_close(y[:, :, 0], z[:, :, 0])
+    torch.testing.assert_close(y[:, :, 1, :-1], z[:, :, 1, 1:])
+    torch.testing.assert_close(y[:, :, 2, :-2], z[:, :, 2, 2:])
 
 
 def test_rope_3d_shape():
@@ -368,6 +412,32 @@ def test_clip_conventions_and_determinism():
     assert not held.sample(7)[0].equal(a)
 
 
+
+@pytest.mark.parametrize("kind", CAMERA_MOTIONS + ("object_left",))
+def test_camera_flow_maps_the_first_frame_onto_each_frame(kind):
+    """The camera-flow target of training: the first frame warped by :func:`camera_flow` (through the
+    DiT's own affine_flow and warp) is the rendered frame, wherever both see the canvas."""
+    from i2v_model.data import camera_flow
+    from i2v_model.dit import affine_flow
+
+    g = torch.Generator().manual_seed(0)
+    canvas = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 96, 96, generator=g) * 4 - 2, 7, 1, 3)[0]
+    motion = Motion(kind, speed=1.3, zoom=1.4, angle=25.0)
+    clip = render_clip(canvas, motion, 9, 48)
+    params = camera_flow(motion, 9, 48)
+    assert params.shape == (9, 6) and params[0].abs().max() < 1e-6
+    moved = warp(clip[None, :, :1].expand(-1, -1, 9, -1, -1), affine_flow(params[None] * 24, 48, 48))[0]
+    c = slice(14, 34)  # the centre: no border effects
+    if kind in ("static", "object_left"):  # the object moves, not the camera
+        assert params.abs().max() < 1e-6
+        return
+    # Sampled twice (canvas -> first frame -> warp) vs once: equal up to interpolation blur, far closer
+    # than the still first frame is.
+    err_moved = (moved[:, 1:, c, c] - clip[:, 1:, c, c]).abs().mean(dim=(0, 2, 3))   # per frame
+    err_still = (clip[:, :1, c, c] - clip[:, 1:, c, c]).abs().mean(dim=(0, 2, 3))
+    assert err_still[-1] > 0.05 and (err_moved < 0.25 * err_still).all(), (err_moved, err_still)
+    assert err_moved[-1] < 0.1 * err_still[-1], (err_moved, err_still)
+
 # --------------------------------------------------------------------------------------------------
 # I/O
 
@@ -531,6 +601,17 @@ def test_cli_info(capsys):
 # Training
 
 
+def model_file_of_other_shapes(tmp_path: Path) -> Path:
+    """A weights file of the test config with a wider DiT."""
+    from safetensors.torch import save_file
+
+    cfg = small_config()
+    cfg.dit.width = 64
+    path = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in I2VPipeline(cfg, use_kernels=False).state_dict().items()}, str(path))
+    return path
+
+
 def test_training_smoke_resume_and_export(small_tiny, tmp_path, capsys):
     from i2v_model import train
 
@@ -577,6 +658,25 @@ def test_training_smoke_resume_and_export(small_tiny, tmp_path, capsys):
     torch.testing.assert_close(seeded["model"]["decoder.conv_out.weight"], pipe.vae.decoder.conv_out.weight)
     with pytest.raises(ValueError, match="needs a new --run"):
         train.main(["--run", str(run2), "--vae-from", str(out)])
+    # Fine-tuning: a run whose DiT and text encoder start from the exported ones.
+    run3 = tmp_path / "run3"
+    assert train.main(["--run", str(run3), "--vae-from", str(out), "--dit-from", str(out), "--stage", "dit",
+                       "--dit-steps", "1", "--dit-batch", "2", "--pool", "2", "--log-every", "1", "--warmup", "1",
+                       "--dit-lr", "0"]) == 0
+    assert "dit and text encoder taken from" in (run3 / "log.txt").read_text()
+    tuned = torch.load(run3 / "dit.pt", weights_only=False)
+    torch.testing.assert_close(tuned["dit"]["proj_out.weight"], pipe.dit.proj_out.weight)  # lr 0: unchanged
+    assert tuned["pool_camera"].shape == (2, 3, 6)  # each pooled clip's camera path on its latent frames
+    del tuned["pool_camera"]
+    torch.save(tuned, run3 / "dit.pt")
+    with pytest.raises(ValueError, match="camera"):  # a checkpoint from before the camera loss
+        train.main(["--run", str(run3), "--dit-steps", "2"])
+    with pytest.raises(FileNotFoundError, match="--dit-from"):
+        train.main(["--run", str(tmp_path / "run4"), "--vae-from", str(out), "--dit-from", str(tmp_path / "nope"),
+                    "--stage", "dit", "--dit-steps", "1", "--pool", "2"])
+    with pytest.raises(ValueError, match="--dit-from"):  # a file of another model's shapes
+        train.main(["--run", str(tmp_path / "run5"), "--vae-from", str(out), "--stage", "dit", "--dit-steps", "1",
+                    "--pool", "2", "--dit-from", str(model_file_of_other_shapes(tmp_path))])
     capsys.readouterr()
 
 
@@ -631,17 +731,18 @@ def test_bundled_model_keeps_the_input_as_frame_0(bundled):
 
 
 @pytest.mark.slow
-def test_bundled_model_pans_and_tilts_the_prompted_way(bundled):
-    """Pans and tilts on held-out images (not the ones ``i2v eval`` uses) move the content as the
-    cinematographer's convention says, measured as ``i2v eval`` measures it. (Adherence over all nine
-    camera motions is below its 90% target, see the README: zooms and rotations are not asserted.)"""
+def test_bundled_model_follows_every_camera_prompt(bundled):
+    """Every camera motion on held-out images (not the ones ``i2v eval`` uses) moves the content as the
+    cinematographer's convention says, measured as ``i2v eval`` measures it, with each prompt's second
+    phrasing: at least 15 of 18 (16 here; a miss is mostly the shift estimate locking onto the frames'
+    8-pixel latent-grid texture, see the README)."""
     from i2v_model.data import PROMPTS
 
     _, images = _heldout_images(2)
     results = []
-    for kind in ("pan_right", "pan_left", "tilt_up", "tilt_down"):
+    for kind in CAMERA_MOTIONS:
         for i, image in enumerate(images):
-            video, _ = bundled.generate(image, PROMPTS[kind][0], seed=i)
+            video, _ = bundled.generate(image, PROMPTS[kind][1], seed=i)
             m = estimate_motion(video)
             results.append((kind, i, motion_matches(kind, m), str(m)))
-    assert sum(ok for _, _, ok, _ in results) >= 7, results
+    assert sum(ok for _, _, ok, _ in results) >= 15, [r for r in results if not r[2]]
