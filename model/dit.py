@@ -218,9 +218,10 @@ class VideoDiT(nn.Module):
 
     def predict(self, x: Tensor, t: Tensor, cond: Tensor, context: Tensor, kv_lens: Tensor,
                 pooled: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x0, camera)``: the clean latent ``x0 [B, C, T, h, w]``: the first frame's latent (``cond``'s first ``C``
-        channels) moved by a predicted flow (:func:`warp`), plus the preconditioned skip from ``x_t``
-        and the network's correction scaled by ``c_out`` (:meth:`preconditioning`).
+        """``(x0, camera)``. The clean latent ``x0 [B, C, T, h, w]``: the first frame's latent
+        (``cond``'s first ``C`` channels) moved by a predicted flow (:func:`warp`), plus the
+        preconditioned skip from ``x_t`` and the network's correction scaled by ``c_out``
+        (:meth:`preconditioning`).
 
         The network's output has ``C + 2`` channels per latent pixel: the correction, and a flow step
         ``(dx, dy)`` in latent pixels from each frame to the next (their running sum is the flow from
