@@ -240,12 +240,12 @@ def camera_path(motion: Motion, frames: int, size: int, canvas: int) -> Tensor:
     return torch.stack([torch.stack([cos, -sin, cx], -1), torch.stack([sin, cos, cy], -1)], -2)
 
 
-def camera_flow(motion: Motion, frames: int, size: int, canvas: Optional[int] = None) -> Tensor:
+def camera_flow(motion: Motion, frames: int, size: int) -> Tensor:
     """The camera's flow from the first frame, as :func:`i2v_model.dit.affine_flow` parameters per frame
     ``[frames, 6]`` in normalized units (half-widths): frame ``k``'s pixel at offset ``p`` from the
     centre shows what the first frame showed at ``p + (a0 u + a1 v + a2, a3 u + a4 v + a5)``. Multiply
     by half the width in pixels (of any grid over the frame, e.g. the latent's) for pixels."""
-    A = camera_path(motion, frames, size, canvas or 2 * size)
+    A = camera_path(motion, frames, size, 2 * size)  # relative to the first frame the canvas size cancels
     inv = torch.linalg.inv(A[0, :, :2])
     M = inv @ A[:, :, :2] - torch.eye(2)          # first-frame point of p: p + M p + inv (c_k - c_0)
     shift = (inv @ (A[:, :, 2] - A[0, :, 2])[..., None])[..., 0]
