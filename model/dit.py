@@ -271,6 +271,12 @@ class VideoDiT(nn.Module):
         return x0, camera
 
 
+def pixel_centres(n: int, like: Tensor) -> Tensor:
+    """The centres of an ``n``-pixel axis in ``grid_sample``'s normalized units (``align_corners=False``):
+    ``(2 i + 1) / n - 1``, i.e. the offset from the axis centre in half-lengths; ``like``'s device and dtype."""
+    return (2 * torch.arange(n, device=like.device, dtype=like.dtype) + 1) / n - 1
+
+
 def affine_flow(params: Tensor, h: int, w: int) -> Tensor:
     """Flow fields ``[B, 2, T, h, w]`` (pixels) of affine maps ``params [B, T, 6]``: at pixel ``(x, y)``,
     with ``(u, v)`` its offset from the frame's centre in half-widths/half-heights (-1 .. 1),
@@ -280,8 +286,8 @@ def affine_flow(params: Tensor, h: int, w: int) -> Tensor:
     turn of the content (y down) is ``a1 = -a3 > 0``: parameters a camera motion shares by every pixel.
     """
     B, T, _ = params.shape
-    v = ((torch.arange(h, device=params.device, dtype=params.dtype) - (h - 1) / 2) / (h / 2)).view(1, 1, h, 1)
-    u = ((torch.arange(w, device=params.device, dtype=params.dtype) - (w - 1) / 2) / (w / 2)).view(1, 1, 1, w)
+    v = pixel_centres(h, params).view(1, 1, h, 1)
+    u = pixel_centres(w, params).view(1, 1, 1, w)
     a = params.view(B, T, 6, 1, 1).unbind(2)
     return torch.stack([a[0] * u + a[1] * v + a[2], a[3] * u + a[4] * v + a[5]], dim=1)
 
@@ -290,8 +296,7 @@ def warp(z: Tensor, flow: Tensor) -> Tensor:
     """``z [B, C, T, h, w]`` resampled at ``(x + dx, y + dy)`` for ``flow [B, 2, T, h, w]`` in pixels
     (bilinear, borders extended): each output pixel takes the content found ``flow`` away from it."""
     B, C, T, h, w = z.shape
-    ys = (2 * torch.arange(h, device=z.device, dtype=z.dtype) + 1) / h - 1   # pixel centres (align_corners=False)
-    xs = (2 * torch.arange(w, device=z.device, dtype=z.dtype) + 1) / w - 1
+    ys, xs = pixel_centres(h, z), pixel_centres(w, z)
     gx = xs.view(1, 1, 1, w) + flow[:, 0] * (2.0 / w)
     gy = ys.view(1, 1, h, 1) + flow[:, 1] * (2.0 / h)
     grid = torch.stack([gx, gy], dim=-1).reshape(B * T, h, w, 2)

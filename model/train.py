@@ -361,6 +361,11 @@ def export(run: Path, out: Path) -> Path:
     return out
 
 
+def _part(state: dict, name: str) -> dict:
+    """The entries of the pipeline state dict ``state`` under module ``name``, without the prefix."""
+    return {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+
+
 def seed_vae(cfg: TrainConfig, run: Path, weights: Path) -> None:
     """Write ``run``'s finished VAE checkpoint and latent statistics from an exported weights file."""
     from safetensors.torch import load_file
@@ -369,7 +374,7 @@ def seed_vae(cfg: TrainConfig, run: Path, weights: Path) -> None:
         raise ValueError(f"{run} already has a VAE checkpoint; --vae-from needs a new --run")
     if not weights.is_file():
         raise FileNotFoundError(f"--vae-from: no such weights file: {weights}")
-    state = {k[len("vae."):]: v for k, v in load_file(str(weights)).items() if k.startswith("vae.")}
+    state = _part(load_file(str(weights)), "vae")
     vae = I2VPipeline(get_config(cfg.model), use_kernels=False).vae
     try:
         vae.load_state_dict(state)
@@ -392,9 +397,8 @@ def seed_dit(pipe: I2VPipeline, weights: Path, run: Path) -> None:
     state = load_file(str(weights))
     new = []
     for name, module in (("dit", pipe.dit), ("text", pipe.text)):
-        part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         try:
-            missing, unexpected = module.load_state_dict(part, strict=False)
+            missing, unexpected = module.load_state_dict(_part(state, name), strict=False)
         except RuntimeError as e:
             raise ValueError(f"--dit-from: {weights} does not fit model {pipe.cfg.name!r} "
                              f"({str(e).splitlines()[1].strip()})") from None
