@@ -24,9 +24,16 @@ def format_info(data: dict) -> str:
     lines.append(f"requested   {data['requested_backend']}")
     lines.append("backends")
     for name, state in data["backends"].items():
-        lines.append(f"  {name:<7} " + ("usable" if state["usable"] else f"unusable: {state['why_not']}"))
+        lines.append(f"  {name:<13} " + ("usable" if state["usable"] else f"unusable: {state['why_not']}"))
     for fb in data["fallbacks"]:
-        lines.append(f"fallback    {fb['op']}: {fb['backend']} skipped {fb['count']}x ({fb['reason']})")
+        lines.append(f"ineligible  {fb['op']}: {fb['backend']} {fb['count']}x ({fb['reason']})")
+    tuning = data["tuning"]
+    lines.append(f"dispatch    auto {'measures' if tuning['measure'] else 'does not measure (I2V_KERNELS_TUNE=0)'}; "
+                 f"cache {tuning['cache_file']}")
+    for d in data["dispatch"]:
+        times = d.get("times_ms") or {}
+        timing = ", ".join(f"{b} {t:.4g} ms" for b, t in sorted(times.items(), key=lambda kv: kv[1]))
+        lines.append(f"  {d['key']} -> {d['backend']} [{d['source']}]" + (f"  ({timing})" if timing else ""))
     return "\n".join(lines)
 
 

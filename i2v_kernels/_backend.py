@@ -1,17 +1,21 @@
-"""Backend registry and per-call selection.
+"""Backend registry, eligibility and per-call selection.
 
-Backends, in the order ``auto`` tries them:
+Backends:
 
 * ``cuda``   -- CUDA C++ kernels of the extension ``i2v_kernels._C`` (CUDA tensors);
 * ``triton`` -- Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``, and then
   only when asked for explicitly: ``auto`` never picks the interpreter, a debugging tool);
 * ``cpu``    -- C++ CPU kernels of ``i2v_kernels._C`` (CPU tensors);
-* ``torch``  -- the pure-PyTorch reference (fp32 math, fp64 for fp64 inputs): runs everywhere.
+* ``native`` -- the fastest stock-PyTorch way to compute the op in the input dtype (SDPA on strided
+  views, ``F.layer_norm`` + modulate, cuDNN ``conv3d`` on channels_last_3d): what a user would write;
+* ``flash_attn``, ``sageattention`` -- outside attention libraries, when installed (never required);
+* ``torch``  -- the pure-PyTorch reference (fp32 math, fp64 for fp64 inputs): the test oracle, run by
+  ``auto`` only when nothing else can take the call.
 
-The backend is chosen per call from the tensors' device, dtype and shape. ``use_backend(name)`` or the
-environment variable ``I2V_KERNELS_BACKEND`` forces one; a forced backend that cannot run raises
-:class:`BackendUnavailableError` saying why. ``auto`` falls back to the next backend, warns once per
-(op, backend, reason) and records the fallback for :func:`info`.
+``auto`` is measured (:mod:`i2v_kernels._dispatch`): among the backends eligible for a call (device,
+dtype and shape checks, each with a reason string), the one measured fastest for the call's key on
+this device runs. ``use_backend(name)`` or the environment variable ``I2V_KERNELS_BACKEND`` forces one;
+a forced backend that cannot run raises :class:`BackendUnavailableError` saying why.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-BACKENDS = ("cuda", "triton", "cpu", "torch")
+BACKENDS = ("cuda", "triton", "cpu", "native", "flash_attn", "sageattention", "torch")
+OUTSIDE = ("flash_attn", "sageattention")  # outside libraries: imported lazily, never required
 CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "I2V_KERNELS_BACKEND"
 
@@ -103,6 +108,7 @@ class _Lazy:
 
 _ext = _Lazy("i2v_kernels._C")
 _triton = _Lazy("triton")
+_outside = {"flash_attn": _Lazy("flash_attn"), "sageattention": _Lazy("sageattention")}
 
 
 def load_extension() -> Optional[str]:
@@ -157,10 +163,21 @@ def _cpu_reason(device: torch.device) -> Optional[str]:
     return load_extension()
 
 
+def _outside_reason(name: str, device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return f"{name} runs CUDA tensors only"
+    if _outside[name].get() is None:
+        return f"{name} is not installed ({_outside[name].error})"
+    return None
+
+
 _GENERIC: dict[str, Callable[[torch.device], Optional[str]]] = {
     "cuda": _cuda_reason,
     "triton": _triton_reason,
     "cpu": _cpu_reason,
+    "native": lambda device: None,
+    "flash_attn": lambda device: _outside_reason("flash_attn", device),
+    "sageattention": lambda device: _outside_reason("sageattention", device),
     "torch": lambda device: None,
 }
 
@@ -171,7 +188,9 @@ def _auto_candidate(backend: str, device: torch.device) -> bool:
         return device.type == "cuda"
     if backend == "cpu":
         return device.type == "cpu"
-    return True
+    if backend in OUTSIDE:
+        return device.type == "cuda"
+    return backend != "torch"  # the fp32 reference is the last resort, not a speed candidate
 
 
 def _warn_fallback(op: str, backend: str, reason: str) -> None:
@@ -186,7 +205,8 @@ def _warn_fallback(op: str, backend: str, reason: str) -> None:
 
 def select(op: str, device: torch.device, why_not: Callable[[str], Optional[str]],
            implemented: tuple[str, ...] = BACKENDS) -> str:
-    """Pick the backend for one call of ``op``.
+    """Pick the backend for one call of ``op`` by a fixed order (kernels first, the reference last):
+    for paths that are not measured yet (the attention backward).
 
     ``implemented`` lists the backends that have a kernel for ``op`` at all (``auto`` skips the others
     silently); ``why_not(backend)`` returns the op-specific reason a backend cannot take this call
@@ -194,10 +214,7 @@ def select(op: str, device: torch.device, why_not: Callable[[str], Optional[str]
     """
     wanted = requested_backend()
     if wanted != "auto":
-        reason = None if wanted in implemented else f"there is no {wanted} kernel for {op} (it has: {', '.join(implemented)})"
-        reason = reason or _GENERIC[wanted](device) or why_not(wanted)
-        if reason:
-            raise BackendUnavailableError(f"i2v_kernels.{op}: backend {wanted!r} was requested but cannot run: {reason}")
+        _forced_check(op, wanted, device, why_not, implemented)
         return wanted
     for backend in BACKENDS:
         if backend not in implemented or not _auto_candidate(backend, device):
@@ -206,7 +223,53 @@ def select(op: str, device: torch.device, why_not: Callable[[str], Optional[str]
         if reason is None:
             return backend
         _warn_fallback(op, backend, reason)
-    raise AssertionError("unreachable: the torch backend always runs")
+    return "torch"  # the reference runs everywhere
+
+
+def _forced_check(op: str, wanted: str, device: torch.device, why_not, implemented) -> None:
+    reason = None if wanted in implemented else f"there is no {wanted} kernel for {op} (it has: {', '.join(implemented)})"
+    reason = reason or _GENERIC[wanted](device) or why_not(wanted)
+    if reason:
+        raise BackendUnavailableError(f"i2v_kernels.{op}: backend {wanted!r} was requested but cannot run: {reason}")
+
+
+def eligible(op: str, device: torch.device, why_not: Callable[[str], Optional[str]],
+             implemented: tuple[str, ...]) -> list[str]:
+    """The backends ``auto`` may run for this call (``torch`` only when no other can); the reasons the
+    others cannot are recorded for :func:`info`."""
+    ok = []
+    for backend in BACKENDS:
+        if backend not in implemented or not _auto_candidate(backend, device):
+            continue
+        reason = _GENERIC[backend](device) or why_not(backend)
+        if reason is None:
+            ok.append(backend)
+        else:
+            key = (op, backend, reason)
+            with _lock:
+                _fallbacks[key] = _fallbacks.get(key, 0) + 1
+    return ok or ["torch"]
+
+
+def dispatch(op: str, device: torch.device, dtype: torch.dtype, why_not: Callable[[str], Optional[str]],
+             implemented: tuple[str, ...], features: tuple, run: Callable[[str], object],
+             static: Optional[Callable[[], Optional[str]]] = None):
+    """Run one call of ``op``: on the forced backend, else on the one ``auto`` chooses by measurement.
+
+    ``features`` is the call's shape bucket and flags (part of the decision key); ``run(backend)``
+    computes the op on that backend (called more than once while the key is being measured);
+    ``static()`` names the shipped static table's choice for when nothing may be measured.
+    """
+    wanted = requested_backend()
+    if wanted != "auto":
+        _forced_check(op, wanted, device, why_not, implemented)
+        return run(wanted)
+    from i2v_kernels import _dispatch
+
+    candidates = eligible(op, device, why_not, implemented)
+    key = _dispatch.make_key(op, device, dtype, features)
+    backend = _dispatch.choose(op, key, device, candidates, run, static or (lambda: None))
+    return run(backend)
 
 
 def available_backends() -> list[str]:
@@ -224,6 +287,8 @@ def available_backends() -> list[str]:
 
 def info() -> dict:
     """Versions, build configuration, GPU, and which backends are usable (and why not)."""
+    from i2v_kernels import _dispatch
+
     load_extension()
     try:
         from i2v_kernels._build_info import BUILD_INFO
@@ -266,6 +331,8 @@ def info() -> dict:
         "fallbacks": [
             {"op": op, "backend": b, "reason": r, "count": n} for (op, b, r), n in sorted(_fallbacks.items())
         ],
+        "tuning": {"measure": _dispatch.tuning_enabled(), "cache_file": str(_dispatch.cache_file())},
+        "dispatch": _dispatch.decisions(),
     }
 
 

@@ -1,6 +1,7 @@
 """Test configuration: CUDA auto-skip, RNG hygiene, poisoned allocations, Triton interpreter on CPU."""
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +10,11 @@ import torch
 # set before triton compiles anything (it is read when @triton.jit decorates).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Dispatch: tests see the static decisions (no timing noise deciding which backend a test runs) and
+# never read or write the user's dispatch cache; tests of the measured dispatcher turn it on themselves.
+os.environ.setdefault("I2V_KERNELS_TUNE", "0")
+os.environ.setdefault("I2V_KERNELS_CACHE_DIR", os.path.join(tempfile.mkdtemp(prefix="i2v-dispatch-"), "cache"))
 
 
 def pytest_collection_modifyitems(config, items):

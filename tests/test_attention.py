@@ -21,9 +21,10 @@ def _eager_same_dtype(q, k, v, scale, causal=False, kv_lens=None):
     s = (q @ k.transpose(-1, -2)) * scale
     Sq, Sk = s.shape[-2:]
     if causal:
-        s = s.masked_fill(~torch.ones(Sq, Sk, dtype=torch.bool).tril(), float("-inf"))
+        s = s.masked_fill(~torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril(), float("-inf"))
     if kv_lens is not None:
-        s = s.masked_fill(~(torch.arange(Sk) < kv_lens.view(-1, *([1] * (s.dim() - 1)))), float("-inf"))
+        s = s.masked_fill(~(torch.arange(Sk, device=q.device) < kv_lens.view(-1, *([1] * (s.dim() - 1)))),
+                          float("-inf"))
     return s.softmax(-1) @ v
 
 
@@ -439,7 +440,7 @@ def test_gpu_spatial_and_dense(dtype, shape):
 
 
 @pytest.mark.needs_cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "native"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", [(2, 1, 5, 3, 64), (1, 13, 7, 2, 72), (2, 33, 3, 4, 32), (1, 128, 2, 2, 128),
                                    (1, 49, 4, 3, 40)], ids=str)
@@ -461,7 +462,7 @@ def test_gpu_temporal_backends(backend, dtype, shape):
 
 
 @pytest.mark.needs_cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "native"])
 @pytest.mark.parametrize("T", [1, 8, 13, 49, 64, 128])
 def test_gpu_temporal_many_positions(backend, T):
     """B*S*H above 65,535 problems (where SDPA's efficient kernel's grid overflows)."""

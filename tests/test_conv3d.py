@@ -714,6 +714,11 @@ GPU_SHAPES = {
 }
 
 
+# cuDNN's fp16 kernels may round partial sums to fp16 (1 element of 13.8 M was 2.7e-3 off at
+# conv-in-C16-to-512 on an H200), so fp16 gets a little more room on the GPU than the fp32-math tolerance.
+GPU_TOL = {**TOL, torch.float16: dict(atol=5e-3, rtol=5e-3)}
+
+
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES)
@@ -726,7 +731,7 @@ def test_gpu_vae_shapes(dtype, shape):
     y = causal_conv3d(x, w, b, stride=s, time_pad=time_pad, cache=cache)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         expected = ref.causal_conv3d(x, w, b, stride=s, time_pad=time_pad, cache=cache)
-    torch.testing.assert_close(y.float(), expected.float(), **TOL[dtype])
+    torch.testing.assert_close(y.float(), expected.float(), **GPU_TOL[dtype])
 
 
 @pytest.mark.needs_cuda
@@ -744,7 +749,7 @@ def test_gpu_float32_and_chunked_equals_whole():
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES)
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "native"])
 def test_gpu_backend_vae_shapes(backend, dtype, shape):
     skip_unless_usable(backend, "cuda")
     B, Cin, Cout, T, H, W, k, s, time_pad = GPU_SHAPES[shape]
@@ -759,7 +764,7 @@ def test_gpu_backend_vae_shapes(backend, dtype, shape):
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         expected = ref.causal_conv3d(x, w, b, stride=s, time_pad=time_pad, cache=cache, residual=res)
     assert y.stride() == torch.empty(y.shape, memory_format=torch.channels_last_3d).stride()
-    torch.testing.assert_close(y.float(), expected.float(), **TOL[dtype])
+    torch.testing.assert_close(y.float(), expected.float(), **GPU_TOL[dtype])
 
 
 @pytest.mark.needs_cuda

@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from i2v_kernels import _backend
+from i2v_kernels import _backend, _dispatch, _static_table
 from i2v_kernels.ops._checks import FLOAT_DTYPES, check_float_tensor
-from i2v_kernels.ops.adaln import reference
+from i2v_kernels.ops.adaln import native, reference
 from i2v_kernels.ops.adaln.reference import NORM_LAYER, NORM_NONE, NORM_RMS
 
 __all__ = ["adaln_modulate", "gated_residual", "gated_residual_adaln", "rms_norm"]
@@ -31,6 +31,8 @@ _NATIVE_DTYPES = {
     "cuda": (torch.float16, torch.bfloat16, torch.float32),
     "cpu": FLOAT_DTYPES,
 }
+
+_IMPLEMENTED = ("cuda", "triton", "cpu", "native", "torch")
 
 _backend.load_extension()  # registers the C++ schemas before the Python ops join the namespace
 
@@ -123,25 +125,69 @@ def _triton():
     return triton_kernels
 
 
+def dispatch_features(x_shape, mod_shapes) -> tuple[tuple, tuple]:
+    """``(flags, sizes)`` of a call for the dispatch key: the modulation's broadcast pattern (``none``,
+    ``shared`` [C], ``sample`` [B, 1, C], ``frame`` (varies along a middle dim), ``token`` (varies along
+    the rows' last dim)) and ``(rows, C)``. ``mod_shapes``: the shapes of gate, shift, scale (None
+    where absent)."""
+    C = x_shape[-1]
+    rows = 1
+    for n in x_shape[:-1]:
+        rows *= n
+    kind = "none"
+    order = ("none", "shared", "sample", "frame", "token")
+    for shape in mod_shapes:
+        if shape is None:
+            continue
+        lead = [1] * (len(x_shape) - len(shape)) + list(shape[:-1])
+        if len(lead) and lead[-1] != 1 and x_shape[-2] != 1:
+            k = "token"
+        elif any(n != 1 for n in lead[1:]):
+            k = "frame"
+        elif lead and lead[0] != 1:
+            k = "sample"
+        else:
+            k = "shared"
+        kind = max(kind, k, key=order.index)
+    return (kind,), (rows, C)
+
+
 def _fused(op: str, x, y, gate, shift, scale, weight, bias, norm: int, eps: float):
     _check(op, x, y, gate, shift, scale, weight, bias)
     if x.numel() == 0:
         return reference.fused_fwd(x, y, gate, shift, scale, weight, bias, norm, eps)
-    views = _kernel_views(x, y, gate, shift, scale, weight, bias)
+    views = None
+
+    def kernel_views():
+        nonlocal views
+        if views is None:
+            views = _kernel_views(x, y, gate, shift, scale, weight, bias)
+        return views
 
     def why_not(backend: str) -> Optional[str]:
         if backend == "triton":
-            return _triton().why_not(views[0], views[1:5])
+            v = kernel_views()
+            return _triton().why_not(v[0], v[1:5])
         if backend in _NATIVE_DTYPES and x.dtype not in _NATIVE_DTYPES[backend]:
             return f"the {backend} kernel does not support {x.dtype}"
         return None
 
-    backend = _backend.select(op, x.device, why_not)
-    if backend == "torch":
-        return reference.fused_fwd(x, y, gate, shift, scale, weight, bias, norm, eps)
-    if backend == "triton":
-        return _triton().adaln_fwd(*views, norm, eps)
-    return torch.ops.i2v_kernels._adaln_fwd(*views, norm, eps)
+    def run(backend: str):
+        if backend == "torch":
+            return reference.fused_fwd(x, y, gate, shift, scale, weight, bias, norm, eps)
+        if backend == "native":
+            return native.fused_fwd(x, y, gate, shift, scale, weight, bias, norm, eps)
+        if backend == "triton":
+            return _triton().adaln_fwd(*kernel_views(), norm, eps)
+        return torch.ops.i2v_kernels._adaln_fwd(*kernel_views(), norm, eps)
+
+    mods = (gate, shift, scale)
+    flags, sizes = dispatch_features(x.shape, [None if m is None else tuple(m.shape) for m in mods])
+    mixed = any(m is not None and m.dtype != x.dtype for m in mods + (weight, bias))
+    features = flags + (_dispatch.bucket(sizes[0]), sizes[1], int(mixed), int(weight is not None),
+                        int(bias is not None))
+    return _backend.dispatch(op, x.device, x.dtype, why_not, _IMPLEMENTED, features, run,
+                             lambda: _dispatch.nearest_static(_static_table.TABLE, op, x.device, x.dtype, flags, sizes))
 
 
 # --------------------------------------------------------------------------------------------------

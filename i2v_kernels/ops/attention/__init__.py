@@ -24,16 +24,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from i2v_kernels import _backend
+from i2v_kernels import _backend, _dispatch
 from i2v_kernels.ops._checks import check_float_tensor
-from i2v_kernels.ops.attention import reference
+from i2v_kernels.ops.attention import native, reference
 
 __all__ = ["attention", "spatial_attention", "temporal_attention"]
 
 SPATIAL, TEMPORAL, DENSE = 0, 1, 2
 _NAMES = {SPATIAL: "spatial_attention", TEMPORAL: "temporal_attention", DENSE: "attention"}
-_IMPLEMENTED = ("triton", "torch")
-_IMPLEMENTED_FWD = {SPATIAL: _IMPLEMENTED, TEMPORAL: ("cuda",) + _IMPLEMENTED, DENSE: _IMPLEMENTED}
+_IMPLEMENTED = ("triton", "torch")  # backward kernels
+_FWD = ("triton", "native", "flash_attn", "sageattention", "torch")
+_IMPLEMENTED_FWD = {SPATIAL: _FWD, TEMPORAL: ("cuda",) + _FWD, DENSE: _FWD}
 
 _backend.load_extension()
 
@@ -163,6 +164,30 @@ def _cuda_temporal_why_not(q, qk_norm, cos) -> Optional[str]:
     return None
 
 
+def dispatch_features(mode, q_shape, k_shape, causal: bool, has_kv_lens: bool, qk_norm, has_rope: bool,
+                      rope_style: str) -> tuple[tuple, tuple]:
+    """``(flags, sizes)`` of a call for the dispatch key: flags must match exactly; sizes are
+    ``(problems, query length, key length, D)``, bucketed to powers of two (D exact) in the key."""
+    D = q_shape[-1]
+    if mode == SPATIAL:
+        B, T, S, H, _ = q_shape
+        sizes = (B * T * H, S, S, D)
+    elif mode == TEMPORAL:
+        B, T, S, H, _ = q_shape
+        sizes = (B * S * H, T, T, D)
+    else:
+        B, N, H, _ = q_shape
+        sizes = (B * H, N, k_shape[1], D)
+    flags = (int(causal), int(has_kv_lens), qk_norm or "none", rope_style if has_rope else "none")
+    return flags, sizes
+
+
+def _static_choice(op, device, dtype, flags, sizes):
+    from i2v_kernels import _static_table
+
+    return _dispatch.nearest_static(_static_table.TABLE, op, device, dtype, flags, sizes)
+
+
 def _forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style):
     op = _NAMES[mode]
     _check(mode, q, k, v, scale, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style)
@@ -171,6 +196,8 @@ def _forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, nor
     rope = None if cos is None else (cos, sin)
     kwargs = dict(scale=scale, qk_norm=qk_norm, q_norm_weight=qw, q_norm_bias=qb, k_norm_weight=kw, k_norm_bias=kb,
                   norm_eps=norm_eps, rope=rope, rope_style=rope_style)
+    if q.numel() == 0:
+        return reference_forward(mode, q, k, v, causal, kv_lens, kwargs)
 
     def why_not(backend):
         if backend == "triton":
@@ -179,18 +206,40 @@ def _forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, nor
             return attn_triton.why_not(q)
         if backend == "cuda":
             return _cuda_temporal_why_not(q, qk_norm, cos)
+        if backend in _backend.OUTSIDE:
+            return native.outside_why_not(backend, q, kv_lens)
         return None
 
-    backend = _backend.select(op, q.device, why_not, _IMPLEMENTED_FWD[mode])
-    if backend == "cuda":
-        return torch.ops.i2v_kernels._temporal_attention_fwd(_unit_d(q), _unit_d(k), _unit_d(v), scale, causal)
-    if backend == "torch" or q.numel() == 0:
-        if mode == SPATIAL:
-            return reference.spatial_attention(q, k, v, **kwargs)
-        if mode == TEMPORAL:
-            return reference.temporal_attention(q, k, v, causal=causal, **kwargs)
-        return reference.attention(q, k, v, kv_lens=kv_lens, **kwargs)
+    def run(backend):
+        if backend == "torch":
+            return reference_forward(mode, q, k, v, causal, kv_lens, kwargs)
+        if backend == "native":
+            return native.sdpa(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin,
+                               rope_style)
+        if backend in _backend.OUTSIDE:
+            return native.outside(backend, _backend._outside[backend].get(), mode, q, k, v, scale, causal, qk_norm,
+                                  qw, qb, kw, kb, norm_eps, cos, sin, rope_style)
+        if backend == "cuda":
+            return torch.ops.i2v_kernels._temporal_attention_fwd(_unit_d(q), _unit_d(k), _unit_d(v), scale, causal)
+        return _triton_forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin,
+                               rope_style)
 
+    flags, sizes = dispatch_features(mode, q.shape, k.shape, causal, kv_lens is not None, qk_norm, cos is not None,
+                                     rope_style)
+    features = flags + tuple(_dispatch.bucket(n) for n in sizes[:3]) + (sizes[3],)
+    return _backend.dispatch(op, q.device, q.dtype, why_not, _IMPLEMENTED_FWD[mode], features, run,
+                             lambda: _static_choice(op, q.device, q.dtype, flags, sizes))
+
+
+def reference_forward(mode, q, k, v, causal, kv_lens, kwargs):
+    if mode == SPATIAL:
+        return reference.spatial_attention(q, k, v, **kwargs)
+    if mode == TEMPORAL:
+        return reference.temporal_attention(q, k, v, causal=causal, **kwargs)
+    return reference.attention(q, k, v, kv_lens=kv_lens, **kwargs)
+
+
+def _triton_forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style):
     from i2v_kernels.ops.attention import triton as attn_triton
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -29,15 +29,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from i2v_kernels import _backend
+from i2v_kernels import _backend, _dispatch, _static_table
 from i2v_kernels.ops._checks import check_float_tensor
-from i2v_kernels.ops.conv3d import reference
+from i2v_kernels.ops.conv3d import native, reference
 from i2v_kernels.ops.conv3d.reference import TIME_PADS
 
 __all__ = ["causal_conv3d"]
 
 _OP = "causal_conv3d"
-_IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
+_IMPLEMENTED = ("cuda", "triton", "cpu", "native", "torch")
 
 _backend.load_extension()  # registers the C++ schemas before the Python ops join the namespace
 
@@ -140,6 +140,7 @@ def _cpp_why_not(backend: str, x: Tensor) -> Optional[str]:
 
 def _forward(x, weight, bias, cache, residual, stride, dilation, time_pad) -> Tensor:
     out_shape, P, padding_hw = _check(x, weight, bias, cache, residual, stride, dilation, time_pad)
+    padding_hw = tuple(padding_hw)
     stride, dilation = tuple(stride), tuple(dilation)
     if x.numel() == 0:
         return _empty_out(out_shape, x)
@@ -151,22 +152,42 @@ def _forward(x, weight, bias, cache, residual, stride, dilation, time_pad) -> Te
             return _cpp_why_not(backend, x)
         return None
 
-    backend = _backend.select(_OP, x.device, why_not, _IMPLEMENTED)
-    # The autocast cast (if any) happened in the public function; the math inside runs as asked.
-    with torch.autocast(x.device.type, enabled=False):
-        if backend in ("cuda", "cpu"):
-            return torch.ops.i2v_kernels._causal_conv3d_fwd(x, weight, bias, cache, residual, list(stride),
-                                                            list(dilation), TIME_PADS.index(time_pad))
-        if backend == "triton":
-            t = _triton()
-            return t.causal_conv3d_fwd(t.channels_last(x), weight, None if bias is None else bias.contiguous(),
-                                       None if cache is None else t.channels_last(cache), residual, out_shape,
-                                       stride, dilation, padding_hw, P, time_pad)
-        y = reference.causal_conv3d(x, weight, bias, stride=stride, dilation=dilation, time_pad=time_pad,
-                                    cache=cache, residual=residual)
-    out = _empty_out(out_shape, x)
-    out.copy_(y)
-    return out
+    def run(backend: str) -> Tensor:
+        # The autocast cast (if any) happened in the public function; the math inside runs as asked.
+        with torch.autocast(x.device.type, enabled=False):
+            if backend in ("cuda", "cpu"):
+                return torch.ops.i2v_kernels._causal_conv3d_fwd(x, weight, bias, cache, residual, list(stride),
+                                                                list(dilation), TIME_PADS.index(time_pad))
+            if backend == "native":
+                return native.causal_conv3d(x, weight, bias, cache, residual, stride, dilation, padding_hw, P,
+                                            time_pad)
+            if backend == "triton":
+                t = _triton()
+                return t.causal_conv3d_fwd(t.channels_last(x), weight, None if bias is None else bias.contiguous(),
+                                           None if cache is None else t.channels_last(cache), residual, out_shape,
+                                           stride, dilation, padding_hw, P, time_pad)
+            y = reference.causal_conv3d(x, weight, bias, stride=stride, dilation=dilation, time_pad=time_pad,
+                                        cache=cache, residual=residual)
+        out = _empty_out(out_shape, x)
+        out.copy_(y)
+        return out
+
+    flags, sizes = dispatch_features(x.shape, weight.shape, stride, dilation, time_pad, cache is not None,
+                                     residual is not None, bias is not None)
+    features = flags + tuple(_dispatch.bucket(n) for n in sizes[:3]) + tuple(sizes[3:])
+    return _backend.dispatch(_OP, x.device, x.dtype, why_not, _IMPLEMENTED, features, run,
+                             lambda: _dispatch.nearest_static(_static_table.TABLE, _OP, x.device, x.dtype, flags, sizes))
+
+
+def dispatch_features(x_shape, w_shape, stride, dilation, time_pad: str, has_cache: bool, has_residual: bool,
+                      has_bias: bool) -> tuple[tuple, tuple]:
+    """``(flags, sizes)`` of a call for the dispatch key: kernel, stride, dilation and the optional
+    inputs must match; sizes ``(B * T, H * W, Cin * Cout, Cin, Cout)`` (the first three bucketed)."""
+    B, Cin, T, H, W = x_shape
+    Cout = w_shape[0]
+    flags = (tuple(w_shape[2:]), tuple(stride), tuple(dilation), "cache" if has_cache else time_pad,
+             int(has_residual), int(has_bias))
+    return flags, (B * T, H * W, Cin * Cout, Cin, Cout)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,316 @@
+"""Measured dispatch: ``auto`` runs the backend measured fastest for this call's key on this device.
+
+A *key* is ``(op, device name, dtype, shape bucket, flags)``: each op turns its arguments into a
+short tuple of features (sequence lengths and row counts rounded up to a power of two, head dim and
+channel counts exact, flags such as causal / kv_lens / prologue), so a video DiT's handful of shapes
+is tuned once. On the first call of a key, every eligible backend is run once as a warm-up (which
+also absorbs Triton's JIT), then timed a few times (CUDA events on GPUs, the wall clock on CPUs); the
+fastest wins and the decision is kept in memory and in a JSON file under the user's cache directory
+(``I2V_KERNELS_CACHE_DIR`` overrides), one file per environment (GPU name, driver, torch, triton and
+package versions). A backend that raises while being measured is ruled out for that key (with one
+warning), so a kernel that cannot take an input never becomes the choice.
+
+Nothing is measured while ``torch.compile`` traces, during CUDA-graph capture, or when
+``I2V_KERNELS_TUNE=0``: then the cached decision, else the shipped static table
+(:mod:`i2v_kernels._static_table`, generated from committed benchmark results), else ``native`` --
+stock PyTorch -- answers. ``I2V_KERNELS_TUNE=1`` (the default) measures on every device;
+``I2V_KERNELS_LOG=dispatch`` logs each new decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+TUNE_ENV = "I2V_KERNELS_TUNE"
+CACHE_ENV = "I2V_KERNELS_CACHE_DIR"
+LOG_ENV = "I2V_KERNELS_LOG"
+CACHE_FORMAT = 1
+WARMUP = 1  # calls per backend before timing (JIT, autotune, cuDNN plan selection)
+REPS = 3  # timed calls per backend per key
+
+logger = logging.getLogger("i2v_kernels.dispatch")
+
+_lock = threading.RLock()
+_decisions: dict[str, dict] = {}  # key -> {"backend", "times_ms", "failed", "source": measured|disk, "op"}
+_static_used: dict[str, dict] = {}  # keys answered without measuring (shown by info(); measured later if allowed)
+_disk_loaded = False
+_warned: set[str] = set()
+# Tests inject a timer ``(backend, fn, device) -> ms``; by default CUDA events or the wall clock.
+_timer: Optional[Callable[[str, Callable[[], object], torch.device], float]] = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Keys
+
+
+def bucket(n: int) -> int:
+    """``n`` rounded up to a power of two (0 stays 0): shapes in one bucket share a decision."""
+    n = int(n)
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+_device_names: dict[str, str] = {}
+
+
+def device_name(device: torch.device) -> str:
+    label = str(device)
+    name = _device_names.get(label)
+    if name is None:
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+        else:
+            name = device.type
+        _device_names[label] = name
+    return name
+
+
+def make_key(op: str, device: torch.device, dtype: torch.dtype, features: Sequence) -> str:
+    """The decision key as a string (JSON-friendly): ``op|device|dtype|f1,f2,...``."""
+    return "|".join((op, device_name(device), str(dtype).replace("torch.", ""), ",".join(map(str, features))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings
+
+
+def tuning_enabled() -> bool:
+    value = os.environ.get(TUNE_ENV, "1").strip().lower()
+    return value not in ("0", "false", "off", "no")
+
+
+def _logging_on() -> bool:
+    return "dispatch" in os.environ.get(LOG_ENV, "").lower().split(",")
+
+
+def _measuring_forbidden(device: torch.device) -> Optional[str]:
+    """Why no measurement may run now, or None."""
+    if not tuning_enabled():
+        return f"{TUNE_ENV}=0"
+    if torch.compiler.is_compiling():
+        return "torch.compile is tracing"
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return "a CUDA graph is being captured"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Disk cache
+
+
+def _environment() -> dict:
+    from i2v_kernels import _backend
+
+    env = {"format": CACHE_FORMAT, "torch": torch.__version__, "i2v_kernels": _backend._version()}
+    triton = _backend._triton.get()
+    env["triton"] = getattr(triton, "__version__", None)
+    if torch.cuda.is_available():
+        env["gpus"] = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+        try:
+            env["driver"] = torch._C._cuda_getDriverVersion()
+        except (AttributeError, RuntimeError) as e:  # older torch, or no driver API
+            env["driver"] = f"unknown ({type(e).__name__})"
+    env["cuda"] = torch.version.cuda
+    return env
+
+
+def cache_dir() -> Path:
+    override = os.environ.get(CACHE_ENV, "").strip()
+    if override:
+        return Path(override).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "i2v_kernels"
+
+
+def cache_file() -> Path:
+    env = _environment()
+    digest = hashlib.sha1(json.dumps(env, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / f"dispatch-{digest}.json"
+
+
+def _warn_once(message: str) -> None:
+    with _lock:
+        if message in _warned:
+            return
+        _warned.add(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _load_disk() -> None:
+    """Read this environment's decisions once; a corrupt or foreign file is ignored with one warning."""
+    global _disk_loaded
+    if _disk_loaded:
+        return
+    _disk_loaded = True
+    path = cache_file()
+    if not path.exists():
+        return
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("decisions"), dict):
+            raise ValueError("no 'decisions' table")
+        if data.get("environment") != _environment():
+            _warn_once(f"i2v_kernels: dispatch cache {path} was written by another environment "
+                       f"(versions or GPU differ); ignoring it and measuring again")
+            return
+        for key, rec in data["decisions"].items():
+            if isinstance(rec, dict) and isinstance(rec.get("backend"), str):
+                _decisions.setdefault(key, {**rec, "source": "disk"})
+    except (OSError, ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        _warn_once(f"i2v_kernels: dispatch cache {path} is unreadable ({type(e).__name__}: {e}); ignoring it")
+
+
+def _save_disk() -> None:
+    path = cache_file()
+    measured = {k: {kk: vv for kk, vv in rec.items() if kk != "source"}
+                for k, rec in _decisions.items() if rec.get("source") in ("measured", "disk")}
+    payload = {"environment": _environment(), "decisions": measured}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    except OSError as e:
+        _warn_once(f"i2v_kernels: could not write the dispatch cache {path} ({e}); decisions stay in memory")
+
+
+def clear(memory: bool = True, disk: bool = False) -> None:
+    """Forget decisions (in memory and/or this environment's cache file)."""
+    global _disk_loaded
+    with _lock:
+        if memory:
+            _decisions.clear()
+            _static_used.clear()
+            _disk_loaded = False
+        if disk:
+            try:
+                cache_file().unlink()
+            except FileNotFoundError:
+                pass
+
+
+def decisions() -> list[dict]:
+    """Every decision made or loaded in this process (for :func:`i2v_kernels.info`)."""
+    with _lock:
+        merged = {**_static_used, **_decisions}
+        return [{"key": k, **v} for k, v in sorted(merged.items())]
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+
+
+def _time_cuda(fn: Callable[[], object], device: torch.device) -> float:
+    stream = torch.cuda.current_stream(device)
+    times = []
+    for _ in range(REPS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _time_host(fn: Callable[[], object], device: torch.device) -> float:
+    times = []
+    for _ in range(REPS):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return min(times)  # on a shared CPU the minimum is the least disturbed run
+
+
+def _measure(op: str, device: torch.device, run: Callable[[str], object], candidates: Sequence[str]) -> dict:
+    default = _time_cuda if device.type == "cuda" else _time_host
+    timer = _timer or (lambda backend, fn, dev: default(fn, dev))
+    times: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    for backend in candidates:
+        try:
+            for _ in range(WARMUP):
+                run(backend)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[backend] = float(timer(backend, lambda b=backend: run(b), device))
+        except Exception as e:  # noqa: BLE001 -- any failure rules this backend out for the key, loudly
+            failed[backend] = f"{type(e).__name__}: {e}"
+            _warn_once(f"i2v_kernels.{op}: backend {backend!r} failed while being measured and is ruled out "
+                       f"for this shape ({failed[backend]})")
+    return {"times_ms": times, "failed": failed}
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing
+
+
+def choose(op: str, key: str, device: torch.device, candidates: Sequence[str], run: Callable[[str], object],
+           static: Callable[[], Optional[str]]) -> str:
+    """The backend ``auto`` runs for ``key`` among the eligible ``candidates`` (at least one)."""
+    if len(candidates) == 1:
+        return candidates[0]
+    with _lock:
+        _load_disk()
+        rec = _decisions.get(key)
+        if rec is not None and rec["backend"] in candidates:
+            return rec["backend"]
+        forbidden = _measuring_forbidden(device)
+        if forbidden is None:
+            result = _measure(op, device, run, candidates)
+            if result["times_ms"]:
+                best = min(result["times_ms"], key=result["times_ms"].get)
+                rec = {"backend": best, "source": "measured", "op": op, **result}
+                _decisions[key] = rec
+                _save_disk()
+                if _logging_on():
+                    logger.warning("i2v_kernels dispatch: %s -> %s (%s)", key, best,
+                                   ", ".join(f"{b} {t:.4g} ms" for b, t in sorted(result["times_ms"].items(),
+                                                                                key=lambda kv: kv[1])))
+                return best
+            # every candidate failed: fall through to the static choice, which then raises for real
+        choice = static()
+        if choice not in candidates:
+            choice = default_choice(device, candidates)
+        _static_used[key] = {"backend": choice, "source": "static", "op": op, "why_not_measured": forbidden}
+        return choice
+
+
+def default_choice(device: torch.device, candidates: Sequence[str]) -> str:
+    """Without a measurement or a static entry: stock PyTorch on GPUs (never slower than the user's
+    own code); on CPUs our C++ kernel where it exists, since PyTorch's CPU convolution and norms in
+    bf16/fp16 can be many times slower than fp32 (measured: a bf16 conv3d 45x slower)."""
+    order = ("cpu", "native") if device.type == "cpu" else ("native",)
+    for backend in order:
+        if backend in candidates:
+            return backend
+    return candidates[0]
+
+
+def nearest_static(table: Sequence[tuple], op: str, device: torch.device, dtype: torch.dtype,
+                   flags: tuple, sizes: Sequence[int]) -> Optional[str]:
+    """The backend of the static-table entry closest to this call: same op, device type, dtype and
+    flags; the smallest summed |log2| distance over the size features, within a factor of 8 in all."""
+    dtype_name = str(dtype).replace("torch.", "")
+    best, best_d = None, 3.0 + 1e-9
+    for entry_op, dev_type, entry_dtype, entry_flags, entry_sizes, backend in table:
+        if (entry_op != op or dev_type != device.type or entry_dtype != dtype_name or tuple(entry_flags) != flags
+                or len(entry_sizes) != len(sizes)):
+            continue
+        d = sum(abs(math.log2(max(a, 1)) - math.log2(max(b, 1))) for a, b in zip(entry_sizes, sizes))
+        if d < best_d:
+            best, best_d = backend, d
+    return best

@@ -1,0 +1,145 @@
+"""The ``native`` backend of the attention family, and the outside libraries (flash_attn, sageattention).
+
+``native`` is what a user who knows PyTorch well would write, in the input dtype: QK-norm and RoPE by
+eager ops (``F.layer_norm`` / ``F.rms_norm``, multiply-add), then ``F.scaled_dot_product_attention``
+on views of the caller's tensors -- SDPA picks its own kernel (cuDNN, flash, memory-efficient, or the
+CPU flash kernel). A view needs no copy when the batch dims can be merged (frames of a packed QKV
+projection for spatial attention, ``[B, N, H, D]`` for dense); otherwise ``reshape`` copies, as it
+would in the user's own code. It is a dispatch candidate next to our kernels, so ``auto`` is never
+slower than it.
+
+The outside libraries take the same prologue and their own ``[batch, seq, heads, D]`` layout.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from i2v_kernels.ops.attention.reference import rotate
+
+SPATIAL, TEMPORAL, DENSE = 0, 1, 2
+
+
+def prologue(x: Tensor, norm: Optional[str], weight, bias, eps: float, cos, sin, rope_style: str) -> Tensor:
+    """QK-norm over D then RoPE, eager ops in x's dtype (the norms accumulate in fp32 inside)."""
+    if norm is None and cos is None:
+        return x
+    D = x.shape[-1]
+    w = None if weight is None else weight.to(x.dtype)
+    if norm == "layer":
+        x = F.layer_norm(x, (D,), w, None if bias is None else bias.to(x.dtype), eps)
+    elif norm == "rms":
+        x = F.rms_norm(x, (D,), w, eps)
+    if cos is not None:
+        c, s = cos.to(x.dtype).unsqueeze(-2), sin.to(x.dtype).unsqueeze(-2)
+        x = x * c + rotate(x, rope_style) * s
+    return x
+
+
+def _as_heads_seq(mode: int, t: Tensor) -> Tensor:
+    """``[batch, H, seq, D]`` view (or copy, where the batch dims cannot merge) for SDPA."""
+    if mode == SPATIAL:  # [B, T, S, H, D] -> [B*T, H, S, D]
+        B, T, S, H, D = t.shape
+        return t.reshape(B * T, S, H, D).transpose(1, 2)
+    if mode == TEMPORAL:  # [B, T, S, H, D] -> [B, S*H, T, D]: positions x heads as SDPA's heads
+        B, T, S, H, D = t.shape
+        return t.permute(0, 2, 3, 1, 4).reshape(B, S * H, T, D)
+    return t.transpose(1, 2)  # [B, N, H, D] -> [B, H, N, D]
+
+
+def _from_heads_seq(mode: int, o: Tensor, shape) -> Tensor:
+    """Back from ``[batch, H, seq, D]`` to the caller's layout, contiguous."""
+    if mode == SPATIAL:
+        return o.transpose(1, 2).reshape(shape).contiguous()
+    if mode == TEMPORAL:
+        B, T, S, H, D = shape
+        return o.reshape(B, S, H, T, D).permute(0, 3, 1, 2, 4).contiguous()
+    return o.transpose(1, 2).contiguous()
+
+
+# CUDA grids cap their y and z dimensions at 65,535; SDPA's kernels put batch and heads there.
+GRID_YZ = 65535
+
+
+def _sdpa_chunked(q, k, v, mask, causal: bool, scale: float) -> Tensor:
+    """SDPA over ``[batch, heads, seq, D]``, split along batch or heads where either exceeds a grid dim."""
+    for dim in (0, 1):
+        n = q.shape[dim]
+        if n > GRID_YZ:
+            chunk = GRID_YZ // 2
+            outs = []
+            for i in range(0, n, chunk):
+                sl = [slice(None)] * 4
+                sl[dim] = slice(i, i + chunk)
+                m = mask if mask is None or mask.shape[dim] == 1 else mask[tuple(sl)]
+                outs.append(_sdpa_chunked(q[tuple(sl)], k[tuple(sl)], v[tuple(sl)], m, causal, scale))
+            return torch.cat(outs, dim=dim)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def sdpa(mode: int, q, k, v, scale: float, causal: bool, kv_lens: Optional[Tensor], qk_norm, qw, qb, kw, kb,
+         eps: float, cos, sin, rope_style: str) -> Tensor:
+    shape = q.shape
+    q = prologue(q, qk_norm, qw, qb, eps, cos, sin, rope_style)
+    k = prologue(k, qk_norm, kw, kb, eps, cos, sin, rope_style)
+    mask = None
+    if kv_lens is not None:  # [B, 1, 1, M]: key j of sample b is kept when j < kv_lens[b]
+        mask = (torch.arange(k.shape[1], device=q.device) < kv_lens.reshape(-1, 1)).view(-1, 1, 1, k.shape[1])
+    o = _sdpa_chunked(_as_heads_seq(mode, q), _as_heads_seq(mode, k), _as_heads_seq(mode, v), mask, causal, scale)
+    return _from_heads_seq(mode, o, shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Outside libraries: [batch, seq, H, D] layouts
+
+
+def _as_seq_heads(mode: int, t: Tensor) -> Tensor:
+    if mode == SPATIAL:
+        B, T, S, H, D = t.shape
+        return t.reshape(B * T, S, H, D)
+    if mode == TEMPORAL:
+        B, T, S, H, D = t.shape
+        return t.transpose(1, 2).reshape(B * S, T, H, D)
+    return t
+
+
+def _from_seq_heads(mode: int, o: Tensor, shape) -> Tensor:
+    if mode == SPATIAL:
+        return o.reshape(shape).contiguous()
+    if mode == TEMPORAL:
+        B, T, S, H, D = shape
+        return o.reshape(B, S, T, H, D).transpose(1, 2).contiguous()
+    return o.contiguous()
+
+
+def outside_why_not(name: str, q: Tensor, kv_lens) -> Optional[str]:
+    """Why an outside library cannot take this call (beyond being installed and on CUDA), or None."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"{name} takes float16/bfloat16, not {q.dtype}"
+    D = q.shape[-1]
+    if kv_lens is not None:
+        return f"{name} is wired here without per-sample key lengths (kv_lens)"
+    if name == "flash_attn" and (D % 8 or D > 256):
+        return f"flash_attn needs a head dim that is a multiple of 8 and <= 256, got {D}"
+    if name == "sageattention" and D not in (64, 96, 128):
+        return f"sageattention takes head dims 64, 96 and 128, got {D}"
+    return None
+
+
+def outside(name: str, module, mode: int, q, k, v, scale: float, causal: bool, qk_norm, qw, qb, kw, kb,
+            eps: float, cos, sin, rope_style: str) -> Tensor:
+    shape = q.shape
+    q = prologue(q, qk_norm, qw, qb, eps, cos, sin, rope_style)
+    k = prologue(k, qk_norm, kw, kb, eps, cos, sin, rope_style)
+    qs, ks, vs = (_as_seq_heads(mode, t) for t in (q, k, v))
+    if name == "flash_attn":
+        o = module.flash_attn_func(qs, ks, vs, softmax_scale=scale, causal=causal)
+    else:
+        o = module.sageattn(qs, ks, vs, tensor_layout="NHD", is_causal=causal, sm_scale=scale)
+    if isinstance(o, tuple):  # some flash_attn versions return (out, lse)
+        o = o[0]
+    return _from_seq_heads(mode, o, shape)

@@ -1,0 +1,245 @@
+"""Measured dispatch (``auto``) and the ``native`` backend.
+
+The dispatcher is driven on CPU tensors with an injected timer, so which backend is "fastest" is
+set by the test: adaLN on CPU has two candidates (the C++ ``cpu`` kernel and ``native``).
+"""
+
+import json
+import threading
+import warnings
+
+import pytest
+import torch
+
+import i2v_kernels
+from i2v_kernels import _backend, _dispatch
+
+from _util import TOL
+
+
+def _has_cpu_kernel():
+    return _backend._cpu_reason(torch.device("cpu")) is None
+
+
+needs_cpp = pytest.mark.skipif(not _has_cpu_kernel(), reason="i2v_kernels._C (CPU kernels) not built")
+
+
+@pytest.fixture
+def tuner(monkeypatch, tmp_path):
+    """Measuring on, a private cache dir, a clean decision table, and a timer whose times the test
+    sets per backend (``tuner.times``); every timed backend is counted in ``tuner.calls``."""
+    monkeypatch.setenv(_dispatch.TUNE_ENV, "1")
+    monkeypatch.setenv(_dispatch.CACHE_ENV, str(tmp_path / "cache"))
+    _dispatch.clear()
+
+    class Tuner:
+        times = {"cpu": 2.0, "native": 1.0}
+        calls: list = []
+
+        def timer(self, backend, fn, device):
+            fn()
+            self.calls.append(backend)
+            return self.times[backend]
+
+    t = Tuner()
+    t.calls = []
+    monkeypatch.setattr(_dispatch, "_timer", t.timer)
+    yield t
+    _dispatch.clear()
+
+
+def _adaln_inputs(rows=64, C=32, dtype=torch.float32):
+    x = torch.randn(2, rows, C, dtype=dtype)
+    return x, torch.randn(2, 1, C, dtype=dtype), torch.randn(2, 1, C, dtype=dtype)
+
+
+def _decision(op):
+    return [d for d in _dispatch.decisions() if d["op"] == op]
+
+
+@needs_cpp
+@pytest.mark.parametrize("fast", ["cpu", "native"])
+def test_picks_the_fastest_and_caches_it(tuner, fast):
+    tuner.times = {"cpu": 1.0 if fast == "cpu" else 3.0, "native": 1.0 if fast == "native" else 3.0}
+    x, shift, scale = _adaln_inputs()
+    y = i2v_kernels.adaln_modulate(x, shift, scale)
+    assert sorted(tuner.calls) == ["cpu", "native"]
+    (d,) = _decision("adaln_modulate")
+    assert d["backend"] == fast and d["source"] == "measured"
+    assert set(d["times_ms"]) == {"cpu", "native"}
+    torch.testing.assert_close(y, i2v_kernels.ops.adaln.reference.adaln_modulate(x, shift, scale), **TOL[x.dtype])
+    # same key (same bucket: 60 rows round up to 64 as 64 do) -> no new measurement
+    i2v_kernels.adaln_modulate(*_adaln_inputs(rows=60))
+    assert len(tuner.calls) == 2
+    # another bucket -> measured again
+    i2v_kernels.adaln_modulate(*_adaln_inputs(rows=200))
+    assert len(tuner.calls) == 4
+
+
+@needs_cpp
+def test_the_chosen_backend_runs(tuner, monkeypatch):
+    """After the decision, calls run the chosen backend only (the profiler sees the C++ op or not)."""
+    tuner.times = {"cpu": 5.0, "native": 1.0}
+    x, shift, scale = _adaln_inputs()
+    i2v_kernels.adaln_modulate(x, shift, scale)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        i2v_kernels.adaln_modulate(x, shift, scale)
+    names = {e.name for e in prof.events()}
+    assert "i2v_kernels::_adaln_fwd" not in names and "aten::layer_norm" in names
+
+
+@needs_cpp
+def test_disk_cache_is_reloaded(tuner):
+    x, shift, scale = _adaln_inputs()
+    i2v_kernels.adaln_modulate(x, shift, scale)
+    path = _dispatch.cache_file()
+    data = json.loads(path.read_text())
+    assert data["environment"] == _dispatch._environment()
+    assert [k for k in data["decisions"] if k.startswith("adaln_modulate|")]
+    _dispatch.clear()  # a new process: memory empty, the file stays
+    tuner.calls.clear()
+    i2v_kernels.adaln_modulate(x, shift, scale)
+    assert tuner.calls == []
+    (d,) = _decision("adaln_modulate")
+    assert d["source"] == "disk" and d["backend"] == "native"
+
+
+@needs_cpp
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"environment": {"torch": "0.0"}, "decisions": {}}),
+                                     json.dumps([1, 2, 3])], ids=["corrupt", "foreign-version", "wrong-shape"])
+def test_bad_cache_file_is_ignored_with_one_warning(tuner, content):
+    path = _dispatch.cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    _dispatch._warned.clear()
+    x, shift, scale = _adaln_inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        i2v_kernels.adaln_modulate(x, shift, scale)
+        i2v_kernels.adaln_modulate(*_adaln_inputs(rows=300))
+    cache_warnings = [w for w in caught if "dispatch cache" in str(w.message)]
+    assert len(cache_warnings) == 1
+    assert sorted(tuner.calls) == ["cpu", "cpu", "native", "native"]  # measured despite the bad file
+    assert json.loads(path.read_text())["environment"] == _dispatch._environment()  # rewritten
+
+
+@needs_cpp
+def test_tune_off_uses_static_and_never_measures(tuner, monkeypatch):
+    monkeypatch.setenv(_dispatch.TUNE_ENV, "0")
+    x, shift, scale = _adaln_inputs()
+    i2v_kernels.adaln_modulate(x, shift, scale)
+    assert tuner.calls == []
+    (d,) = _decision("adaln_modulate")
+    assert d["source"] == "static" and d["why_not_measured"] == "I2V_KERNELS_TUNE=0"
+    assert d["backend"] == _dispatch.default_choice(torch.device("cpu"), ["cpu", "native"])
+    # once measuring is allowed again the key is measured (a static answer is not final)
+    monkeypatch.setenv(_dispatch.TUNE_ENV, "1")
+    i2v_kernels.adaln_modulate(x, shift, scale)
+    assert sorted(tuner.calls) == ["cpu", "native"]
+
+
+@needs_cpp
+@pytest.mark.parametrize("forced", ["cpu", "native", "torch"])
+def test_forced_backend_is_not_measured(tuner, forced):
+    x, shift, scale = _adaln_inputs()
+    with i2v_kernels.use_backend(forced):
+        y = i2v_kernels.adaln_modulate(x, shift, scale)
+    assert tuner.calls == [] and _decision("adaln_modulate") == []
+    torch.testing.assert_close(y, i2v_kernels.ops.adaln.reference.adaln_modulate(x, shift, scale), **TOL[x.dtype])
+
+
+def test_measuring_forbidden_while_compiling_or_capturing(monkeypatch):
+    monkeypatch.setenv(_dispatch.TUNE_ENV, "1")
+    assert _dispatch._measuring_forbidden(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _dispatch._measuring_forbidden(torch.device("cpu")) == "torch.compile is tracing"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert _dispatch._measuring_forbidden(torch.device("cuda")) == "a CUDA graph is being captured"
+
+
+@needs_cpp
+def test_fullgraph_compile_has_no_graph_break(tuner):
+    x, shift, scale = _adaln_inputs()
+    q = k = v = torch.randn(1, 2, 16, 2, 8)
+
+    def f(x, shift, scale, q, k, v):
+        return i2v_kernels.adaln_modulate(x, shift, scale).sum() + i2v_kernels.spatial_attention(q, k, v).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, shift, scale, q, k, v), f(x, shift, scale, q, k, v), rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
+@needs_cpp
+def test_a_backend_that_raises_is_ruled_out(tuner, monkeypatch):
+    """A kernel that fails on an input while being measured is never chosen for that key."""
+    tuner.times = {"cpu": 1.0, "native": 2.0}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel cannot take this input")
+
+    monkeypatch.setattr(torch.ops.i2v_kernels, "_adaln_fwd", broken)
+    _dispatch._warned.clear()
+    x, shift, scale = _adaln_inputs()
+    with pytest.warns(RuntimeWarning, match="failed while being measured"):
+        y = i2v_kernels.adaln_modulate(x, shift, scale)
+    torch.testing.assert_close(y, i2v_kernels.ops.adaln.reference.adaln_modulate(x, shift, scale), **TOL[x.dtype])
+    (d,) = _decision("adaln_modulate")
+    assert d["backend"] == "native" and "cpu" in d["failed"]
+
+
+@needs_cpp
+def test_thread_safe(tuner):
+    """Threads hitting one new key at once measure it once and all get right answers."""
+    x, shift, scale = _adaln_inputs()
+    ref = i2v_kernels.ops.adaln.reference.adaln_modulate(x, shift, scale)
+    errors, barrier = [], threading.Barrier(6)
+
+    def work():
+        barrier.wait()
+        try:
+            torch.testing.assert_close(i2v_kernels.adaln_modulate(x, shift, scale), ref, **TOL[x.dtype])
+        except Exception as e:  # noqa: BLE001 -- collected and re-raised by the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(tuner.calls) == ["cpu", "native"]
+
+
+def test_info_lists_decisions(tuner):
+    q = k = v = torch.randn(1, 4, 8, 2, 16)
+    i2v_kernels.temporal_attention(q, k, v)  # one CPU candidate (native): decided without timing
+    data = i2v_kernels.info()
+    assert data["tuning"]["measure"] is True
+    assert data["tuning"]["cache_file"] == str(_dispatch.cache_file())
+    from i2v_kernels.__main__ import format_info
+
+    text = format_info(data)
+    assert "dispatch    auto measures" in text
+
+
+def test_bucket_and_key():
+    assert [_dispatch.bucket(n) for n in (0, 1, 2, 3, 17, 64, 65)] == [0, 1, 2, 4, 32, 64, 128]
+    key = _dispatch.make_key("attention", torch.device("cpu"), torch.bfloat16, (0, 1, "rms", 4096, 64))
+    assert key == "attention|cpu|bfloat16|0,1,rms,4096,64"
+
+
+def test_static_table_nearest():
+    table = [("temporal_attention", "cuda", "bfloat16", (0, 0, "none", "none"), (65536, 16, 16, 64), "triton"),
+             ("temporal_attention", "cuda", "bfloat16", (0, 0, "none", "none"), (65536, 49, 49, 64), "native")]
+    cuda = torch.device("cuda")
+    flags = (0, 0, "none", "none")
+    pick = lambda sizes, dtype=torch.bfloat16, fl=flags: _dispatch.nearest_static(table, "temporal_attention", cuda,
+                                                                                     dtype, fl, sizes)
+    assert pick((50000, 13, 13, 64)) == "triton"
+    assert pick((50000, 64, 64, 64)) == "native"
+    assert pick((50000, 13, 13, 64), torch.float16) is None  # other dtype: no entry
+    assert pick((50000, 13, 13, 64), fl=(1, 0, "none", "none")) is None  # causal: other flags
+    assert pick((1 << 30, 16, 16, 64)) is None  # too far from every entry

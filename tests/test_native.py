@@ -1,0 +1,222 @@
+"""The ``native`` backend (stock PyTorch in the input dtype) of every op, against the fp32 reference.
+
+``native`` rounds its intermediates to the input dtype as eager PyTorch does, so half precision gets
+the eager-baseline tolerances (the benchmarks' BASELINE_TOL); fp32/fp64 must match tightly. It must
+also keep the ops' contracts: outputs in the caller's layout and memory format, strided inputs read
+right, optional inputs honoured. The measured outside backends (flash_attn, sageattention) are wired
+through the same layout code; a stand-in module checks that wiring here.
+"""
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import i2v_kernels
+from i2v_kernels import _backend, _dispatch
+from i2v_kernels.ops.adaln import reference as adaln_ref
+from i2v_kernels.ops.attention import reference as attn_ref
+from i2v_kernels.ops.conv3d import reference as conv_ref
+
+NATIVE_TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.bfloat16: dict(atol=6e-2, rtol=6e-2),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def _native(fn, *args, **kwargs):
+    with i2v_kernels.use_backend("native"):
+        return fn(*args, **kwargs)
+
+
+def _close(out, expected, dtype):
+    assert out.dtype == dtype and out.shape == expected.shape
+    torch.testing.assert_close(out.double(), expected.double(), **NATIVE_TOL[dtype])
+
+
+# --------------------------------------------------------------------------------------------------
+# attention
+
+
+def _packed(B, T, S, H, D, dtype):
+    qkv = torch.randn(B, T, S, 3 * H * D, dtype=dtype)
+    return qkv.view(B, T, S, 3, H, D).unbind(3)  # strided views, as a DiT block makes them
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["packed", "contiguous", "permuted"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_video_attention(dtype, layout, causal):
+    B, T, S, H, D = 2, 5, 12, 3, 16
+    if layout == "packed":
+        q, k, v = _packed(B, T, S, H, D, dtype)
+    elif layout == "contiguous":
+        q, k, v = (torch.randn(B, T, S, H, D, dtype=dtype) for _ in range(3))
+    else:  # [B, S, T, H, D] memory seen as [B, T, S, H, D]
+        q, k, v = (torch.randn(B, S, T, H, D, dtype=dtype).transpose(1, 2) for _ in range(3))
+    out = _native(i2v_kernels.temporal_attention, q, k, v, causal=causal)
+    _close(out, attn_ref.temporal_attention(q, k, v, causal=causal), dtype)
+    assert out.is_contiguous()
+    if not causal:
+        out = _native(i2v_kernels.spatial_attention, q, k, v, scale=0.3)
+        _close(out, attn_ref.spatial_attention(q, k, v, scale=0.3), dtype)
+        assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("qk_norm", [None, "layer", "rms"])
+@pytest.mark.parametrize("rope_style", [None, "interleaved", "half"])
+def test_attention_prologue(dtype, qk_norm, rope_style):
+    B, T, S, H, D = 1, 3, 10, 2, 8
+    q, k, v = _packed(B, T, S, H, D, dtype)
+    kw = {}
+    if qk_norm:
+        kw.update(qk_norm=qk_norm, q_norm_weight=torch.randn(D, dtype=dtype), k_norm_weight=torch.randn(D, dtype=dtype))
+        if qk_norm == "layer":
+            kw.update(q_norm_bias=torch.randn(D, dtype=dtype), k_norm_bias=torch.randn(D, dtype=dtype))
+    if rope_style:
+        angle = torch.randn(T, S, D, dtype=torch.float32)
+        kw.update(rope=(angle.cos().to(dtype), angle.sin().to(dtype)), rope_style=rope_style)
+    for fn, ref_fn in ((i2v_kernels.spatial_attention, attn_ref.spatial_attention),
+                       (i2v_kernels.temporal_attention, attn_ref.temporal_attention)):
+        ref_kw = {**kw, "rope": kw.get("rope")}
+        _close(_native(fn, q, k, v, **kw), ref_fn(q, k, v, **ref_kw), dtype)
+    dense = [t.flatten(1, 2) for t in (q, k, v)]
+    if rope_style:
+        kw["rope"] = tuple(t.flatten(0, 1) for t in kw["rope"])
+    _close(_native(i2v_kernels.attention, *dense, **kw), attn_ref.attention(*dense, **kw), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cross_attention_kv_lens(dtype):
+    B, N, M, H, D = 3, 17, 9, 2, 16
+    q = torch.randn(B, N, H, D, dtype=dtype)
+    k, v = (torch.randn(B, M, H, D, dtype=dtype) for _ in range(2))
+    kv_lens = torch.tensor([9, 1, 4, 7, 2, 5])[::2]  # a strided side tensor: [9, 4, 2]
+    k_poisoned = k.clone()
+    for b, n in enumerate(kv_lens.tolist()):
+        k_poisoned[b, n:] = 1e4  # keys past kv_lens must have no effect
+    out = _native(i2v_kernels.attention, q, k_poisoned, v, kv_lens=kv_lens)
+    _close(out, attn_ref.attention(q, k, v, kv_lens=kv_lens), dtype)
+
+
+def test_sdpa_chunks_past_the_grid_limit(monkeypatch):
+    """Batch or heads above a CUDA grid dim are split (the limit is lowered here to test it on CPU)."""
+    from i2v_kernels.ops.attention import native
+
+    monkeypatch.setattr(native, "GRID_YZ", 4)
+    q, k, v = (torch.randn(1, 3, 11, 2, 8) for _ in range(3))  # temporal: heads = S*H = 22 > 4
+    _close(_native(i2v_kernels.temporal_attention, q, k, v, causal=True),
+           attn_ref.temporal_attention(q, k, v, causal=True), torch.float32)
+    q = torch.randn(9, 5, 2, 8)  # dense with kv_lens: batch 9 > 4, the mask split with it
+    kv_lens = torch.arange(9) % 5 + 1
+    _close(_native(i2v_kernels.attention, q, q, q, kv_lens=kv_lens), attn_ref.attention(q, q, q, kv_lens=kv_lens),
+           torch.float32)
+
+
+def _fake_outside(name):
+    """A stand-in for an outside library computing with SDPA in its [batch, seq, H, D] layout."""
+    calls = []
+
+    def attend(q, k, v, scale, causal):
+        calls.append(tuple(q.shape))
+        assert q.dim() == 4 and q.stride(-1) == 1
+        t = lambda x: x.transpose(1, 2).float()
+        return F.scaled_dot_product_attention(t(q), t(k), t(v), is_causal=causal, scale=scale).transpose(1, 2).to(q.dtype)
+
+    if name == "flash_attn":
+        module = types.SimpleNamespace(flash_attn_func=lambda q, k, v, softmax_scale, causal: attend(q, k, v, softmax_scale, causal))
+    else:
+        module = types.SimpleNamespace(sageattn=lambda q, k, v, tensor_layout, is_causal, sm_scale: attend(q, k, v, sm_scale, is_causal))
+    return module, calls
+
+
+@pytest.mark.parametrize("name", ["flash_attn", "sageattention"])
+def test_outside_library_wiring(name, monkeypatch):
+    from i2v_kernels.ops.attention import native
+
+    module, calls = _fake_outside(name)
+    B, T, S, H, D = 2, 4, 6, 2, 64
+    q, k, v = _packed(B, T, S, H, D, torch.bfloat16)
+    for mode, fn, ref_fn, kw in ((native.SPATIAL, i2v_kernels.spatial_attention, attn_ref.spatial_attention, {}),
+                                 (native.TEMPORAL, i2v_kernels.temporal_attention, attn_ref.temporal_attention,
+                                  {"causal": True})):
+        causal = kw.get("causal", False)
+        out = native.outside(name, module, mode, q, k, v, D ** -0.5, causal, None, None, None, None, None, 1e-6,
+                             None, None, "interleaved")
+        _close(out, ref_fn(q, k, v, **kw), torch.bfloat16)
+    assert calls == [(B * T, S, H, D), (B * S, T, H, D)]
+    assert native.outside_why_not(name, q.float(), None) is not None  # fp32: ruled out
+    assert native.outside_why_not(name, q, torch.ones(2, dtype=torch.int32)) is not None  # kv_lens: ruled out
+    # on CPU tensors the outside backends are never eligible, and forcing one says why
+    with i2v_kernels.use_backend(name), pytest.raises(i2v_kernels.BackendUnavailableError, match="CUDA"):
+        i2v_kernels.spatial_attention(q, k, v)
+
+
+# --------------------------------------------------------------------------------------------------
+# adaLN family
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mods", ["per-sample", "per-frame", "per-token", "fp32-mods"])
+def test_adaln_family(dtype, mods):
+    B, T, S, C = 2, 3, 5, 24
+    x, y = torch.randn(B, T, S, C, dtype=dtype), torch.randn(B, T, S, C, dtype=dtype)
+    mod_dtype = torch.float32 if mods == "fp32-mods" else dtype
+    shape = {"per-sample": (B, 1, 1, C), "per-frame": (B, T, 1, C), "per-token": (B, T, S, C),
+             "fp32-mods": (B, 1, 1, C)}[mods]
+    gate, shift, scale = (torch.randn(shape, dtype=mod_dtype) for _ in range(3))
+    weight, bias = torch.randn(C, dtype=dtype), torch.randn(C, dtype=dtype)
+    _close(_native(i2v_kernels.adaln_modulate, x, shift, scale, weight=weight, bias=bias),
+           adaln_ref.adaln_modulate(x, shift, scale, weight=weight, bias=bias), dtype)
+    _close(_native(i2v_kernels.gated_residual, x, y, gate), adaln_ref.gated_residual(x, y, gate), dtype)
+    r, out = _native(i2v_kernels.gated_residual_adaln, x, y, gate, shift, scale)
+    r_ref, out_ref = adaln_ref.gated_residual_adaln(x, y, gate, shift, scale)
+    _close(r, r_ref, dtype)
+    _close(out, out_ref, dtype)
+    _close(_native(i2v_kernels.rms_norm, x, weight), adaln_ref.rms_norm(x, weight), dtype)
+    assert _native(i2v_kernels.adaln_modulate, x.transpose(1, 2), None, None).is_contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# causal conv3d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", ["replicate", "zeros", "cache", "stride-t2", "dilation", "k1", "residual"])
+def test_causal_conv3d(dtype, case):
+    B, Cin, Cout, T, H, W = 2, 6, 5, 7, 9, 8
+    k, stride, dilation, time_pad = (3, 3, 3), 1, 1, "replicate"
+    if case == "zeros":
+        time_pad = "zeros"
+    if case == "stride-t2":
+        stride = (2, 1, 2)
+    if case == "dilation":
+        dilation = (2, 1, 1)
+    if case == "k1":
+        k = (1, 3, 1)
+    x = torch.randn(B, Cin, T, H, W, dtype=dtype)
+    w, b = torch.randn(Cout, Cin, *k, dtype=dtype) * 0.2, torch.randn(Cout, dtype=dtype)
+    P = (k[0] - 1) * (dilation if isinstance(dilation, int) else dilation[0])
+    cache = torch.randn(B, Cin, P, H, W, dtype=dtype) if case == "cache" else None
+    expected = conv_ref.causal_conv3d(x, w, b, stride=stride, dilation=dilation, time_pad=time_pad, cache=cache)
+    residual = torch.randn(expected.shape, dtype=dtype) if case == "residual" else None
+    if residual is not None:
+        expected = expected + residual
+    y = _native(i2v_kernels.causal_conv3d, x, w, b, stride=stride, dilation=dilation, time_pad=time_pad, cache=cache,
+                residual=residual)
+    _close(y, expected, dtype)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_native_is_an_auto_candidate_everywhere():
+    """native runs on any device and is never ruled out for a valid call; torch is not a candidate."""
+    x = torch.randn(2, 4, 8)
+    assert "native" in _backend.eligible("adaln_modulate", x.device, lambda b: None, _backend.BACKENDS)
+    assert "torch" not in _backend.eligible("adaln_modulate", x.device, lambda b: None, _backend.BACKENDS)
+    assert _backend.eligible("x", x.device, lambda b: "no", ("native", "torch")) == ["torch"]
+    assert _dispatch.default_choice(torch.device("cuda"), ["triton", "native"]) == "native"
