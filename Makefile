@@ -23,7 +23,8 @@ help:
 	@echo "make test       create .venv, build (CPU + CUDA kernels when nvcc exists), run the test suite"
 	@echo "make demo       create .venv, build, generate a video from the bundled image"
 	@echo "make bench      run every benchmark on this machine (results in benchmarks/results/)"
-	@echo "make gpu-check  on a GPU machine: needs_cuda tests, then every benchmark (PYTHON=python3 to use its torch)"
+	@echo "make gpu-check  on a GPU machine, <= 8 min: build, needs_cuda tests, sanitizer smoke, every benchmark, summary"
+	@echo "                (PYTHON=python3 to use its torch; GPU_CHECK_ARGS=--dry-run on a CPU machine; tools/gpu_check.py)"
 	@echo "make info       backends, versions, build flags"
 
 # The venv only when PYTHON is the venv's own interpreter; an outside PYTHON is used as it is.
@@ -59,10 +60,10 @@ BENCHES = $(basename $(notdir $(wildcard benchmarks/bench_*.py)))
 bench: build
 	@for b in $(BENCHES); do echo "== $$b"; $(PYTHON) -m benchmarks.$$b $(BENCH_ARGS) || exit 1; done
 
-gpu-check: build
-	@$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA GPU visible')"
-	$(PYTHON) -m pytest -q -m needs_cuda $(PYTEST_ARGS) tests
-	@for b in $(BENCHES); do echo "== $$b"; $(PYTHON) -m benchmarks.$$b --device cuda $(BENCH_ARGS) || exit 1; done
+# tools/gpu_check.py builds with $(PYTHON) itself (pip install -e . for the visible GPU), so only deps here:
+# a venv only when PYTHON is the venv's own interpreter. Stages, caps and outputs: python tools/gpu_check.py --help.
+gpu-check: deps
+	$(PYTHON) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 info: build
 	$(PYTHON) -m i2v_kernels info
