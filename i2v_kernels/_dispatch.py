@@ -79,16 +79,42 @@ def device_name(device: torch.device) -> str:
 
 def make_key(op: str, device: torch.device, dtype: torch.dtype, features: Sequence) -> str:
     """The decision key as a string (JSON-friendly): ``op|device|dtype|f1,f2,...``."""
-    return "|".join((op, device_name(device), str(dtype).replace("torch.", ""), ",".join(map(str, features))))
+    parts = ("x".join(map(str, f)) if isinstance(f, tuple) else str(f) for f in features)
+    return "|".join((op, device_name(device), str(dtype).replace("torch.", ""), ",".join(parts)))
 
 
 # --------------------------------------------------------------------------------------------------
 # Settings
 
 
+_force_tuning = threading.local()
+
+
 def tuning_enabled() -> bool:
+    if getattr(_force_tuning, "on", False):
+        return True
     value = os.environ.get(TUNE_ENV, "1").strip().lower()
     return value not in ("0", "false", "off", "no")
+
+
+def tune(fn: Callable, *args, **kwargs) -> list[dict]:
+    """Run ``fn(*args, **kwargs)`` once with measuring on (even under ``I2V_KERNELS_TUNE=0``), so every
+    op key it reaches is measured and saved to the disk cache; returns the decisions it made.
+
+    Example (pre-tune a pipeline's shapes before serving; later processes start tuned)::
+
+        import i2v_kernels
+        i2v_kernels.tune(pipe, image=image, prompt="a boat drifts left", num_inference_steps=1)
+    """
+    before = {d["key"] for d in decisions() if d["source"] in ("measured", "disk")}
+    previous = getattr(_force_tuning, "on", False)
+    _force_tuning.on = True
+    try:
+        with torch.no_grad():
+            fn(*args, **kwargs)
+    finally:
+        _force_tuning.on = previous
+    return [d for d in decisions() if d["source"] == "measured" and d["key"] not in before]
 
 
 def _logging_on() -> bool:
@@ -235,17 +261,30 @@ def _time_host(fn: Callable[[], object], device: torch.device) -> float:
     return min(times)  # on a shared CPU the minimum is the least disturbed run
 
 
+# A candidate whose first run takes this many times the best time so far is not timed further (a
+# bf16 conv3d through PyTorch on a CPU can take 20x our kernel's time: seconds per call).
+ABORT_RATIO = 4.0
+
+
 def _measure(op: str, device: torch.device, run: Callable[[str], object], candidates: Sequence[str]) -> dict:
     default = _time_cuda if device.type == "cuda" else _time_host
     timer = _timer or (lambda backend, fn, dev: default(fn, dev))
     times: dict[str, float] = {}
     failed: dict[str, str] = {}
-    for backend in candidates:
+    # the likeliest winner first, so a hopeless candidate is recognised by its first run
+    order = sorted(candidates, key=lambda b: b != default_choice(device, candidates))
+    for backend in order:
         try:
+            t0 = time.perf_counter()
             for _ in range(WARMUP):
                 run(backend)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            first_ms = (time.perf_counter() - t0) * 1e3 / WARMUP
+            # On a GPU the first run includes JIT compiles, so only the CPU may judge by it.
+            if device.type != "cuda" and _timer is None and times and first_ms > ABORT_RATIO * min(times.values()):
+                times[backend] = first_ms
+                continue
             times[backend] = float(timer(backend, lambda b=backend: run(b), device))
         except Exception as e:  # noqa: BLE001 -- any failure rules this backend out for the key, loudly
             failed[backend] = f"{type(e).__name__}: {e}"
@@ -262,6 +301,9 @@ def choose(op: str, key: str, device: torch.device, candidates: Sequence[str], r
            static: Callable[[], Optional[str]]) -> str:
     """The backend ``auto`` runs for ``key`` among the eligible ``candidates`` (at least one)."""
     if len(candidates) == 1:
+        if key not in _static_used:
+            with _lock:
+                _static_used[key] = {"backend": candidates[0], "source": "only eligible", "op": op}
         return candidates[0]
     with _lock:
         _load_disk()
