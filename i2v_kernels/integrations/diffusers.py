@@ -80,6 +80,7 @@ costs nothing without it.
 
 from __future__ import annotations
 
+import inspect
 import types
 import warnings
 from collections import Counter
@@ -89,6 +90,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from i2v_kernels import _backend, _dispatch
 from i2v_kernels.ops.adaln import adaln_modulate, gated_residual, gated_residual_adaln, rms_norm
 from i2v_kernels.ops.attention import attention, spatial_attention, temporal_attention
 from i2v_kernels.ops.conv3d import causal_conv3d
@@ -304,6 +306,45 @@ def _fallback(module, kind: str = "forward"):
 
 
 # ==================================================================================================
+# Measured replacement: a patched module runs ours or diffusers' own code, whichever is faster
+
+OURS, DIFFUSERS = "i2v_kernels", "diffusers"
+
+
+def _measured_call(label: str, module: nn.Module, args: tuple, kwargs: dict, ours: Callable[[], Any],
+                   theirs: Callable[[], Any]):
+    """Run ``ours()`` or ``theirs()`` (the unpatched code) for this call: the first call of a key (the
+    module's class, the tensor arguments' shapes, dtype and device) times both, as the ops' ``auto``
+    times backends, and the faster runs from then on, so a patched module is never slower than the
+    unpatched one on the user's device. Ours runs without measuring under torch.compile, in training
+    mode (repeated forwards would advance dropout's RNG), when a backend is forced, or when measuring is
+    off and nothing was measured (``I2V_KERNELS_TUNE=0``)."""
+    if _compiling() or module.training or _backend.requested_backend() != "auto":
+        return ours()
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
+    if not tensors:
+        return ours()
+    first = tensors[0]
+    features = tuple(tuple(t.shape) for t in tensors)
+    key = _dispatch.make_key(f"diffusers:{label}", first.device, first.dtype, features)
+    choice = _dispatch.choose(f"diffusers:{label}", key, first.device, (OURS, DIFFUSERS),
+                              lambda b: ours() if b == OURS else theirs(), lambda: OURS)
+    return ours() if choice == OURS else theirs()
+
+
+def _measured_forward(label: str, ours: Callable) -> Callable:
+    """A replacement ``forward`` that runs through :func:`_measured_call` against the original."""
+
+    def forward(self, *args, **kwargs):
+        return _measured_call(label, self, args, kwargs, lambda: ours(self, *args, **kwargs),
+                              lambda: _fallback(self)(*args, **kwargs))
+
+    forward.__name__ = getattr(ours, "__name__", "forward")
+    forward.__doc__ = ours.__doc__
+    return forward
+
+
+# ==================================================================================================
 # Attention processors
 
 
@@ -327,6 +368,19 @@ class _Processor:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(original={type(self.original).__name__})"
+
+    def __init_subclass__(cls, **kwargs):
+        """Each processor's ``compute`` (ours, falling back to ``self.original`` itself) is called through a
+        measured ``__call__`` carrying ``compute``'s signature: diffusers reads the processor's signature
+        to decide which attention kwargs (``image_rotary_emb`` ...) to pass."""
+        super().__init_subclass__(**kwargs)
+
+        def __call__(self, attn, *args, **kw):
+            return _measured_call(type(self).__name__, attn, args, kw, lambda: self.compute(attn, *args, **kw),
+                                  lambda: self.original(attn, *args, **kw))
+
+        __call__.__signature__ = inspect.signature(cls.compute)
+        cls.__call__ = __call__
 
 
 def _unwrapped(processor):
@@ -358,7 +412,7 @@ class I2VAttnProcessor(_Processor):
 
     replaces = ("AttnProcessor2_0", "AttnProcessor")
 
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
+    def compute(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None, temb: Optional[Tensor] = None, *args, **kwargs) -> Tensor:
         def original():
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
@@ -418,7 +472,7 @@ class I2VCogVideoXAttnProcessor(_Processor):
 
     replaces = ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")
 
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor,
+    def compute(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor,
                  attention_mask: Optional[Tensor] = None, image_rotary_emb=None):
         def original():
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
@@ -518,7 +572,7 @@ class I2VWanAttnProcessor(_Processor):
     # the older versions, whose class computes the same math with a complex RoPE)
     replaces = ("WanAttnProcessor", "WanAttnProcessor2_0")
 
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
+    def compute(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None, rotary_emb=None) -> Tensor:
         def original():
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
@@ -600,7 +654,7 @@ class I2VLTXAttnProcessor(_Processor):
     # returns an LTXVideoAttnProcessor
     replaces = ("LTXVideoAttnProcessor", "LTXVideoAttentionProcessor2_0")
 
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
+    def compute(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None, image_rotary_emb=None) -> Tensor:
         def original():
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
@@ -904,6 +958,23 @@ def _conv_why_not(conv: nn.Conv3d, time_front: int, spatial: tuple[int, int]) ->
     return None
 
 
+def _conv_params(conv, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """The conv's weight and bias in x's dtype: with diffusers' layerwise casting the stored weights are
+    fp8/fp16 and its hook casts them inside the conv's own forward, which ours does not call."""
+    w, b = conv.weight, conv.bias
+    if w.dtype != x.dtype:
+        w = w.to(x.dtype)
+    if b is not None and b.dtype != x.dtype:
+        b = b.to(x.dtype)
+    return w, b
+
+
+def _like_input(out: Tensor, x: Tensor) -> Tensor:
+    """The output in the memory format diffusers gives (its conv keeps the input's): our op returns
+    channels_last_3d, which would change every stride-sensitive step downstream (GroupNorm, randn_like)."""
+    return out.contiguous() if x.is_contiguous() else out
+
+
 def _cogvideox_conv_why_not(module) -> Optional[str]:
     if module.pad_mode == "replicate":
         return "pad_mode='replicate' (replicate padding in space)"
@@ -924,10 +995,10 @@ def _cogvideox_conv_forward(self, inputs: Tensor, conv_cache: Optional[Tensor] =
         return _fallback(self)(inputs, conv_cache)
     if cache is not None:
         cache = cache.to(inputs.device)
-    out = causal_conv3d(inputs, conv.weight, conv.bias, stride=conv.stride, dilation=conv.dilation,
-                        time_pad="replicate", cache=cache)
+    w, b = _conv_params(conv, inputs)
+    out = causal_conv3d(inputs, w, b, stride=conv.stride, dilation=conv.dilation, time_pad="replicate", cache=cache)
     new_cache = inputs.clone() if P == 0 else _conv_ref.next_cache(inputs, P, "replicate", cache)
-    return out, new_cache
+    return _like_input(out, inputs), new_cache
 
 
 def _wan_conv_why_not(module) -> Optional[str]:
@@ -946,13 +1017,14 @@ def _wan_conv_forward(self, x: Tensor, cache_x: Optional[Tensor] = None) -> Tens
     downsample) the conv is "valid" in time: the first ``P`` frames of ``x`` are the cache."""
     P = self._padding[4]
     kw = dict(stride=self.stride, dilation=self.dilation, time_pad="zeros")
+    w, b = _conv_params(self, x)
     if P == 0:
         P = _conv_ref.time_padding(self.kernel_size[0], self.dilation[0])
         if P == 0:
-            return causal_conv3d(x, self.weight, self.bias, **kw)
+            return _like_input(causal_conv3d(x, w, b, **kw), x)
         if x.shape[2] <= P:
             return _fallback(self)(x, cache_x)
-        return causal_conv3d(x[:, :, P:], self.weight, self.bias, cache=x[:, :, :P], **kw)
+        return _like_input(causal_conv3d(x[:, :, P:], w, b, cache=x[:, :, :P], **kw), x)
     cache = None
     if cache_x is not None:
         n = cache_x.shape[2]
@@ -961,7 +1033,7 @@ def _wan_conv_forward(self, x: Tensor, cache_x: Optional[Tensor] = None) -> Tens
         cache = cache_x.to(x.device)
         if n < P:
             cache = torch.cat([cache.new_zeros(*cache.shape[:2], P - n, *cache.shape[3:]), cache], dim=2)
-    return causal_conv3d(x, self.weight, self.bias, cache=cache, **kw)
+    return _like_input(causal_conv3d(x, w, b, cache=cache, **kw), x)
 
 
 def _ltx_conv_why_not(module) -> Optional[str]:
@@ -980,9 +1052,10 @@ def _ltx_conv_forward(self, hidden_states: Tensor) -> Tensor:
     sequence handed to the op as ``cache = [x0] * h + x[:h]`` and ``x[h:] + [x_last] * h``."""
     conv = self.conv
     kt = self.kernel_size[0]
+    w, b = _conv_params(conv, hidden_states)
     if self.is_causal:
-        return causal_conv3d(hidden_states, conv.weight, conv.bias, stride=conv.stride, dilation=conv.dilation,
-                             time_pad="replicate")
+        return _like_input(causal_conv3d(hidden_states, w, b, stride=conv.stride, dilation=conv.dilation,
+                                         time_pad="replicate"), hidden_states)
     h = (kt - 1) // 2
     x, cache = hidden_states, None
     if h > 0:
@@ -990,8 +1063,8 @@ def _ltx_conv_forward(self, hidden_states: Tensor) -> Tensor:
             return _fallback(self)(hidden_states)
         cache = torch.cat([x[:, :, :1].expand(-1, -1, h, -1, -1), x[:, :, :h]], dim=2)
         x = torch.cat([x[:, :, h:], x[:, :, -1:].expand(-1, -1, h, -1, -1)], dim=2)
-    return causal_conv3d(x, conv.weight, conv.bias, stride=conv.stride, dilation=conv.dilation,
-                         time_pad="replicate", cache=cache)
+    out = causal_conv3d(x, w, b, stride=conv.stride, dilation=conv.dilation, time_pad="replicate", cache=cache)
+    return _like_input(out, hidden_states)
 
 
 # ==================================================================================================
@@ -1140,7 +1213,7 @@ def _apply(module: nn.Module, spec: _Spec) -> None:
     attr = "_old_forward" if "_old_forward" in module.__dict__ and "_hf_hook" in module.__dict__ else "forward"
     original = module.__dict__.get(attr, _ABSENT)
     fallback = getattr(module, attr)
-    replacement = types.MethodType(spec.forward, module)
+    replacement = types.MethodType(_measured_forward(type(module).__name__, spec.forward), module)
     setattr(module, attr, replacement)
     records["forward"] = _Record("forward", attr, original, replacement, fallback, spec.label)
 
