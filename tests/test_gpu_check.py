@@ -214,3 +214,26 @@ def test_smoke_records_of_a_cut_off_run_are_merged_from_its_shard_files(tmp_path
     gpu_check.parse_smoke("smoke.json")(stage, tmp_path)
     assert stage.notes[0] == "1 ok, 1 failed, 0 skipped of 2 case x backend runs (cut off: merged from 2 shard files)"
     assert stage.notes[1] == "FAIL cuda rms_norm [case 1] float32: wrong"
+
+
+def test_sanitizer_log_needs_the_planted_error_before_its_silence_counts(tmp_path):
+    planted = ("$ compute-sanitizer ... --plant-oob\n========= Invalid __global__ read of size 4 bytes\n"
+               "=========     at _read_past_end_kernel+0x70\n========= ERROR SUMMARY: 16 errors\n")
+    clean = "$ compute-sanitizer ... gpu_smoke.py\nok  cuda rms_norm\n========= ERROR SUMMARY: 0 errors\n"
+    bad = ("$ compute-sanitizer ... gpu_smoke.py\n========= Invalid __global__ write of size 2 bytes\n"
+           "=========     at _adaln_fwd_kernel+0x1f0\n========= ERROR SUMMARY: 3 errors\n")
+
+    def parse(text, status="passed"):
+        stage = gpu_check.Stage("sanitizer", 10, "x", status=status, log=tmp_path / "san.log")
+        stage.log.write_text(text)
+        gpu_check.parse_sanitizer(stage, tmp_path)
+        return stage
+
+    ok = parse(planted + clean)
+    assert ok.status == "passed" and ok.notes[:2] == ["0 memcheck errors", "self-check: the planted out-of-bounds "
+                                                      "read was reported (16 errors)"]
+    blind = parse(planted.replace("16 errors", "0 errors") + clean)
+    assert blind.status == "failed" and blind.notes[1].startswith("self-check FAILED")
+    found = parse(planted + bad, status="failed")
+    assert found.notes[0] == "3 memcheck errors"
+    assert "Invalid __global__ write of size 2 bytes at _adaln_fwd_kernel+0x1f0" in found.notes

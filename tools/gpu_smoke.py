@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "k/n", set by --jobs
     p.add_argument("--json", default=None, help="write the records (one per case and backend) to this file")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--plant-oob", action="store_true",
+                   help="instead of the cases, one deliberately out-of-bounds read per process (tools/planted_oob.py), "
+                        "to check that compute-sanitizer sees these processes; only under the sanitizer")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -353,6 +356,27 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:400]
 
 
+def reference(case: Case, inputs: dict, sync: Callable[[], None]):
+    """(the torch backend's result, None) -- or, when it fails on a GPU, (its result on CPU copies of the
+    inputs, why it failed on the GPU): the GPU failure is a finding of its own, reported as such."""
+    import torch
+
+    import i2v_kernels
+
+    try:
+        with i2v_kernels.use_backend(REFERENCE):
+            out = case.run(inputs)
+        sync()
+        return out, None
+    except Exception as e:
+        if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs.values()):
+            raise
+        why = f"the {REFERENCE} backend failed on the GPU ({_first_line(e)}); compared against it on the CPU"
+    cpu_inputs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with i2v_kernels.use_backend(REFERENCE):
+        return case.run(cpu_inputs), why
+
+
 def run_case(case: Case, device: str, backends, sync: Callable[[], None]) -> list[dict]:
     """Run one case on each backend; one record per backend."""
     import i2v_kernels
@@ -384,9 +408,9 @@ def run_case(case: Case, device: str, backends, sync: Callable[[], None]) -> lis
             continue
         try:
             if ref is None:
-                with i2v_kernels.use_backend(REFERENCE):
-                    ref = case.run(inputs)
-                sync()
+                ref, broken = reference(case, inputs, sync)
+                if broken:
+                    records.append(dict(base, backend=REFERENCE, status="fail", reason=broken))
             ok, err, why = compare(out, ref, case.dtype, case.grad)
         except Exception as e:
             records.append(dict(rec, status="fail", reason="reference: " + _first_line(e),
@@ -518,6 +542,26 @@ def _run_sharded(args, argv, device: str) -> int:
     return 0 if all(c == 0 for c in codes) and not any(r["status"] == "fail" for r in records) else 1
 
 
+def plant_oob(args, device: str) -> int:
+    """--plant-oob: the planted read in each of ``args.jobs`` processes (children, as the real run's shards)."""
+    if device != "cuda":
+        print("gpu_smoke: --plant-oob needs a GPU (and compute-sanitizer around it)", file=sys.stderr)
+        return 2
+    if args.jobs > 1 and args.shard is None:
+        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--device", "cuda", "--plant-oob",
+                                   "--shard", f"{i}/{args.jobs}"]) for i in range(args.jobs)]
+        return max(p.wait() for p in procs)
+    from planted_oob import PAST_END, read_past_end  # tools/ is this script's folder, first on sys.path
+
+    print(f"gpu_smoke: planted read {PAST_END} elements past a 16-element tensor", flush=True)
+    try:
+        read_past_end()
+    except Exception as e:  # under memcheck the kernel is stopped and the launch reports an error
+        print(f"gpu_smoke: the planted read raised {_first_line(e)}")
+        return 1
+    return 0
+
+
 def _drop_values(argv, flags) -> list[str]:
     """argv without the given flags (``--flag value`` and ``--flag=value``)."""
     out, skip = [], False
@@ -547,6 +591,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     device = choose_device(args)
+    if args.plant_oob:
+        return plant_oob(args, device)
     if args.jobs > 1 and args.shard is None and not args.list:
         return _run_sharded(args, argv, device)
 
