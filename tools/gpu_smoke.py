@@ -445,18 +445,23 @@ def summarize(records: list[dict]) -> list[str]:
     return lines
 
 
-TRITON_MODULES = ("i2v_kernels.ops.adaln.triton", "i2v_kernels.ops.attention.triton", "i2v_kernels.ops.conv3d.triton")
-
-
 def triton_kernels() -> Optional[dict[str, bool]]:
-    """Each @triton.jit kernel of the package -> whether this process compiled it (GPU only; None when
+    """Each @triton.jit kernel of the package (``i2v_kernels/ops/<family>/triton.py``, found by walking the
+    families, so a new one shows up) -> whether this process compiled it (GPU only; None when
     this triton does not say: its JITFunction has no ``device_caches``)."""
     import importlib
+    import importlib.util
+    import pkgutil
 
     import triton
 
+    import i2v_kernels.ops
+
+    families = [m.name for m in pkgutil.iter_modules(i2v_kernels.ops.__path__) if m.ispkg]
     seen = {}
-    for module in TRITON_MODULES:
+    for module in (f"i2v_kernels.ops.{f}.triton" for f in families):
+        if importlib.util.find_spec(module) is None:
+            continue
         for name, fn in vars(importlib.import_module(module)).items():
             if not isinstance(fn, triton.runtime.jit.JITFunction) or not name.endswith("_kernel"):
                 continue
