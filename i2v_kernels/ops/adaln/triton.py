@@ -11,7 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
+from i2v_kernels.ops._compile_space import (Dtypes, KernelSpace, Launch, combinations, distinct_launches, pointers,
+                                            powers_of_two)
 from i2v_kernels.ops._rows import coalesce_rows
+from i2v_kernels.ops.adaln.reference import NORM_LAYER, NORM_NONE, NORM_RMS
 
 MAX_DIMS = 4
 MAX_C = 32768  # one row lives in registers; wider rows fall back
@@ -100,6 +103,15 @@ def why_not(x: torch.Tensor, views) -> str | None:
     return None
 
 
+def _launch_config(C: int) -> tuple[int, int, int]:
+    """``(BLOCK_C, ROWS, num_warps)`` for rows of ``C`` channels: about 2048 elements a program and
+    512 a warp, so short rows share a program and long rows get more warps."""
+    block_c = triton.next_power_of_2(C)
+    rows = max(1, min(16, 2048 // block_c))
+    num_warps = max(1, min(16, block_c * rows // 512))
+    return block_c, rows, num_warps
+
+
 def adaln_fwd(x, y, gate, shift, scale, weight, bias, norm: int, eps: float):
     """Launch the kernel. ``y, gate, shift, scale`` are views expanded to ``x.shape`` (or None), all
     with unit stride on the last dim; ``weight, bias`` are contiguous ``[C]`` (or None)."""
@@ -115,9 +127,7 @@ def adaln_fwd(x, y, gate, shift, scale, weight, bias, norm: int, eps: float):
     pad = MAX_DIMS - len(sizes)
     sizes = [1] * pad + list(sizes)
     strides = [[0] * pad + list(s) if s is not None else [0] * MAX_DIMS for s in strides]
-    block_c = triton.next_power_of_2(C)
-    rows = max(1, min(16, 2048 // block_c))
-    num_warps = max(1, min(16, block_c * rows // 512))
+    block_c, rows, num_warps = _launch_config(C)
     dummy = x
     _adaln_fwd_kernel[(triton.cdiv(n_rows, rows),)](
         x, y if y is not None else dummy, gate if gate is not None else dummy,
@@ -133,3 +143,49 @@ def adaln_fwd(x, y, gate, shift, scale, weight, bias, norm: int, eps: float):
         num_warps=num_warps,
     )
     return out, res
+
+
+# --------------------------------------------------------------------------------------------------
+# Compile space (i2v_kernels/ops/_compile_space.py): every launch adaln_fwd can make, for the
+# ahead-of-time compile check.
+
+_ROW_POINTERS = ("x_ptr", "y_ptr", "out_ptr", "res_ptr")
+_MOD_POINTERS = ("gate_ptr", "shift_ptr", "scale_ptr", "w_ptr", "b_ptr")
+
+
+def _launch(C: int) -> Launch:
+    block_c, rows, num_warps = _launch_config(C)
+    return Launch.of(num_warps, None, ROWS=rows, BLOCK_C=block_c)  # num_stages: Triton's default
+
+
+def _dtype_cases() -> list[Dtypes]:
+    """x in fp16/bf16/fp32; the modulation (gate, shift, scale, weight, bias) in x's dtype, or fp32
+    when the caller's modulation tensors do not all share x's dtype (``_kernel_views``)."""
+    cases = []
+    for x in ("fp16", "bf16", "fp32"):
+        for mod in dict.fromkeys((x, "fp32")):
+            cases.append(Dtypes(x if mod == x else f"{x}+{mod}", {**pointers(_ROW_POINTERS, x),
+                                                                  **pointers(_MOD_POINTERS, mod)}))
+    return cases
+
+
+def _features() -> list[dict]:
+    """The flags each public op can pass, the fused op with everything first (heaviest)."""
+    flags = dict(HAS_SHIFT=(True, False), HAS_SCALE=(True, False), HAS_W=(True, False), HAS_B=(True, False))
+    none = dict(HAS_Y=(False,), HAS_GATE=(False,), HAS_SHIFT=(False,), HAS_SCALE=(False,), HAS_W=(False,),
+                HAS_B=(False,), STORE_RES=(False,))
+    fused = combinations(NORM=(NORM_LAYER,), HAS_Y=(True,), HAS_GATE=(True, False), STORE_RES=(True,), **flags)
+    modulate = combinations(**{**none, "NORM": (NORM_LAYER,), **flags})
+    residual = combinations(**{**none, "NORM": (NORM_NONE,), "HAS_Y": (True,), "HAS_GATE": (True, False)})
+    rms = combinations(**{**none, "NORM": (NORM_RMS,), "HAS_W": (True, False)})
+    return fused + modulate + residual + rms
+
+
+COMPILE_SPACES = [
+    KernelSpace(
+        _adaln_fwd_kernel, _dtype_cases(),
+        launches=lambda dtypes: distinct_launches(_launch, [(c,) for c in powers_of_two(MAX_C)]),
+        features=_features(), floats=("eps",),
+        typical=lambda dtypes: _launch(3072),  # hidden size of CogVideoX-5B / Wan-14B class models
+    ),
+]

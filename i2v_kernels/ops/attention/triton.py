@@ -12,13 +12,15 @@ applied to the q tile once and to every k tile as it is loaded.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from i2v_kernels.ops._triton_utils import dot_dtype
+from i2v_kernels.ops._compile_space import Dtypes, KernelSpace, Launch, distinct_launches, pointers, powers_of_two
+from i2v_kernels.ops._triton_utils import TL_DTYPES, dot_dtype
 
 NORMS = {None: 0, "layer": 1, "rms": 2}
 ROPES = {None: 0, "interleaved": 1, "half": 2}
@@ -325,6 +327,18 @@ def _tiles(Sq: int, Sk: int, D: int) -> tuple[int, int, int]:
     return min(block_m, short), min(block_n, short), block_d
 
 
+def _bwd_tiles(Sq: int, Sk: int, D: int) -> tuple[int, int, int]:
+    block_m, block_n, block_d = _tiles(Sq, Sk, D)
+    return min(block_m, 64), block_n, block_d
+
+
+def _num_warps(block_d: int) -> int:
+    return 4 if block_d <= 64 else 8
+
+
+_FWD_STAGES = 2
+
+
 def _strides(t: torch.Tensor) -> list[int]:
     return list(t.stride()[:4])
 
@@ -339,7 +353,7 @@ def attention_fwd(q5, k5, v5, o5, *, scale: float, causal: bool = False, kv_lens
     if q5.numel() == 0 or Sk == 0:
         return o5
     block_m, block_n, block_d = _tiles(Sq, Sk, D)
-    num_warps = 4 if block_d <= 64 else 8
+    num_warps = _num_warps(block_d)
     operand_dtype = dot_dtype(q5.dtype)
     dummy = q5
     cos, sin = rope5 if rope5 is not None else (dummy, dummy)
@@ -354,7 +368,7 @@ def attention_fwd(q5, k5, v5, o5, *, scale: float, causal: bool = False, kv_lens
         NORM=NORMS[qk_norm], HAS_QW=q_norm_weight is not None, HAS_QB=q_norm_bias is not None,
         HAS_KW=k_norm_weight is not None, HAS_KB=k_norm_bias is not None,
         ROPE=ROPES[rope_style if rope5 is not None else None], DOT_DTYPE=operand_dtype, STORE_LSE=lse is not None,
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=_FWD_STAGES,
     )
     return o5
 
@@ -371,9 +385,8 @@ def attention_bwd(q5, k5, v5, do5, dq5, dk5, dv5, *, scale: float, causal: bool 
     lse = torch.empty(nb0 * nb1 * nb2, Sq, dtype=torch.float32, device=q5.device)
     attention_fwd(q5, k5, v5, o5, scale=scale, causal=causal, kv_lens=kv_lens, lse=lse)
     delta = (do5.float() * o5.float()).sum(-1).reshape(-1, Sq).contiguous()
-    block_m, block_n, block_d = _tiles(Sq, Sk, D)
-    block_m = min(block_m, 64)
-    num_warps = 4 if block_d <= 64 else 8
+    block_m, block_n, block_d = _bwd_tiles(Sq, Sk, D)
+    num_warps = _num_warps(block_d)
     operand_dtype = dot_dtype(q5.dtype)
     common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal,
                   HAS_KV_LENS=kv_lens is not None, DOT_DTYPE=operand_dtype, num_warps=num_warps)
@@ -388,6 +401,15 @@ def attention_bwd(q5, k5, v5, do5, dq5, dk5, dv5, *, scale: float, causal: bool 
         *strides, *_strides(dq5), **common)
 
 
+def _temporal_tiles(T: int, H: int, D: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_H, BLOCK_T, BLOCK_D, num_warps)`` of the packed temporal kernel: as many heads a
+    program as keep its tile near 8192 elements."""
+    block_t = max(16, triton.next_power_of_2(T))
+    block_d = max(16, triton.next_power_of_2(D))
+    block_h = max(1, min(triton.next_power_of_2(H), 8192 // (block_t * block_d)))
+    return block_h, block_t, block_d, 4 if block_h * block_t * block_d <= 4096 else 8
+
+
 def temporal_fwd(q, k, v, out, *, scale: float, causal: bool, qk_norm=None, q_norm_weight=None, q_norm_bias=None,
                  k_norm_weight=None, k_norm_bias=None, norm_eps=1e-6, rope=None, rope_style=None):
     """Packed temporal kernel on the caller's ``[B, T, S, H, D]`` tensors (unit stride on D), ``T <=
@@ -395,9 +417,7 @@ def temporal_fwd(q, k, v, out, *, scale: float, causal: bool, qk_norm=None, q_no
     B, T, S, H, D = q.shape
     if q.numel() == 0:
         return out
-    block_t = max(16, triton.next_power_of_2(T))
-    block_d = max(16, triton.next_power_of_2(D))
-    block_h = max(1, min(triton.next_power_of_2(H), 8192 // (block_t * block_d)))
+    block_h, block_t, block_d, num_warps = _temporal_tiles(T, H, D)
     operand_dtype = dot_dtype(q.dtype)
     dummy = q
     cos, sin = rope if rope is not None else (dummy, dummy)
@@ -413,6 +433,96 @@ def temporal_fwd(q, k, v, out, *, scale: float, causal: bool, qk_norm=None, q_no
         NORM=NORMS[qk_norm], HAS_QW=q_norm_weight is not None, HAS_QB=q_norm_bias is not None,
         HAS_KW=k_norm_weight is not None, HAS_KB=k_norm_bias is not None,
         ROPE=ROPES[rope_style if rope is not None else None], DOT_DTYPE=operand_dtype,
-        num_warps=4 if block_h * block_t * block_d <= 4096 else 8,
+        num_warps=num_warps,
     )
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Compile space (i2v_kernels/ops/_compile_space.py): every launch attention_fwd, attention_bwd and
+# temporal_fwd can make, for the ahead-of-time compile check.
+
+_NORM_POINTERS = ("QW", "QB", "KW", "KB")
+# Norm weights and rope tables may come in any float dtype (the op checks only that they are floating
+# point); modelled as q's dtype (None: no override), fp32 and fp64.
+_AUX_TYPES = (None, "fp32", "fp64")
+
+
+def _prologues() -> list[dict]:
+    """The QK-norm / RoPE combinations the ops accept: weights and biases only with a norm, no bias
+    with RMSNorm; the fullest (LayerNorm with every weight and bias, RoPE) first."""
+    out = []
+    for rope, rope_type in [(r, t) for r in (ROPES["half"], ROPES["interleaved"]) for t in _AUX_TYPES] + [(0, None)]:
+        for norm, allowed in ((NORMS["layer"], _NORM_POINTERS), (NORMS["rms"], ("QW", "KW")), (0, ())):
+            for present in itertools.product((True, False), repeat=len(allowed)):
+                given = [name for name, p in zip(allowed, present) if p]
+                for weight_type in _AUX_TYPES if given else (None,):
+                    f = dict(NORM=norm, ROPE=rope, **{f"HAS_{name}": name in given for name in _NORM_POINTERS})
+                    f.update({name: f"*{t}" for name, t in ((n, weight_type) for n in given) if t})
+                    if rope_type:
+                        f.update(COS=f"*{rope_type}", SIN=f"*{rope_type}")
+                    out.append(f)
+    return out
+
+
+def _masks() -> list[dict]:
+    """(CAUSAL, HAS_KV_LENS) by mode: temporal (causal or not), spatial, dense/cross with int32 or
+    int64 kv_lens."""
+    return [dict(CAUSAL=True, HAS_KV_LENS=False), dict(CAUSAL=False, HAS_KV_LENS=False)] + [
+        dict(CAUSAL=False, HAS_KV_LENS=True, KV_LENS=f"*{t}") for t in ("i32", "i64")]
+
+
+_NO_PROLOGUE = dict(NORM=0, ROPE=0, HAS_QW=False, HAS_QB=False, HAS_KW=False, HAS_KB=False)
+
+
+def _dtype_cases(fp32_pointers=()) -> list[Dtypes]:
+    """fp16 and bf16 (``why_not``); dot operands in the input dtype as on a GPU (``dot_dtype``)."""
+    return [Dtypes(name, {**pointers(("Q", "K", "V", "O", "DO", "COS", "SIN", "LSE", "KV_LENS") + _NORM_POINTERS, name),
+                          **pointers(fp32_pointers, "fp32")}, dict(DOT_DTYPE=TL_DTYPES[dtype]))
+            for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16))]
+
+
+def _fwd_launch(S: int, D: int) -> Launch:
+    block_m, block_n, block_d = _tiles(S, S, D)
+    return Launch.of(_num_warps(block_d), _FWD_STAGES, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+
+
+def _bwd_launch(S: int, D: int) -> Launch:
+    block_m, block_n, block_d = _bwd_tiles(S, S, D)
+    return Launch.of(_num_warps(block_d), None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+
+
+def _temporal_launch(T: int, H: int, D: int) -> Launch:
+    block_h, block_t, block_d, num_warps = _temporal_tiles(T, H, D)
+    return Launch.of(num_warps, None, BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_D=block_d)
+
+
+# The tile helpers see sequence lengths only through max(16, next_power_of_2(.)) clamped at 128 and
+# head dims through next_power_of_2, so these grids reach every tile they can return.
+_SEQS = powers_of_two(256)
+_HEAD_DIMS = range(8, MAX_D + 1)
+_BWD_POINTERS = ("DQ", "DK", "DV", "LSE", "DELTA")
+
+COMPILE_SPACES = [
+    KernelSpace(
+        _attn_fwd_kernel, _dtype_cases(),
+        launches=lambda case: distinct_launches(_fwd_launch, [(s, d) for s in _SEQS for d in _HEAD_DIMS]),
+        # forward calls (with any prologue), then the backward's recompute (post-prologue q and k)
+        features=[{**m, **p, "STORE_LSE": False} for m in _masks() for p in _prologues()]
+        + [{**m, **_NO_PROLOGUE, "STORE_LSE": True, "LSE": "*fp32"} for m in _masks()],
+        floats=("qk_scale", "eps"), typical=lambda case: _fwd_launch(4096, 128),
+    ),
+    *[KernelSpace(
+        kernel, _dtype_cases(_BWD_POINTERS),
+        launches=lambda case: distinct_launches(_bwd_launch, [(s, d) for s in _SEQS for d in _HEAD_DIMS]),
+        features=_masks(), floats=("qk_scale", "scale"), typical=lambda case: _bwd_launch(4096, 128),
+    ) for kernel in (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel)],
+    KernelSpace(
+        _temporal_fwd_kernel, _dtype_cases(),
+        launches=lambda case: distinct_launches(
+            _temporal_launch, [(t, h, d) for t in powers_of_two(MAX_PACKED_T) for h in powers_of_two(64)
+                               for d in _HEAD_DIMS]),
+        features=[dict(CAUSAL=c, **p) for c in (True, False) for p in _prologues()],
+        floats=("qk_scale", "eps"), typical=lambda case: _temporal_launch(13, 30, 64),  # CogVideoX-2B, 49 frames
+    ),
+]

@@ -23,9 +23,14 @@ import triton
 import triton.language as tl
 
 from i2v_kernels._backend import triton_interpreted
+from i2v_kernels.ops._compile_space import Dtypes, KernelSpace, Launch, combinations, distinct_launches, pointers, \
+    powers_of_two
 from i2v_kernels.ops._triton_utils import TL_DTYPES, dot_dtype
+from i2v_kernels.ops.conv3d.reference import spatial_padding, time_padding
 
-PAD_ZEROS, PAD_REPLICATE, PAD_CACHE = 0, 1, 2
+# Read inside the kernel, so they must be ``tl.constexpr``: the compiler rejects plain Python globals in
+# ``@triton.jit`` code (the interpreter does not, which is how a plain int once slipped through).
+PAD_ZEROS, PAD_REPLICATE, PAD_CACHE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
@@ -180,8 +185,83 @@ def causal_conv3d_fwd(x, weight, bias, cache, residual, out_shape, stride, dilat
         srb, src, srt, srh, srw,
         ST=stride[0], SH=stride[1], SW=stride[2], DT=dilation[0], DH=dilation[1], DW=dilation[2],
         PH=padding_hw[0], PW=padding_hw[1], KT=kt, KH=kh, KW=kw,
-        TIME_PAD=mode, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        TIME_PAD=mode.value, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_DTYPE=operand_dtype, INPUT_PRECISION=precision,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Compile space (i2v_kernels/ops/_compile_space.py): every launch causal_conv3d_fwd can make, for
+# the ahead-of-time compile check.
+
+_POINTERS = ("X", "CACHE", "Wt", "BIAS", "RES", "OUT")
+
+# Conv geometry is unbounded (any kernel size, stride, dilation); these are the ones video VAEs use.
+# They only scale index arithmetic, so the code's shape does not change between them beyond the
+# 1-vs-more cases (no time padding, no spatial padding, unit stride) that the list also holds.
+_GEOMETRIES = (  # (kernel, stride, dilation), each (t, h, w)
+    ((3, 3, 3), (1, 1, 1), (1, 1, 1)),  # VAE resnet conv (CogVideoX, Wan, LTX, model/vae.py)
+    ((3, 3, 3), (1, 2, 2), (1, 1, 1)),  # spatial downsample (model/vae.py)
+    ((3, 3, 3), (2, 2, 2), (1, 1, 1)),  # space-time downsample (model/vae.py)
+    ((3, 1, 1), (2, 1, 1), (1, 1, 1)),  # Wan's time_conv of the temporal downsample
+    ((3, 1, 1), (1, 1, 1), (1, 1, 1)),  # Wan's time_conv of the temporal upsample
+    ((1, 1, 1), (1, 1, 1), (1, 1, 1)),  # 1x1x1 shortcut: no padding at all
+    ((3, 3, 3), (1, 1, 1), (2, 2, 2)),  # dilated
+)
+
+
+def _geometry(kernel, stride, dilation) -> dict:
+    ph, pw = spatial_padding(kernel, dilation)
+    return dict(ST=stride[0], SH=stride[1], SW=stride[2], DT=dilation[0], DH=dilation[1], DW=dilation[2],
+                PH=ph, PW=pw, KT=kernel[0], KH=kernel[1], KW=kernel[2])
+
+
+def _features() -> list[dict]:
+    """Geometry x time padding x bias (in any float dtype: the op checks only that it is floating,
+    modelled as x's dtype, fp32, fp64) x residual; the cache mode needs front padding (P > 0)."""
+    out = []
+    for kernel, stride, dilation in _GEOMETRIES:
+        pads = (PAD_CACHE, PAD_REPLICATE, PAD_ZEROS) if time_padding(kernel[0], dilation[0]) else (PAD_REPLICATE, PAD_ZEROS)
+        for f in combinations(TIME_PAD=[p.value for p in pads], HAS_RES=(True, False),
+                              BIAS=(None, "*fp32", "*fp64", False)):
+            bias = f.pop("BIAS")
+            f.update(_geometry(kernel, stride, dilation), HAS_BIAS=bias is not False)
+            if bias:
+                f["BIAS"] = bias
+            out.append(f)
+    return out
+
+
+_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _dtype_cases() -> list[Dtypes]:
+    """fp16/bf16 with IEEE dot inputs; fp32 with TF32 (cuDNN's default) or IEEE (allow_tf32 off)."""
+    cases = []
+    for name, dtype in _TORCH_DTYPES.items():
+        for precision in (("tf32", "ieee") if dtype == torch.float32 else ("ieee",)):
+            cases.append(Dtypes(name if dtype != torch.float32 else f"{name}-{precision}", pointers(_POINTERS, name),
+                                dict(DOT_DTYPE=TL_DTYPES[dtype], INPUT_PRECISION=precision)))
+    return cases
+
+
+def _launch(M: int, N: int, C: int, dtype: torch.dtype) -> Launch:
+    block_m, block_n, block_k, num_warps, num_stages = _tiles(M, N, C, dtype)
+    return Launch.of(num_warps, num_stages, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+
+
+def _launches(case: Dtypes) -> list[Launch]:
+    dtype = _TORCH_DTYPES[case.pointers["X"][1:]]
+    sizes = powers_of_two(256)
+    return distinct_launches(_launch, [(m, n, c, dtype) for m in sizes for n in sizes for c in powers_of_two(128)])
+
+
+COMPILE_SPACES = [
+    KernelSpace(
+        _causal_conv3d_fwd_kernel, _dtype_cases(), launches=_launches, features=_features(),
+        # a 3x3x3 conv of a 128-channel VAE block on a 480p latent-frame chunk
+        typical=lambda case: _launch(4 * 60 * 90, 128, 128, _TORCH_DTYPES[case.pointers["X"][1:]]),
+    ),
+]
