@@ -14,9 +14,11 @@ diffusion-forcing video models), taken like a DiT block takes it: ``chunk(6, -1)
 ``[.., 6C]`` embedding (shift/scale/gate for attention and MLP), so strided, never expanded.
 
 Providers: ``torch`` (eager, written as DiTs write it), ``compile`` (torch.compile of that), our
-``triton``/``cuda`` (GPU) and ``cpu`` (C++, CPU) backends, and Liger-Kernel's LayerNorm/RMSNorm plus
-eager modulation when it is installed. Shapes come from real video DiTs (Latte, CogVideoX-5B,
-Wan2.1-14B); CPU runs use fewer rows.
+``triton``/``cuda`` (GPU), ``cpu`` (C++, CPU) and ``native`` (``F.layer_norm`` + modulate in the input
+dtype) backends, ``auto`` (the measured dispatch), and Liger-Kernel's LayerNorm/RMSNorm plus eager
+modulation when it is installed. Shapes come from real video DiTs (Latte, CogVideoX-5B, Wan2.1-14B);
+CPU runs use fewer rows. ``--quick`` on a GPU keeps the three model shapes (the static dispatch table is
+generated from these rows) and compiles at CogVideoX-5B only.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from benchmarks.utils import Case, Provider, Session
 FAMILY = "adaln"
 EPS = 1e-6
 OPS = ("adaln_modulate", "gated_residual_adaln", "gated_residual", "rms_norm")
-PROVIDERS = ("torch", "compile", "triton", "cuda", "cpu", "liger")
+PROVIDERS = ("torch", "compile", *utils.OUR_BACKENDS, utils.AUTO, "liger")
+QUICK_BUDGET_S = 45
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,7 +72,7 @@ HUNYUAN_HEADS = (1, 67320, 24, 128)
 SHAPES = {
     # (device, quick) -> shapes
     ("cuda", False): (LATTE, COGVIDEOX_5B, WAN_14B),
-    ("cuda", True): (COGVIDEOX_5B,),
+    ("cuda", True): (LATTE, COGVIDEOX_5B, WAN_14B),
     ("cpu", False): (LATTE_B8, COGVIDEOX_5B_3F),
     ("cpu", True): (LATTE,),
 }
@@ -251,15 +254,14 @@ def build_cases(session: Session) -> list[Case]:
 
 def providers(case: Case, session: Session) -> list[Provider]:
     eager = EAGER[case.op]
-    compile_skip = None
+    compile_skip = session.quick_compile_why_not(case.label.split()[0] == COGVIDEOX_5B.label)
     if session.device.type == "cpu" and session.quick:
         compile_skip = ("left out of --quick on CPU: inductor spends ~20 s compiling each graph on this machine; "
                         "run without --quick to include it")
     out = [utils.eager_provider(eager)]
     if session.wants("compile"):
         out.append(utils.compile_provider(eager, why_not=compile_skip))
-    ours = _ours(case.op)
-    out += [utils.backend_provider(name, ours, session) for name in utils.OUR_BACKENDS]
+    out += utils.backend_providers(_ours(case.op), session)
     if session.wants("liger"):
         out.append(_liger(case.op, session))
     return out
@@ -280,9 +282,6 @@ CPU_LEGEND = (
 )
 
 
-def _verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
 
 def targets(row: dict, case: Case, session: Session) -> dict:
     C, rows = case.extra["C"], case.extra["rows"]
@@ -291,15 +290,15 @@ def targets(row: dict, case: Case, session: Session) -> dict:
         if not (case.dtype == torch.bfloat16 and C >= 1024 and rows >= 16384):
             return {"targets": "n/a"}
         return {
-            "bw>=85%": _verdict(frac is not None and frac >= 0.85),
-            "eager>=3x": "n/a" if vs_eager is None else _verdict(vs_eager >= 3.0),
-            "compile>=1.3x": "n/a" if vs_compile is None else _verdict(vs_compile >= 1.3),
+            "bw>=85%": utils.verdict(frac is not None and frac >= 0.85),
+            "eager>=3x": "n/a" if vs_eager is None else utils.verdict(vs_eager >= 3.0),
+            "compile>=1.3x": "n/a" if vs_compile is None else utils.verdict(vs_compile >= 1.3),
         }
     if row["provider"] != "cpu":
         return {}
     return {
-        "eager>=3x": "n/a (C < 1024)" if C < 1024 else "n/a" if vs_eager is None else _verdict(vs_eager >= 3.0),
-        "copy<=2x": _verdict(row["time_in_copies"] <= 2.0),
+        "eager>=3x": "n/a (C < 1024)" if C < 1024 else "n/a" if vs_eager is None else utils.verdict(vs_eager >= 3.0),
+        "copy<=2x": utils.verdict(row["time_in_copies"] <= 2.0),
     }
 
 
@@ -307,7 +306,7 @@ def targets(row: dict, case: Case, session: Session) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    session = utils.start_session(FAMILY, "Benchmark of the fused adaLN family", PROVIDERS, OPS, argv)
+    session = utils.start_session(FAMILY, "Benchmark of the fused adaLN family", PROVIDERS, OPS, argv, QUICK_BUDGET_S)
     utils.run_cases(session, build_cases(session), providers, targets)
     legend = GPU_LEGEND if session.device.type == "cuda" else CPU_LEGEND
     return session.finish("adaLN family: fused LayerNorm + modulation, gated residual, RMSNorm", legend)

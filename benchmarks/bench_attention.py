@@ -13,9 +13,14 @@ Ops, on video tokens ``[B, T, S, H, D]`` taken as strided views of one packed QK
 Providers: ``torch`` (eager as a DiT writes it: rearrange copies into SDPA's ``[B, H, S, D]`` and back,
 SDPA default backend), ``math`` (eager with materialized scores), ``sdpa-flash`` / ``sdpa-efficient`` /
 ``sdpa-cudnn`` / ``sdpa-math`` (the same eager code pinned to one SDPA backend), ``compile`` (torch.compile
-of the eager code), our ``triton`` and ``cuda`` backends, and flash-attn / xformers / sageattention when
-installed. FLOPs = 4*B*H*Sq*Sk*D (half when causal); TFLOP/s against a bf16 matmul measured on the card
-for spatial/dense/cross, GB/s against the measured copy bandwidth for temporal.
+of the eager code), our ``triton``, ``cuda`` and ``native`` backends and the outside ``flash_attn`` /
+``sageattention`` backends (forced with ``use_backend``; skipped with the reason when not installed),
+``auto`` (the measured dispatch), and xformers when installed. FLOPs = 4*B*H*Sq*Sk*D (half when causal);
+TFLOP/s against a bf16 matmul measured on the card for spatial/dense/cross, GB/s against the measured copy
+bandwidth for temporal.
+
+``--quick`` on a GPU keeps every model shape (the static dispatch table is generated from these rows),
+thins the sweeps, and compiles at the headline shape (CogVideoX-5B) only.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ from benchmarks.utils import Case, Provider, Session
 FAMILY = "attention"
 OPS = ("spatial", "temporal", "dense", "factorized", "cross")
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
-PROVIDERS = ("torch", "math", *(f"sdpa-{b}" for b in SDPA_BACKENDS), "compile", "triton", "cuda",
-             "flash-attn", "xformers", "sageattention")
+OURS = ("triton", "cuda", "native", *utils.OUTSIDE_BACKENDS)
+PROVIDERS = ("torch", "math", *(f"sdpa-{b}" for b in SDPA_BACKENDS), "compile", *OURS, utils.AUTO, "xformers")
+HEADLINE = "cogvideox-5b"  # the shape a GPU --quick run compiles at
+QUICK_BUDGET_S = 90
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,8 @@ COGVIDEOX_5B = Video("cogvideox-5b", 2, 13, 1350, 48, 64, "CogVideoX-5B: 13 late
 WAN_14B = Video("wan2.1-14b", 1, 21, 1560, 40, 128, "Wan2.1-14B 480p: 21 latent frames of 30x52 tokens, 40 heads of 128")
 SWEEP = tuple(Video(f"sweep-S{S}-D{D}", 1, 4, S, 16, D, "sweep over tokens per frame")
               for S in (1024, 2048, 4096) for D in (64, 128))
-T_SWEEP = tuple(Video(f"sweep-T{T}", 1, T, 4096, 16, 64, "sweep over frames") for T in (8, 16, 32, 49))
+T_SWEEP = tuple(Video(f"sweep-T{T}", 1, T, 4096, 16, 64, "sweep over frames") for T in (8, 16, 32, 49, 64, 128))
+T_SWEEP_QUICK = tuple(v for v in T_SWEEP if v.T in (8, 32, 128))
 CPU_SMALL = Video("cpu-small", 1, 8, 256, 4, 64, "small CPU shape (Latte-like frame, 4 heads)")
 TEXT_TOKENS = {"cogvideox-5b": 226, "wan2.1-14b": 512, "latte-xl": 77}
 
@@ -64,8 +72,11 @@ SHAPES = {
                       "dense": (LATTE, COGVIDEOX_5B),
                       "factorized": (LATTE, COGVIDEOX_5B),
                       "cross": (LATTE, COGVIDEOX_5B, WAN_14B)},
-    ("cuda", True): {"spatial": (COGVIDEOX_5B,), "temporal": (COGVIDEOX_5B,), "dense": (), "factorized": (),
-                     "cross": (COGVIDEOX_5B,)},
+    ("cuda", True): {"spatial": (LATTE, COGVIDEOX_5B, WAN_14B),
+                     "temporal": (LATTE, COGVIDEOX_5B, WAN_14B) + T_SWEEP_QUICK,
+                     "dense": (LATTE, COGVIDEOX_5B),
+                     "factorized": (),
+                     "cross": (LATTE, COGVIDEOX_5B, WAN_14B)},
     ("cpu", False): {op: (CPU_SMALL,) for op in OPS},
     ("cpu", True): {"spatial": (CPU_SMALL,), "temporal": (CPU_SMALL,), "dense": (), "factorized": (), "cross": ()},
 }
@@ -168,26 +179,20 @@ def _reference(op):
     }[op]
 
 
-def _outside(name, op, session):
+def _xformers(op, session):
+    """xformers' memory-efficient attention on ``[batch, seq, H, D]`` views (an outside library that is
+    not an i2v_kernels backend)."""
     if session.device.type != "cuda":
-        return Provider(name, why_not="CUDA only", kind="outside")
+        return Provider("xformers", why_not="CUDA only", kind="outside")
 
     def seq_first(mode, t):
-        """[B, T, S, H, D] -> [batch, seq, H, D] as these libraries take it (a view where possible)."""
+        """[B, T, S, H, D] -> [batch, seq, H, D] (a view where possible)."""
         B, T, S, H, D = t.shape
         if mode == "spatial":
             return t.reshape(B * T, S, H, D)
         if mode == "temporal":
             return t.permute(0, 2, 1, 3, 4).reshape(B * S, T, H, D)
         return t.reshape(B, T * S, H, D)
-
-    def wrap(attend):
-        if op == "cross":
-            return attend
-        if op == "factorized":
-            sp, tm = wrap_mode("spatial", attend), wrap_mode("temporal", attend)
-            return lambda q, k, v: tm(sp(q, k, v), k, v)
-        return wrap_mode(op, attend)
 
     def wrap_mode(mode, attend):
         def fn(q, k, v):
@@ -200,19 +205,16 @@ def _outside(name, op, session):
         return fn
 
     def build():
-        if name == "flash-attn":
-            from flash_attn import flash_attn_func
+        from xformers.ops import memory_efficient_attention
 
-            return wrap(lambda q, k, v: flash_attn_func(q, k, v))
-        if name == "xformers":
-            from xformers.ops import memory_efficient_attention
+        if op == "cross":
+            return memory_efficient_attention
+        if op == "factorized":
+            sp, tm = wrap_mode("spatial", memory_efficient_attention), wrap_mode("temporal", memory_efficient_attention)
+            return lambda q, k, v: tm(sp(q, k, v), k, v)
+        return wrap_mode(op, memory_efficient_attention)
 
-            return wrap(lambda q, k, v: memory_efficient_attention(q, k, v))
-        from sageattention import sageattn
-
-        return wrap(lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD"))
-
-    return utils.outside_provider(name, build)
+    return utils.outside_provider("xformers", build)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,13 +286,11 @@ def providers(case: Case, session: Session) -> list[Provider]:
             out.append(Provider(name, _eager_for(op, _pinned(backend)), kind="baseline", skip_on_failure=True))
     if session.wants("compile"):
         why = ("left out on CPU: inductor spends ~20 s compiling each graph on this machine"
-               if session.device.type == "cpu" else None)
+               if session.device.type == "cpu" else session.quick_compile_why_not(case.label == HEADLINE))
         out.append(utils.compile_provider(_eager_for(op, sdpa), why_not=why))
-    ours = _ours(op)
-    out += [utils.backend_provider(name, ours, session) for name in ("triton", "cuda")]
-    for name in ("flash-attn", "xformers", "sageattention"):
-        if session.wants(name):
-            out.append(_outside(name, op, session))
+    out += utils.backend_providers(_ours(op), session, OURS)
+    if session.wants("xformers"):
+        out.append(_xformers(op, session))
     return out
 
 
@@ -299,13 +299,10 @@ def providers(case: Case, session: Session) -> list[Provider]:
 
 LEGEND = (
     "GPU, bf16. spatial (S 1k-4k, D 64/128): `sdpa>=1.1x` at least 1.1x the SDPA default (`torch`), "
-    "`best>=0.85x` at least 0.85x the fastest SDPA backend. temporal (T 8-49): `bw>=80%` of the copy "
+    "`best>=0.85x` at least 0.85x the fastest SDPA backend. temporal (T 8-128): `bw>=80%` of the copy "
     "bandwidth, `eager>=4x` eager rearrange + SDPA. cross (M 77-512): `sdpa>=1.0x`.",
 )
 
-
-def _verdict(ok):
-    return "PASS" if ok else "MISS"
 
 
 def targets(row: dict, case: Case, session: Session) -> dict:
@@ -314,16 +311,16 @@ def targets(row: dict, case: Case, session: Session) -> dict:
     vs_eager = row["ratio_vs_eager"]
     if case.op == "spatial":
         best = _best_sdpa_ms(case, session)
-        out = {"sdpa>=1.1x": "n/a" if vs_eager is None else _verdict(vs_eager >= 1.1)}
+        out = {"sdpa>=1.1x": "n/a" if vs_eager is None else utils.verdict(vs_eager >= 1.1)}
         if best is not None and row["ms"]:
-            out["best>=0.85x"] = _verdict(best / row["ms"] >= 0.85)
+            out["best>=0.85x"] = utils.verdict(best / row["ms"] >= 0.85)
         return out
     if case.op == "temporal":
         frac = row["frac_roofline"]
-        return {"bw>=80%": _verdict(frac is not None and frac >= 0.8),
-                "eager>=4x": "n/a" if vs_eager is None else _verdict(vs_eager >= 4.0)}
+        return {"bw>=80%": utils.verdict(frac is not None and frac >= 0.8),
+                "eager>=4x": "n/a" if vs_eager is None else utils.verdict(vs_eager >= 4.0)}
     if case.op == "cross":
-        return {"sdpa>=1.0x": "n/a" if vs_eager is None else _verdict(vs_eager >= 1.0)}
+        return {"sdpa>=1.0x": "n/a" if vs_eager is None else utils.verdict(vs_eager >= 1.0)}
     return {}
 
 
@@ -336,7 +333,7 @@ def _best_sdpa_ms(case: Case, session: Session) -> Optional[float]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    session = utils.start_session(FAMILY, "Benchmark of attention variants", PROVIDERS, OPS, argv)
+    session = utils.start_session(FAMILY, "Benchmark of attention variants", PROVIDERS, OPS, argv, QUICK_BUDGET_S)
     utils.run_cases(session, build_cases(session), providers, targets)
     return session.finish("Attention variants: spatial, temporal, dense 3D, factorized, cross", LEGEND)
 

@@ -14,15 +14,17 @@ Ops:
 Providers of ``causal_conv3d``: ``torch`` (eager as VAEs write it: ``torch.cat`` of the cache or the
 replicated first frame, ``F.pad``, ``F.conv3d``, default NCDHW layout), ``eager-cl`` (the same code on
 channels_last_3d tensors), ``cudnn-only`` (``F.conv3d`` alone on an input padded beforehand, channels_last_3d:
-the "conv alone" yardstick), ``compile`` (torch.compile of ``torch``), our ``triton``, ``cuda`` and
-``cpu`` backends (a backend the op does not have is listed as skipped, with the reason). Our backends
-get the channels_last_3d input and cache: that is what they receive inside a decoder, since the op's
-output is always channels_last_3d.
+the "conv alone" yardstick), ``compile`` (torch.compile of ``torch``), our ``triton``, ``cuda``,
+``cpu`` and ``native`` (``cat`` + cuDNN/oneDNN ``conv3d`` on channels_last_3d) backends (a backend the
+op does not have is listed as skipped, with the reason) and ``auto`` (the measured dispatch). Our
+backends get the channels_last_3d input and cache: that is what they receive inside a decoder, since the
+op's output is always channels_last_3d.
 
 Providers of ``vae-decode``: ``torch`` (the decoder with eager convs, whole video), ``torch-chunked``
 (eager convs, chunks with explicit caches, outputs joined by ``torch.cat`` -- how diffusers' VAEs
-decode), ``whole`` and ``streaming`` (our ``CausalConv3d`` modules, backend ``auto``; streaming writes
-each chunk into one preallocated output).
+decode), ``whole`` (our ``CausalConv3d`` modules, backend ``auto``: the case's auto row), ``whole-native``
+(the same, forced to ``native``) and ``streaming`` (backend ``auto``; writes each chunk into one
+preallocated output).
 
 Shapes: the CogVideoX decoder at 480x720 (latent 13x60x90; stage widths 512/256/256/128; frame
 batches of 2 latent frames with a 2-frame conv cache) and the Wan2.1 decoder at its 480p, 832x480
@@ -54,8 +56,9 @@ from benchmarks.utils import Case, Provider, Session
 
 FAMILY = "conv3d"
 OPS = ("causal_conv3d", "vae-decode")
-PROVIDERS = ("torch", "eager-cl", "cudnn-only", "compile", "triton", "cuda", "cpu", "torch-chunked", "whole",
-             "streaming")
+PROVIDERS = ("torch", "eager-cl", "cudnn-only", "compile", *utils.OUR_BACKENDS, utils.AUTO, "torch-chunked", "whole",
+             "whole-native", "streaming")
+QUICK_BUDGET_S = 60
 CL = torch.channels_last_3d
 
 
@@ -126,7 +129,7 @@ SHAPES = {
     ("cuda", False): tuple(GPU_SHAPES[k] for k in ("cog-mid-chunk", "cog-up1-chunk", "cog-up2-chunk", "cog-up3-chunk",
                                                    "cog-out-chunk", "cog-mid-whole", "wan-mid-chunk", "wan-up2-chunk",
                                                    "wan-up3-chunk", "wan-time-conv")) + SWEEP,
-    ("cuda", True): tuple(GPU_SHAPES[k] for k in ("cog-mid-chunk", "cog-up3-chunk", "wan-mid-chunk")),
+    ("cuda", True): tuple(GPU_SHAPES[k] for k in ("cog-mid-chunk", "cog-up3-chunk", "wan-mid-chunk", "wan-time-conv")),
     ("cpu", False): tuple(CPU_SHAPES.values()),
     ("cpu", True): (CPU_SHAPES["cog-up3-chunk"], CPU_SHAPES["wan-mid-chunk"]),
 }
@@ -232,12 +235,12 @@ def providers(case: Case, session: Session) -> list[Provider]:
     if session.wants("cudnn-only"):
         out.append(Provider("cudnn-only", cudnn_only, kind="baseline"))
     if session.wants("compile"):
-        why = None
+        why = session.quick_compile_why_not(case.label == GPU_SHAPES["cog-mid-chunk"].label)
         if session.device.type == "cpu" and session.quick:
             why = ("left out of --quick on CPU: inductor spends ~20 s compiling each graph on this machine; "
                    "run without --quick to include it")
         out.append(utils.compile_provider(eager, why_not=why))
-    out += [utils.backend_provider(name, ours, session) for name in utils.OUR_BACKENDS]
+    out += utils.backend_providers(ours, session)
     return out
 
 
@@ -262,9 +265,6 @@ DECODE_LEGEND = (
 )
 
 
-def _verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
 
 def _case_ms(session: Session, case, provider: str) -> Optional[float]:
     for r in session.case_rows:
@@ -279,10 +279,10 @@ def targets(row: dict, case: Case, session: Session) -> dict:
     if not case.extra["targets_apply"]:
         return {"targets": "n/a"}
     vs_eager = row["ratio_vs_eager"]
-    out = {"eager>=1.3x": "n/a" if vs_eager is None else _verdict(vs_eager >= 1.3)}
+    out = {"eager>=1.3x": "n/a" if vs_eager is None else utils.verdict(vs_eager >= 1.3)}
     cudnn = _case_ms(session, case, "cudnn-only")
     if cudnn is not None:
-        out["cudnn>=0.9x"] = _verdict(cudnn / row["ms"] >= 0.9)
+        out["cudnn>=0.9x"] = utils.verdict(cudnn / row["ms"] >= 0.9)
     return out
 
 
@@ -392,6 +392,8 @@ def run_model_case(session: Session, case: ModelCase,
                 rows.append(row(p.name, p.kind, "skipped", note=p.why_not))
                 continue
             call = lambda p=p: p.fn(*run.inputs)  # noqa: E731
+            if p.auto:
+                utils.reset_dispatch()  # the model's keys are measured in its first call, never in the timed ones
             t0 = time.perf_counter()
             try:
                 out = call()
@@ -409,6 +411,7 @@ def run_model_case(session: Session, case: ModelCase,
                                 note=f"failed on its first call: {msg}" if p.skip_on_failure else msg))
                 continue
             first_call_s = time.perf_counter() - t0
+            decisions = utils.note_dispatch(p) if p.auto else None
             ok, err, tol, problem = _model_check(out, ref, p.kind, own_err, eps, scale)
             if p.kind == "eager":
                 own_err = err
@@ -422,8 +425,8 @@ def run_model_case(session: Session, case: ModelCase,
                     problem = f"max |{p.name} - {other}| = {diff:.2g}"
             if not ok:
                 print(f"   {p.name:<14} WRONG: {problem} (max abs error {err:.3g})", flush=True)
-                rows.append(row(p.name, p.kind, "wrong", note=problem, correct=False, max_err=err, tol=[tol, 0.0],
-                                first_call_s=first_call_s))
+                rows.append(utils.mark_auto(row(p.name, p.kind, "wrong", note=problem, correct=False, max_err=err,
+                                                tol=[tol, 0.0], first_call_s=first_call_s), p, decisions))
                 rows[-1]["same_as"] = same
                 del out
                 continue
@@ -435,30 +438,18 @@ def run_model_case(session: Session, case: ModelCase,
             print(f"   {p.name:<14} {ms:10.3f} ms  (min {ms_min:.3f}, {reps} reps, max err {err:.2e}"
                   + (f", peak {peak:,.0f} MiB" if peak is not None else "") + (f"; {problem}" if problem else "") + ")",
                   flush=True)
-            rows.append(row(p.name, p.kind, "ok", ms=ms, ms_min=ms_min, reps=reps, correct=True, max_err=err,
-                            tol=[tol, 0.0], peak_mem_mb=peak, first_call_s=first_call_s,
-                            note="; ".join(x for x in (MODEL_METHOD_NOTE, problem) if x)))
+            rows.append(utils.mark_auto(row(p.name, p.kind, "ok", ms=ms, ms_min=ms_min, reps=reps, correct=True,
+                                            max_err=err, tol=[tol, 0.0], peak_mem_mb=peak, first_call_s=first_call_s,
+                                            note="; ".join(x for x in (MODEL_METHOD_NOTE, problem) if x)),
+                                        p, decisions))
             rows[-1]["same_as"] = same
         del outputs, run, ref
 
-    by_name = {r["provider"]: r for r in rows if r["ms"] is not None}
-    eager, compiled = by_name.get("torch"), by_name.get("compile")
     for r in rows:
-        if r["ms"] is None:
-            continue
-        r["tflops"] = r["flops"] / (r["ms"] * 1e-3) / 1e12 if r["flops"] else None
-        r["ratio_vs_eager"] = eager["ms"] / r["ms"] if eager else None
-        r["ratio_vs_compile"] = compiled["ms"] / r["ms"] if compiled else None
-    session.case_rows = rows
-    if targets_fn is not None:
-        for r in rows:
-            if r["kind"] == "ours" and r["status"] == "ok":
-                r["targets"] = targets_fn(r, case, session)
-    for r in rows:
-        if r["provider"] != "torch" and r["ms"] is not None:
-            vs = "-" if r["ratio_vs_eager"] is None else f"{r['ratio_vs_eager']:.2f}x"
-            verdicts = ", ".join(f"{k} {v}" for k, v in (r.get("targets") or {}).items())
-            print(f"   {r['provider']:<14} {vs} eager" + (f"  {verdicts}" if verdicts else ""), flush=True)
+        if r["ms"] is not None:
+            r["tflops"] = r["flops"] / (r["ms"] * 1e-3) / 1e12 if r["flops"] else None
+    session.finish_case(case, rows, targets_fn)
+    utils.print_speedups(rows)
     torch._dynamo.reset()  # compiled providers hold the case's models
     gc.collect()
     if session.device.type == "cuda":
@@ -597,7 +588,7 @@ DECODERS = {
                             "tiny decoder (widths 32/32/16/16), 2 latent frames of 4x6 -> 8 frames at 32x48, "
                             "one latent frame per chunk"),),
 }
-DECODE_PROVIDERS = ("torch", "torch-chunked", "whole", "streaming")
+DECODE_PROVIDERS = ("torch", "torch-chunked", "whole", "whole-native", "streaming")
 
 
 def _decode_case(d: Decoder, dtype: torch.dtype) -> ModelCase:
@@ -629,7 +620,9 @@ def _decode_case(d: Decoder, dtype: torch.dtype) -> ModelCase:
                                     model=decoder)
 
         provs = [utils.eager_provider(eager_whole), Provider("torch-chunked", eager_chunked, kind="baseline"),
-                 Provider("whole", whole, kind="ours"), Provider("streaming", chunked, kind="ours")]
+                 utils.auto_provider(whole, "whole"),
+                 Provider("whole-native", utils.forced("native", whole), kind="ours", loose=True),
+                 Provider("streaming", chunked, kind="ours")]
         return ModelRun(inputs=(z,), reference=reference, providers=provs,
                         same_as={"streaming": "whole", "torch-chunked": "torch"})
 
@@ -646,7 +639,7 @@ def decode_targets(row: dict, case: ModelCase, session: Session) -> dict:
     if not row["provider"].startswith("streaming"):
         return {}
     same = row.get("same_as")  # checked before timing: a mismatch makes the row `wrong` (the run fails)
-    out = {"same": "n/a (`whole` not run)" if same is None else _verdict(same["ok"])}
+    out = {"same": "n/a (`whole` not run)" if same is None else utils.verdict(same["ok"])}
     if session.device.type != "cuda":
         out["mem<=1/3"] = "n/a (CPU)"
         return out
@@ -655,7 +648,7 @@ def decode_targets(row: dict, case: ModelCase, session: Session) -> dict:
         out["mem<=1/3"] = "n/a"
     else:
         frac = row["peak_mem_mb"] / whole["peak_mem_mb"]
-        out["mem<=1/3"] = f"{_verdict(frac <= 1 / 3)} ({frac:.2f}x whole)"
+        out["mem<=1/3"] = f"{utils.verdict(frac <= 1 / 3)} ({frac:.2f}x whole)"
     return out
 
 
@@ -664,7 +657,7 @@ def decode_targets(row: dict, case: ModelCase, session: Session) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     session = utils.start_session(FAMILY, "Benchmark of the causal 3D convolution and streaming VAE decode",
-                                  PROVIDERS, OPS, argv)
+                                  PROVIDERS, OPS, argv, QUICK_BUDGET_S)
     if session.device.type == "cuda":
         # fp32 means fp32: cuDNN would otherwise run fp32 convs (the fp32 reference included) in TF32.
         torch.backends.cudnn.allow_tf32 = False

@@ -14,9 +14,10 @@ published configs with random weights (no downloads):
   released ones) at a reduced resolution: time and peak memory.
 
 Providers: ``torch`` (unpatched eager), ``compile`` (torch.compile of it), ``patched`` (after
-``i2v_kernels.patch``; backend ``auto``) and ``patched-compile``. The compiled providers run on a GPU in
-full runs only (inductor takes minutes per whole model on the CPU). Peak memory is what one call
-allocates beyond the weights and inputs (CUDA only).
+``i2v_kernels.patch``; backend ``auto``: the case's auto row, held to the first rule), ``patched-native``
+(the patched model forced to the ``native`` backend) and ``patched-compile``. The compiled providers run
+on a GPU in full runs only (inductor takes minutes per whole model on the CPU). Peak memory is what one
+call allocates beyond the weights and inputs (CUDA only).
 
 Correctness before timing (``bench_conv3d.run_model_case``): the model is built and run in fp32 first
 (the reference), then cast to the benchmark dtype; every provider's max error against the fp32 output
@@ -42,7 +43,8 @@ from benchmarks.utils import Provider, Session
 
 FAMILY = "diffusers"
 OPS = ("transformer", "vae-decode")
-PROVIDERS = ("torch", "compile", "patched", "patched-compile")
+PROVIDERS = ("torch", "compile", "patched", "patched-native", "patched-compile")
+QUICK_BUDGET_S = 90
 LAYERS = 2  # blocks built on a GPU; time per step is scaled to the real depth
 
 
@@ -246,7 +248,9 @@ def _providers(session: Session, model, patched, run: Callable) -> list[Provider
     if session.wants("compile"):
         out.append(utils.compile_provider(eager, why_not=compile_why))
     if session.wants("patched"):
-        out.append(Provider("patched", ours, kind="ours"))
+        out.append(utils.auto_provider(ours, "patched"))
+    if session.wants("patched-native"):
+        out.append(Provider("patched-native", utils.forced("native", ours), kind="ours", loose=True))
     if session.wants("patched-compile"):
         out.append(Provider("patched-compile", why_not=compile_why, kind="ours") if compile_why else
                    Provider("patched-compile", torch.compile(ours, dynamic=False), kind="ours", skip_on_failure=True))
@@ -325,9 +329,6 @@ LEGEND = (
 )
 
 
-def _verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
 
 def targets(row: dict, case: ModelCase, session: Session) -> dict:
     if session.device.type != "cuda" or case.dtype != torch.bfloat16 or row["provider"] != "patched":
@@ -336,11 +337,11 @@ def targets(row: dict, case: ModelCase, session: Session) -> dict:
     if case.op == "transformer":
         if not case.label.startswith("cogvideox-5b"):
             return {"targets": "n/a"}
-        return {"step>=1.3x": "n/a" if vs_eager is None else _verdict(vs_eager >= 1.3)}
+        return {"step>=1.3x": "n/a" if vs_eager is None else utils.verdict(vs_eager >= 1.3)}
     eager = next((r for r in session.case_rows if r["provider"] == "torch" and r["peak_mem_mb"] is not None), None)
     return {
-        "decode>=1.3x": "n/a" if vs_eager is None else _verdict(vs_eager >= 1.3),
-        "mem<=orig": "n/a" if eager is None or row["peak_mem_mb"] is None else _verdict(
+        "decode>=1.3x": "n/a" if vs_eager is None else utils.verdict(vs_eager >= 1.3),
+        "mem<=orig": "n/a" if eager is None or row["peak_mem_mb"] is None else utils.verdict(
             row["peak_mem_mb"] <= eager["peak_mem_mb"]),
     }
 
@@ -371,7 +372,7 @@ def step_table(session: Session) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     session = utils.start_session(FAMILY, "Benchmark of i2v_kernels.patch() on diffusers video models",
-                                  PROVIDERS, OPS, argv)
+                                  PROVIDERS, OPS, argv, QUICK_BUDGET_S)
     if session.device.type == "cuda":
         # the fp32 reference in true fp32 (cuDNN would run the VAEs' fp32 convs in TF32)
         torch.backends.cudnn.allow_tf32 = False

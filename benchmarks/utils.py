@@ -2,9 +2,13 @@
 
 A benchmark script describes *cases* (one op on one input shape and dtype) and, per case, the
 *providers* that compute it: ``torch`` (eager PyTorch as a video DiT writes it), ``compile``
-(``torch.compile`` of that eager function), our backends ``triton``, ``cuda`` and ``cpu`` (forced
-with ``i2v_kernels.use_backend``), and outside libraries when they import. A provider that cannot run
-carries the reason and is listed as skipped, never dropped.
+(``torch.compile`` of that eager function), our backends ``triton``, ``cuda``, ``cpu`` and ``native``
+and the outside ones ``flash_attn`` / ``sageattention`` (each forced with ``i2v_kernels.use_backend``),
+``auto`` (no forcing: the measured dispatch, tuned during the provider's first, untimed call), and
+outside libraries when they import. A provider that cannot run carries the reason and is listed as
+skipped, never dropped. Each case's ``auto`` row is held to the first rule of shared/PERFORMANCE.md:
+at least 0.97x (CPU: 0.95x) the best baseline -- the fastest of eager and the other non-compiled
+baselines (each SDPA backend, cuDNN alone) -- and every row shows its speed relative to ``auto``.
 
 For every case the harness
 
@@ -25,6 +29,7 @@ the speedups over eager to ``<family>_<device-slug>.png``. See ``benchmarks/resu
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import math
@@ -32,8 +37,10 @@ import os
 import platform
 import re
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +66,14 @@ DEFAULT_DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 OURS_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
 BASELINE_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 6e-2)}
 
-OUR_BACKENDS = ("triton", "cuda", "cpu")
+OUR_BACKENDS = ("triton", "cuda", "cpu", "native")
+# Backends of i2v_kernels that wrap outside libraries: forced like ours, held to the baselines' tolerance.
+OUTSIDE_BACKENDS = ("flash_attn", "sageattention")
+# What `auto` can dispatch to (benchmarks/make_dispatch_table.py builds the static table from these rows).
+DISPATCHABLE = OUR_BACKENDS + OUTSIDE_BACKENDS
+AUTO = "auto"
+# The first rule (shared/PERFORMANCE.md): auto >= this x the best non-compiled baseline, per device type.
+AUTO_RULE = {"cuda": 0.97, "cpu": 0.95}
 # Table order: the copy reference, eager, other baselines, outside libraries, ours (each in run order).
 KIND_ORDER = {"copy": 0, "eager": 1, "baseline": 2, "outside": 3, "ours": 4}
 
@@ -85,10 +99,13 @@ METHOD = (
 class Provider:
     """One way to compute a case. ``fn(*inputs)`` returns a tensor or a tuple of tensors.
 
-    ``kind``: ``eager`` (the ``torch`` baseline), ``baseline`` (compile), ``ours`` (an i2v_kernels
-    backend: strict tolerances, targets apply), ``outside`` (another library). ``why_not`` set means
-    the provider is skipped with that reason. ``skip_on_failure``: an exception on the first call is a
-    skip (a baseline that cannot be built here), not a failure.
+    ``kind``: ``eager`` (the ``torch`` baseline), ``baseline`` (compile, SDPA backends, ...), ``ours``
+    (an i2v_kernels backend or ``auto``: targets apply), ``outside`` (another library). ``why_not`` set
+    means the provider is skipped with that reason. ``skip_on_failure``: an exception on the first call
+    is a skip (a baseline that cannot be built here), not a failure. ``loose``: held to the baselines'
+    tolerance although ours (``native`` rounds like eager PyTorch, and ``auto`` may run it). ``auto``:
+    this is the case's ``auto`` provider (the dispatch is reset before its first call and its decisions
+    are recorded in the row; the first rule applies to it).
     """
 
     name: str
@@ -96,6 +113,8 @@ class Provider:
     why_not: Optional[str] = None
     kind: str = "baseline"
     skip_on_failure: bool = False
+    loose: bool = False
+    auto: bool = False
 
 
 @dataclass
@@ -142,18 +161,43 @@ def compile_provider(fn: Callable[..., Any], why_not: Optional[str] = None) -> P
 
 
 def backend_provider(name: str, fn: Callable[..., Any], session: "Session") -> Provider:
-    """Our backend ``name`` (``triton``/``cuda``/``cpu``) forced around every call of ``fn``."""
-    import i2v_kernels
-
+    """i2v_kernels backend ``name`` (one of :data:`DISPATCHABLE`) forced around every call of ``fn``."""
+    kind = "outside" if name in OUTSIDE_BACKENDS else "ours"
+    loose = name == "native" or name in OUTSIDE_BACKENDS
     reason = session.backend_why_not(name)
     if reason is not None:
-        return Provider(name, why_not=reason, kind="ours")
+        return Provider(name, why_not=reason, kind=kind)
+    return Provider(name, forced(name, fn), kind=kind, loose=loose)
 
-    def forced(*inputs):
-        with i2v_kernels.use_backend(name):
+
+def backend_providers(fn: Callable[..., Any], session: "Session", names: Sequence[str] = OUR_BACKENDS) -> list[Provider]:
+    """``backend_provider`` for each wanted name, then ``auto`` (the provider the first rule is about)."""
+    out = [backend_provider(name, fn, session) for name in names if session.wants(name)]
+    if session.wants(AUTO):
+        out.append(auto_provider(fn))
+    return out
+
+
+def forced(backend: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with every i2v_kernels op inside it forced to ``backend``."""
+    import i2v_kernels
+
+    def call(*inputs):
+        with i2v_kernels.use_backend(backend):
             return fn(*inputs)
 
-    return Provider(name, forced, kind="ours")
+    return call
+
+
+def auto_provider(fn: Callable[..., Any], name: str = AUTO) -> Provider:
+    """``fn`` unforced: i2v_kernels' measured dispatch (``auto``). Skipped when the environment forces
+    a backend on every call (then there is no ``auto`` to measure)."""
+    from i2v_kernels import _backend
+
+    forced_env = os.environ.get(_backend.ENV_VAR, "").strip()
+    if forced_env and forced_env != "auto":
+        return Provider(name, why_not=f"{_backend.ENV_VAR}={forced_env} forces every call", kind="ours")
+    return Provider(name, fn, kind="ours", loose=True, auto=True)
 
 
 def outside_provider(name: str, build: Callable[[], Callable[..., Any]]) -> Provider:
@@ -224,7 +268,63 @@ _ENV_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "OMP_", "MKL_", "I2V
 
 
 def measured_env() -> dict:
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)}
+    # The dispatch cache directory is where decisions are kept, not what is measured (and each run
+    # points it at a fresh temporary directory: isolate_dispatch_cache).
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES) and k != DISPATCH_CACHE_ENV}
+
+
+DISPATCH_CACHE_ENV = "I2V_KERNELS_CACHE_DIR"
+
+
+def dispatch_mode() -> str:
+    """How ``auto`` decides in this run (for the header)."""
+    from i2v_kernels import _dispatch
+
+    if not _dispatch.tuning_enabled():
+        return f"`auto` is not measured ({_dispatch.TUNE_ENV}=0): the static table decides"
+    return "`auto` measured per case in its first (untimed) call, fresh dispatch cache"
+
+
+def isolate_dispatch_cache() -> Path:
+    """Point i2v_kernels' dispatch cache at a fresh temporary directory (removed at exit), so no
+    decision from an earlier run or another process leaks into this one's ``auto`` rows."""
+    path = Path(tempfile.mkdtemp(prefix="i2v-bench-dispatch-"))
+    os.environ[DISPATCH_CACHE_ENV] = str(path)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def reset_dispatch() -> None:
+    """Forget every dispatch decision (memory and this run's cache file): the next ``auto`` call of
+    each key measures afresh."""
+    from i2v_kernels import _dispatch
+
+    _dispatch.clear(memory=True, disk=True)
+
+
+def dispatch_decisions() -> list[dict]:
+    """The decisions ``auto`` made since :func:`reset_dispatch`: key, backend, measured times."""
+    from i2v_kernels import _dispatch
+
+    keep = ("key", "op", "backend", "source", "times_ms", "failed", "why_not_measured")
+    return [{k: d[k] for k in keep if d.get(k) is not None} for d in _dispatch.decisions()]
+
+
+def dispatch_summary(decisions: Sequence[dict]) -> str:
+    """One line: ``op -> backend`` per decision (counted when an op has several keys), e.g.
+    ``spatial_attention -> native (native 2.39, triton 2.96 ms)``."""
+    if not decisions:
+        return "nothing measured: one eligible backend per call"
+    if len(decisions) == 1:
+        d = decisions[0]
+        times = ", ".join(f"{b} {t:.3g}" for b, t in sorted(d.get("times_ms", {}).items(), key=lambda kv: kv[1]))
+        how = f" ({times} ms)" if times else f" ({d.get('source', '?')})"
+        return f"{d.get('op', '?')} -> {d['backend']}{how}"
+    counts: dict[tuple[str, str], int] = {}
+    for d in decisions:
+        key = (d.get("op", "?"), d["backend"])
+        counts[key] = counts.get(key, 0) + 1
+    return "; ".join(f"{op} -> {b}" + (f" x{n}" if n > 1 else "") for (op, b), n in counts.items())
 
 
 def _load_avg() -> Optional[float]:
@@ -381,6 +481,44 @@ def compare(out: Any, ref: Any, atol: float, rtol: float) -> tuple[bool, float, 
 
 
 # --------------------------------------------------------------------------------------------------
+# auto and the first rule
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def note_dispatch(p: Provider) -> list[dict]:
+    """After an ``auto`` provider's first call: its decisions, printed and returned for the row."""
+    decisions = dispatch_decisions()
+    print(f"   {p.name:<8} dispatch: {dispatch_summary(decisions)}", flush=True)
+    return decisions
+
+
+def mark_auto(row: dict, p: Provider, decisions: Optional[list[dict]]) -> dict:
+    if p.auto:
+        row["auto"] = True
+        row["dispatch"] = decisions
+    return row
+
+
+def print_speedups(rows: Sequence[dict]) -> None:
+    """Model-level cases: each timed provider's speedup over eager and its targets, one line each."""
+    for r in rows:
+        if r["provider"] != "torch" and r["ms"] is not None:
+            print(f"   {r['provider']:<14} {_fmt_x(r['ratio_vs_eager'])} eager"
+                  + (f"  {_targets_text(r['targets'])}" if r.get("targets") else ""), flush=True)
+
+
+def best_baseline(rows: Sequence[dict]) -> Optional[dict]:
+    """The fastest measured baseline of a case: eager and every other non-compiled baseline (SDPA
+    backends, cuDNN alone, eager variants); ``torch.compile`` is shown but not part of the rule."""
+    timed = [r for r in rows if r["kind"] in ("eager", "baseline") and r["status"] == "ok" and r["ms"]
+             and "compile" not in r["provider"]]
+    return min(timed, key=lambda r: r["ms"]) if timed else None
+
+
+# --------------------------------------------------------------------------------------------------
 # One run
 
 
@@ -422,6 +560,7 @@ class Session:
         self.load_avg = _load_avg()
         self.env = measured_env()
         self._case_load = self.load_avg
+        self.budget_s: Optional[float] = None  # GPU --quick: the run should end within this (start_session)
 
     # -- availability of our backends
 
@@ -453,6 +592,47 @@ class Session:
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def quick_compile_why_not(self, headline: bool) -> Optional[str]:
+        """Why a ``torch.compile`` provider is left out of a GPU ``--quick`` case, or None: inductor
+        compiles each case's graph afresh (seconds to a minute for a model), so a bounded run compiles
+        at the family's headline shape only, and not at all once half its time budget is spent."""
+        if not (self.quick and self.device.type == "cuda"):
+            return None
+        if not headline:
+            return "left out of --quick on the GPU except at the headline shape (inductor compiles every graph afresh)"
+        if self.budget_s is not None and self.elapsed() > self.budget_s / 2:
+            return f"left out: half of the --quick time budget ({self.budget_s:.0f} s) was spent"
+        return None
+
+    def finish_case(self, case: Any, rows: list[dict], targets: Optional[Callable[[dict, Any, "Session"], dict]]) -> None:
+        """Speedups over eager, compile and ``auto``; the family's targets on our rows; the first rule
+        on the ``auto`` row. The rows become ``case_rows`` (what targets compare against)."""
+        by_name = {r["provider"]: r for r in rows if r["ms"] is not None}
+        eager, compiled = by_name.get("torch"), by_name.get("compile")
+        auto = next((r for r in rows if r["auto"] and r["ms"] is not None), None)
+        for r in rows:
+            if r["ms"] is None:
+                continue
+            r["ratio_vs_eager"] = eager["ms"] / r["ms"] if eager else None
+            r["ratio_vs_compile"] = compiled["ms"] / r["ms"] if compiled else None
+            r["ratio_vs_auto"] = auto["ms"] / r["ms"] if auto else None
+        self.case_rows = rows
+        if targets is not None:
+            for r in rows:
+                if r["kind"] == "ours" and r["status"] == "ok":
+                    r["targets"] = targets(r, case, self)
+        best = best_baseline(rows)
+        if auto is not None and best is not None:
+            need = AUTO_RULE.get(self.device.type, AUTO_RULE["cuda"])
+            ratio = best["ms"] / auto["ms"]
+            auto["best_baseline"] = {"provider": best["provider"], "ms": best["ms"]}
+            auto["auto_vs_best"] = ratio
+            auto["targets"] = {**(auto["targets"] or {}),
+                               f"auto>={need}x best": f"{verdict(ratio >= need)} ({ratio:.2f}x {best['provider']})"}
 
     # -- the roofline
 
@@ -520,9 +700,6 @@ class Session:
             rows.append(self._run_provider(case, p, inputs, ref, n_bytes))
 
         # Derived columns, once every provider of the case is measured.
-        by_name = {r["provider"]: r for r in rows if r["ms"] is not None}
-        eager = by_name.get("torch")
-        compiled = by_name.get("compile")
         for r in rows:
             r["roofline"] = {"gbps": roof_gbps, "tflops": roof_tflops, "source": roof_src}
             if r["ms"] is None:
@@ -536,14 +713,8 @@ class Session:
             if r["flops"] and roof_tflops:
                 floors.append(r["flops"] / (roof_tflops * 1e12))
             r["frac_roofline"] = max(floors) / sec if floors else None
-            r["ratio_vs_eager"] = eager["ms"] / r["ms"] if eager else None
             r["time_in_copies"] = r["ms"] / ms
-            r["ratio_vs_compile"] = compiled["ms"] / r["ms"] if compiled else None
-        self.case_rows = rows  # what a family's targets may compare against (e.g. the fastest baseline)
-        if targets is not None:
-            for r in rows:
-                if r["kind"] == "ours" and r["status"] == "ok":
-                    r["targets"] = targets(r, case, self)
+        self.finish_case(case, rows, targets)
         for r in rows:
             if r["provider"] not in ("copy", "torch") and r["ms"] is not None:
                 print(f"   {r['provider']:<8} {_fmt_x(r['ratio_vs_eager'])} eager, {_fmt_pct(r['frac_roofline'])} of roofline"
@@ -570,6 +741,8 @@ class Session:
         import i2v_kernels
 
         call = lambda: p.fn(*inputs)  # noqa: E731
+        if p.auto:
+            reset_dispatch()  # this case's keys are measured in the first call below, never in the timed ones
         t0 = time.perf_counter()
         try:
             out = call()
@@ -585,18 +758,21 @@ class Session:
             print(f"   {p.name:<8} ERROR: {msg}", flush=True)
             return row("error", note=msg, correct=False)
         first_call_s = time.perf_counter() - t0
-        atol, rtol = (OURS_TOL if p.kind == "ours" else BASELINE_TOL).get(case.dtype, (1e-5, 1e-5))
+        decisions = note_dispatch(p) if p.auto else None
+        strict = p.kind == "ours" and not p.loose
+        atol, rtol = (OURS_TOL if strict else BASELINE_TOL).get(case.dtype, (1e-5, 1e-5))
         ok, max_err, problem = compare(out, ref, atol, rtol)
         del out
         if not ok:
             print(f"   {p.name:<8} WRONG: {problem} (max abs error {max_err:.3g})", flush=True)
-            return row("wrong", note=problem, correct=False, max_err=max_err, tol=[atol, rtol],
-                       first_call_s=first_call_s)
-        ms, ms_min, reps = self.time(call)
-        peak = cuda_peak_mb(call, self.device) if self.device.type == "cuda" else None
-        print(f"   {p.name:<8} {ms:10.4f} ms  (min {ms_min:.4f}, {reps} reps, max err {max_err:.2e})", flush=True)
-        return row("ok", ms=ms, ms_min=ms_min, reps=reps, correct=True, max_err=max_err, tol=[atol, rtol],
-                   peak_mem_mb=peak, first_call_s=first_call_s)
+            r = row("wrong", note=problem, correct=False, max_err=max_err, tol=[atol, rtol], first_call_s=first_call_s)
+        else:
+            ms, ms_min, reps = self.time(call)
+            peak = cuda_peak_mb(call, self.device) if self.device.type == "cuda" else None
+            print(f"   {p.name:<8} {ms:10.4f} ms  (min {ms_min:.4f}, {reps} reps, max err {max_err:.2e})", flush=True)
+            r = row("ok", ms=ms, ms_min=ms_min, reps=reps, correct=True, max_err=max_err, tol=[atol, rtol],
+                    peak_mem_mb=peak, first_call_s=first_call_s)
+        return mark_auto(r, p, decisions)
 
     def _row(self, case: Case, provider: str, *, kind: str, status: str, bytes_: int, flops: int,
              ms=None, ms_min=None, reps=None, correct=None, max_err=None, tol=None, peak_mem_mb=None,
@@ -637,6 +813,11 @@ class Session:
             "first_call_s": first_call_s,
             "targets": None,
             "note": note,
+            "auto": False,
+            "ratio_vs_auto": None,
+            "best_baseline": None,
+            "auto_vs_best": None,
+            "dispatch": None,
         }
 
     # -- reporting
@@ -647,7 +828,12 @@ class Session:
     def finish(self, title: str, target_legend: Sequence[str] = ()) -> int:
         """Render, print and save the table (and plot); returns the exit status (1 on a wrong result)."""
         elapsed = time.perf_counter() - self.started
-        md = render_markdown(self, title, target_legend, elapsed)
+        need = AUTO_RULE.get(self.device.type, AUTO_RULE["cuda"])
+        rule = (f"Every case, our `auto` row (model rows: the provider running our ops unforced): `auto>={need}x best` "
+                f"its time at least {need}x the best baseline's -- the fastest of eager and the other non-compiled "
+                f"baselines (each SDPA backend, cuDNN alone); the ratio and that baseline are shown (the first rule of "
+                f"shared/PERFORMANCE.md: 0.97x on GPUs, 0.95x on CPUs). `x auto` in every row: auto's time / the row's.")
+        md = render_markdown(self, title, (rule, *target_legend), elapsed)
         print("\n" + md)
         if self.save:
             RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -658,6 +844,8 @@ class Session:
             print(f"wrote {_rel(md_path)}; appended {len(self.rows)} rows to {_rel(RESULTS_DIR / (self.family + '.jsonl'))}")
             png = plot_speedups(self, RESULTS_DIR / f"{self.family}_{self.slug}.png", title)
             print(f"wrote {_rel(png)}" if png else "no plot: matplotlib is not installed")
+        if self.budget_s is not None and elapsed > self.budget_s:
+            print(f"\nover the --quick time budget: {elapsed:.0f} s > {self.budget_s:.0f} s", file=sys.stderr)
         bad = self.failures()
         if bad:
             print(f"\nFAILED: {len(bad)} provider result(s) wrong or crashed:", file=sys.stderr)
@@ -703,7 +891,7 @@ def _fmt_num(v: Optional[float], digits: int = 1) -> str:
 def _targets_text(targets: Optional[dict]) -> str:
     if not targets:
         return ""
-    return ", ".join(f"{name} {verdict}" for name, verdict in targets.items())
+    return ", ".join(f"{name} {outcome}" for name, outcome in targets.items())
 
 
 def _finite(o):
@@ -743,6 +931,7 @@ def render_markdown(session: Session, title: str, target_legend: Sequence[str], 
         f"- load average (1 min) at start {session.load_avg}, at end {_load_avg()} ({os.cpu_count()} cores; "
         "a load above the core count means other work shared the machine and CPU times are noisy)",
     ]
+    lines.append(f"- dispatch: {dispatch_mode()}")
     if session.env:
         lines.append("- environment: " + ", ".join(f"`{k}={v}`" for k, v in session.env.items()))
     if session.device.type == "cuda":
@@ -753,7 +942,7 @@ def render_markdown(session: Session, title: str, target_legend: Sequence[str], 
         lines.append("- roofline: the `copy` row of each case (x.clone(), bytes read + written)")
     lines += ["", METHOD, ""]
     header = ("| op | shape | dtype | provider | ms (median) | ms (min) | GB/s | % roofline | x eager | "
-              "x compile | copies | peak MiB | correct (max err) | targets |")
+              "x compile | x auto | copies | peak MiB | correct (max err) | targets |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     skipped: dict[tuple[str, str], int] = {}
     for r in rows:
@@ -779,10 +968,12 @@ def render_markdown(session: Session, title: str, target_legend: Sequence[str], 
         lines.append(
             f"| {r['op']} | {r['shape']['label']} [{dims}] | {r['dtype']} | {r['provider']} | {_fmt_ms(r['ms'])} | "
             f"{_fmt_ms(r['ms_min'])} | {_fmt_num(r['gbps'])} | {_fmt_pct(r['frac_roofline'])} | "
-            f"{_fmt_x(r['ratio_vs_eager'])} | {_fmt_x(r['ratio_vs_compile'])} | {_fmt_num(r['time_in_copies'], 2)} | "
+            f"{_fmt_x(r['ratio_vs_eager'])} | {_fmt_x(r['ratio_vs_compile'])} | {_fmt_x(r.get('ratio_vs_auto'))} | "
+            f"{_fmt_num(r['time_in_copies'], 2)} | "
             f"{_fmt_num(r['peak_mem_mb'])} | "
             f"{correct} | {_targets_text(r['targets'])} |"
         )
+    lines += auto_table(rows, session.device.type)
     if skipped:
         lines += ["", "Skipped providers (not run, with the reason):", ""]
         for (name, note), n in skipped.items():
@@ -791,6 +982,30 @@ def render_markdown(session: Session, title: str, target_legend: Sequence[str], 
         lines += ["", "Targets (informational; a miss never fails the run, a wrong result does):", ""]
         lines += [f"- {t}" for t in target_legend]
     return "\n".join(lines) + "\n"
+
+
+def auto_table(rows: Sequence[dict], device_type: str) -> list[str]:
+    """One line per case: ``auto`` against the best baseline (the first rule) and what it dispatched to."""
+    autos = [r for r in rows if r.get("auto")]
+    if not autos:
+        return []
+    need = AUTO_RULE.get(device_type, AUTO_RULE["cuda"])
+    lines = ["", f"## `auto` against the best baseline (the first rule: >= {need}x)", "",
+             "Best baseline: the fastest of eager and the other non-compiled baselines (each SDPA backend, cuDNN "
+             "alone, eager variants) in the same case; `torch.compile` is in the table above but not in the rule. "
+             "`auto ran`: the dispatch decisions its first (untimed) call made, with the times it measured.", "",
+             "| op | shape | dtype | auto ms | best baseline | its ms | auto / best | target | auto ran |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in autos:
+        best = r.get("best_baseline") or {}
+        ratio = r.get("auto_vs_best")
+        target = "-" if ratio is None else f"{verdict(ratio >= need)}"
+        ran = "-" if r.get("dispatch") is None else dispatch_summary(r["dispatch"])
+        if r["status"] != "ok":
+            ran = f"{r['status']}: {r['note']}"
+        lines.append(f"| {r['op']} | {r['shape']['label']} | {r['dtype']} | {_fmt_ms(r['ms'])} | "
+                     f"{best.get('provider', '-')} | {_fmt_ms(best.get('ms'))} | {_fmt_x(ratio)} | {target} | {ran} |")
+    return lines
 
 
 def plot_speedups(session: Session, path: Path, title: str) -> Optional[Path]:
@@ -836,12 +1051,20 @@ def plot_speedups(session: Session, path: Path, title: str) -> Optional[Path]:
 
 
 def start_session(family: str, description: str, known_providers: Sequence[str], known_ops: Sequence[str],
-                  argv: Optional[list[str]] = None) -> Session:
-    """Parse the common flags, open the run (printing its header) and, on a GPU, measure the roofline."""
+                  argv: Optional[list[str]] = None, quick_budget_s: Optional[float] = None) -> Session:
+    """Parse the common flags, open the run (printing its header) and, on a GPU, measure the roofline.
+
+    ``quick_budget_s``: the wall time a GPU ``--quick`` run must stay within on an H100/H200 (compile
+    providers are dropped once half of it is spent; the end of the run says when it was exceeded).
+    """
     parser = make_parser(f"{description} (see benchmarks/results/README.md).", prog=f"python -m benchmarks.bench_{family}")
+    isolate_dispatch_cache()
     session = Session(family, parser.parse_args(argv), known_providers, known_ops)
+    if session.quick and session.device.type == "cuda":
+        session.budget_s = quick_budget_s
+    budget = f" (time budget {session.budget_s:.0f} s)" if session.budget_s else ""
     print(f"{family}: {session.device_label}; dtypes {', '.join(dtype_name(d) for d in session.dtypes)}; "
-          f"{'quick' if session.quick else 'full'} run", flush=True)
+          f"{'quick' if session.quick else 'full'} run{budget}; {dispatch_mode()}", flush=True)
     if session.device.type == "cuda":
         session.measure_gpu_roofline()
     return session

@@ -1,7 +1,8 @@
 """Every benchmark script runs end to end on this machine (quick mode, nothing saved).
 
 A benchmark exits non-zero when a provider computes a wrong result, so this also checks that every
-provider runnable here agrees with the reference.
+provider runnable here agrees with the reference; every run also reports its `auto` rows against the
+best baseline (the first rule of shared/PERFORMANCE.md).
 """
 
 import subprocess
@@ -22,3 +23,5 @@ def test_benchmark_quick_run(bench):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all results correct" in proc.stdout
+    assert "## `auto` against the best baseline" in proc.stdout
+    assert "auto>=0.95x best" in proc.stdout  # the first rule's verdict on an auto row (CPU: 0.95x)
