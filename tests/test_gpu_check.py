@@ -1,6 +1,7 @@
 """`make gpu-check` without a GPU: the smoke script's CPU path, and the orchestrator's caps, kills and reports
 (tools/gpu_smoke.py, tools/gpu_check.py)."""
 
+import datetime as dt
 import importlib.util
 import json
 import os
@@ -237,3 +238,30 @@ def test_sanitizer_log_needs_the_planted_error_before_its_silence_counts(tmp_pat
     found = parse(planted + bad, status="failed")
     assert found.notes[0] == "3 memcheck errors"
     assert "Invalid __global__ write of size 2 bytes at _adaln_fwd_kernel+0x1f0" in found.notes
+
+
+def test_benchmark_stage_reads_only_its_own_new_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "RESULTS_DIR", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    jsonl = tmp_path / "results" / "adaln.jsonl"
+
+    def row(ts, provider, ms):
+        return json.dumps({"op": "adaln_modulate", "shape": {"label": "x"}, "dtype": "bfloat16", "provider": provider,
+                           "kind": "ours" if provider == "auto" else "eager", "status": "ok", "ms": ms,
+                           "timestamp": ts}) + "\n"
+
+    jsonl.write_text(row("2026-01-01T00:00:00+00:00", "auto", 9.0))  # an earlier run's row
+    marks = {"offsets": {"adaln": jsonl.stat().st_size}, "started": dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)}
+    with open(jsonl, "a") as f:  # someone else's old row copied in meanwhile, then this run's rows
+        f.write(row("2026-02-01T00:00:00+00:00", "auto", 7.0))
+        f.write(row("2026-06-01T00:00:05+00:00", "torch", 2.0) + row("2026-06-01T00:00:05+00:00", "auto", 1.0))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stage = gpu_check.Stage("bench_adaln", 10, "x", [gpu_check.Step(["python", "-m", "benchmarks.bench_adaln"])])
+    gpu_check.parse_bench("adaln", marks)(stage, run_dir)
+    assert stage.notes[0] == "2 rows: 2 ok, 0 skipped, 0 wrong, 0 errors"
+    assert stage.headline == ["| adaln_modulate | x | bfloat16 | torch 2 ms | auto 1 ms | 2.00x |"]
+    assert len((run_dir / "results" / "adaln.jsonl").read_text().splitlines()) == 2
+    dry = gpu_check.Stage("bench_adaln", 10, "x", [gpu_check.Step(["python", "--no-save"])])
+    gpu_check.parse_bench("adaln", {"offsets": {}, "started": marks["started"]})(dry, run_dir)
+    assert dry.notes[0] == "no rows saved (--no-save)" and not dry.headline

@@ -379,25 +379,41 @@ def headline_rows(rows: list[dict], limit: int = 6) -> list[str]:
     return out
 
 
-def parse_bench(family: str, offset_box: dict) -> Callable:
-    """Read the rows this stage appended to ``benchmarks/results/<family>.jsonl``."""
+def _row_time(row: dict) -> Optional[datetime.datetime]:
+    try:
+        t = datetime.datetime.fromisoformat(str(row.get("timestamp")))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)
+
+
+def parse_bench(family: str, marks: dict) -> Callable:
+    """Read the rows this stage appended to ``benchmarks/results/<family>.jsonl``: those after the
+    file's size at planning time, and stamped no earlier than this run (rows someone else wrote to the
+    file meanwhile are left out). Nothing with ``--no-save``."""
     def parse(stage: Stage, run_dir: Path) -> None:
         path = RESULTS_DIR / f"{family}.jsonl"
-        start = offset_box.get(family, 0)
+        start = marks["offsets"].get(family, 0)
         rows = []
-        if path.exists() and path.stat().st_size > start:
+        no_save = "--no-save" in stage.steps[0].argv
+        if not no_save and path.exists() and path.stat().st_size > start:
             with open(path, "rb") as f:
                 f.seek(start)
                 new = f.read()
-            (run_dir / "results").mkdir(exist_ok=True)
-            (run_dir / "results" / f"{family}.jsonl").write_bytes(new)
             for ln in new.decode(errors="replace").splitlines():
                 try:
-                    rows.append(json.loads(ln))
+                    row = json.loads(ln)
                 except ValueError:
-                    pass
+                    continue
+                when = _row_time(row)
+                if when is None or when >= marks["started"]:
+                    rows.append(row)
+            if rows:
+                (run_dir / "results").mkdir(exist_ok=True)
+                with open(run_dir / "results" / f"{family}.jsonl", "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
         if not rows:
-            note = "no rows saved" + (" (--no-save)" if "--no-save" in stage.steps[0].argv else "")
+            note = "no rows saved" + (" (--no-save)" if no_save else "")
         else:
             n = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "wrong", "error")}
             note = f"{len(rows)} rows: {n['ok']} ok, {n['skipped']} skipped, {n['wrong']} wrong, {n['error']} errors"
@@ -501,7 +517,8 @@ def plan(args, run_dir: Path, machine: dict, python: str = sys.executable) -> li
                         skip_reason=skip,
                         parse=parse_sanitizer))
 
-    offsets: dict = {}
+    # the run's start to the second (benchmark rows carry their run's start, to the second)
+    marks = {"offsets": {}, "started": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)}
     for name in bench_names():
         family = name[len("bench_"):]
         argv = [python, "-m", f"benchmarks.{name}"] + (["--device", "cpu", "--quick", "--no-save"] if dry else
@@ -511,9 +528,9 @@ def plan(args, run_dir: Path, machine: dict, python: str = sys.executable) -> li
         if missing:
             skip = f"{', '.join(missing)} not importable by {python}"
         jsonl = RESULTS_DIR / f"{family}.jsonl"
-        offsets[family] = jsonl.stat().st_size if jsonl.exists() else 0
+        marks["offsets"][family] = jsonl.stat().st_size if jsonl.exists() else 0
         stages.append(Stage(name, STAGE_CAPS.get(name, 0), " ".join(argv[1:]), [Step(argv)], skip_reason=skip,
-                            parse=parse_bench(family, offsets)))
+                            parse=parse_bench(family, marks)))
 
     if args.stages:
         wanted = set(args.stages.split(","))
