@@ -559,8 +559,10 @@ def machine_facts(python: str) -> dict:
     facts = probe(python)
     smi = _cmd(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
     facts["nvidia_smi"] = smi
-    sha = _cmd(["git", "rev-parse", "--short", "HEAD"]) or os.environ.get("GPU_CHECK_GIT_SHA") or "unknown"
-    dirty = _cmd(["git", "status", "--porcelain", "--untracked-files=no"])
+    # GPU_CHECK_GIT_SHA first: a tree copied to a GPU machine may carry no .git, or a stale one
+    given = os.environ.get("GPU_CHECK_GIT_SHA")
+    sha = given or _cmd(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    dirty = not given and _cmd(["git", "status", "--porcelain", "--untracked-files=no"])
     facts["git"] = sha + (" (uncommitted changes)" if dirty else "")
     facts["python"] = f"{python} ({sys.version.split()[0]})" if python == sys.executable else python
     facts["cores"] = os.cpu_count()
