@@ -12,6 +12,7 @@ from i2v_kernels.ops.adaln import adaln_modulate, gated_residual, gated_residual
 from i2v_kernels.ops.attention import attention, spatial_attention, temporal_attention
 from i2v_kernels.integrations.diffusers import patch, unpatch
 from i2v_kernels.ops.conv3d import causal_conv3d
+from i2v_kernels.ops.qk_norm_rope import qk_norm_rope
 
 __all__ = [
     "AdaLNModulate",
@@ -27,6 +28,7 @@ __all__ = [
     "gated_residual_adaln",
     "info",
     "patch",
+    "qk_norm_rope",
     "rms_norm",
     "spatial_attention",
     "temporal_attention",

@@ -75,6 +75,14 @@ def _check(mode, q, k, v, scale, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos
             raise ValueError(f"{op}: kv_lens must have shape [B] = ({q.shape[0]},), got {tuple(kv_lens.shape)}")
         if kv_lens.device != q.device:
             raise ValueError(f"{op}: kv_lens is on {kv_lens.device} but q is on {q.device}")
+    if cos is not None and mode == DENSE and k.shape[1] != q.shape[1]:
+        raise ValueError(f"{op}: rope applies to self-attention (N == M); got N={q.shape[1]}, M={k.shape[1]}")
+    check_prologue(op, q, qk_norm, qw, qb, kw, kb, cos, sin, rope_style)
+
+
+def check_prologue(op, q, qk_norm, qw, qb, kw, kb, cos, sin, rope_style) -> None:
+    """The QK-norm / RoPE arguments against ``q [..., H, D]`` (shared with the qk_norm_rope op)."""
+    D = q.shape[-1]
     if qk_norm not in (None, "layer", "rms"):
         raise ValueError(f"{op}: qk_norm must be None, 'layer' or 'rms', got {qk_norm!r}")
     for name, t in (("q_norm_weight", qw), ("q_norm_bias", qb), ("k_norm_weight", kw), ("k_norm_bias", kb)):
@@ -94,8 +102,6 @@ def _check(mode, q, k, v, scale, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos
     if cos is not None:
         if D % 2:
             raise ValueError(f"{op}: rope needs an even head dim D, got {D}")
-        if mode == DENSE and k.shape[1] != q.shape[1]:
-            raise ValueError(f"{op}: rope applies to self-attention (N == M); got N={q.shape[1]}, M={k.shape[1]}")
         target = q.shape[:-2] + q.shape[-1:]
         for name, t in (("rope cos", cos), ("rope sin", sin)):
             check_float_tensor(op, name, t, q, "q")
