@@ -8,6 +8,8 @@ Backends:
 * ``cpu``    -- C++ CPU kernels of ``i2v_kernels._C`` (CPU tensors);
 * ``native`` -- the fastest stock-PyTorch way to compute the op in the input dtype (SDPA on strided
   views, ``F.layer_norm`` + modulate, cuDNN ``conv3d`` on channels_last_3d): what a user would write;
+* ``native_packed`` -- attention only: SDPA on contiguous ``[batch, H, seq, D]`` copies, eager DiT
+  code's layout, for which PyTorch picks cuDNN (a GPU candidate: it wins some shapes);
 * ``flash_attn``, ``sageattention`` -- outside attention libraries, when installed (never required);
 * ``torch``  -- the pure-PyTorch reference (fp32 math, fp64 for fp64 inputs): the test oracle, run by
   ``auto`` only when nothing else can take the call.
@@ -31,7 +33,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-BACKENDS = ("cuda", "triton", "cpu", "native", "flash_attn", "sageattention", "torch")
+BACKENDS = ("cuda", "triton", "cpu", "native", "native_packed", "flash_attn", "sageattention", "torch")
 OUTSIDE = ("flash_attn", "sageattention")  # outside libraries: imported lazily, never required
 CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "I2V_KERNELS_BACKEND"
@@ -176,6 +178,7 @@ _GENERIC: dict[str, Callable[[torch.device], Optional[str]]] = {
     "triton": _triton_reason,
     "cpu": _cpu_reason,
     "native": lambda device: None,
+    "native_packed": lambda device: None,
     "flash_attn": lambda device: _outside_reason("flash_attn", device),
     "sageattention": lambda device: _outside_reason("sageattention", device),
     "torch": lambda device: None,
@@ -188,7 +191,7 @@ def _auto_candidate(backend: str, device: torch.device) -> bool:
         return device.type == "cuda"
     if backend == "cpu":
         return device.type == "cpu"
-    if backend in OUTSIDE:
+    if backend in OUTSIDE or backend == "native_packed":
         return device.type == "cuda"
     return backend != "torch"  # the fp32 reference is the last resort, not a speed candidate
 
@@ -224,6 +227,23 @@ def select(op: str, device: torch.device, why_not: Callable[[str], Optional[str]
             return backend
         _warn_fallback(op, backend, reason)
     return "torch"  # the reference runs everywhere
+
+
+def direct_call_ok(*tensors) -> bool:
+    """May a public function run its implementation directly instead of through its ``torch.library``
+    op? Only in plain eager calls: not under ``torch.compile``, with no autograd to record, no
+    dispatch or function mode active (fake tensors, op counters, FLOP counters see the op), no
+    profiler running (it sees the op), and plain tensors. The op's Python dispatch (autograd wrapper,
+    redispatch, dynamo guard) costs tens of microseconds per call -- more than a small video-DiT op
+    takes on a GPU -- and buys nothing in such a call."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled() or torch.autograd.profiler._is_profiler_enabled):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 def _forced_check(op: str, wanted: str, device: torch.device, why_not, implemented) -> None:
@@ -266,8 +286,12 @@ def dispatch(op: str, device: torch.device, dtype: torch.dtype, why_not: Callabl
         return run(wanted)
     from i2v_kernels import _dispatch
 
-    candidates = eligible(op, device, why_not, implemented)
     key = _dispatch.make_key(op, device, dtype, features)
+    known = _dispatch.cached(key, device)
+    if known is not None and known in implemented and _auto_candidate(known, device) and \
+            _GENERIC[known](device) is None and why_not(known) is None:
+        return run(known)  # the common case: one eligibility check instead of every backend's
+    candidates = eligible(op, device, why_not, implemented)
     backend = _dispatch.choose(op, key, device, candidates, run, static or (lambda: None))
     return run(backend)
 
@@ -311,8 +335,8 @@ def info() -> dict:
             reason = _cuda_build_reason() or (None if torch.cuda.is_available() else "no CUDA GPU visible")
             if reason is None:
                 reason = _cuda_reason(torch.device("cuda"))
-        elif name == "triton":
-            reason = _triton_reason(cuda_dev)
+        elif name in ("triton", "native_packed") or name in OUTSIDE:
+            reason = _GENERIC[name](cuda_dev)  # GPU backends: judged on the GPU when one is visible
         else:
             reason = _GENERIC[name](torch.device("cpu"))
         backends[name] = {"usable": reason is None, "why_not": reason}

@@ -77,8 +77,19 @@ def device_name(device: torch.device) -> str:
     return name
 
 
+_keys: dict[tuple, str] = {}
+
+
 def make_key(op: str, device: torch.device, dtype: torch.dtype, features: Sequence) -> str:
-    """The decision key as a string (JSON-friendly): ``op|device|dtype|f1,f2,...``."""
+    """The decision key as a string (JSON-friendly): ``op|device|dtype|f1,f2,...`` (memoized)."""
+    memo = (op, device, dtype, tuple(features))
+    key = _keys.get(memo)
+    if key is None:
+        key = _keys[memo] = _make_key(op, device, dtype, features)
+    return key
+
+
+def _make_key(op: str, device: torch.device, dtype: torch.dtype, features: Sequence) -> str:
     parts = ("x".join(map(str, f)) if isinstance(f, tuple) else str(f) for f in features)
     return "|".join((op, device_name(device), str(dtype).replace("torch.", ""), ",".join(parts)))
 
@@ -295,6 +306,19 @@ def _measure(op: str, device: torch.device, run: Callable[[str], object], candid
 
 # --------------------------------------------------------------------------------------------------
 # Choosing
+
+
+def cached(key: str, device: torch.device) -> Optional[str]:
+    """The decision already made for ``key`` that still stands (measured or loaded; or static while
+    measuring stays forbidden), else None. Lock-free: dict reads are atomic."""
+    rec = _decisions.get(key)
+    if rec is not None:
+        return rec["backend"]
+    rec = _static_used.get(key)
+    if rec is not None and (rec["source"] == "only eligible" or (
+            _disk_loaded and rec.get("why_not_measured", "") == _measuring_forbidden(device))):
+        return rec["backend"]
+    return None
 
 
 def choose(op: str, key: str, device: torch.device, candidates: Sequence[str], run: Callable[[str], object],

@@ -28,9 +28,21 @@ NATIVE_TOL = {
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
 
+BACKEND = "native"
+
+
 def _native(fn, *args, **kwargs):
-    with i2v_kernels.use_backend("native"):
+    with i2v_kernels.use_backend(BACKEND):
         return fn(*args, **kwargs)
+
+
+@pytest.fixture(params=["native", "native_packed"])
+def attn_backend(request):
+    """The attention tests run for both stock-PyTorch layouts (strided views, packed copies)."""
+    global BACKEND
+    previous, BACKEND = BACKEND, request.param
+    yield request.param
+    BACKEND = previous
 
 
 def _close(out, expected, dtype):
@@ -50,7 +62,7 @@ def _packed(B, T, S, H, D, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["packed", "contiguous", "permuted"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_video_attention(dtype, layout, causal):
+def test_video_attention(dtype, layout, causal, attn_backend):
     B, T, S, H, D = 2, 5, 12, 3, 16
     if layout == "packed":
         q, k, v = _packed(B, T, S, H, D, dtype)
@@ -70,7 +82,7 @@ def test_video_attention(dtype, layout, causal):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("qk_norm", [None, "layer", "rms"])
 @pytest.mark.parametrize("rope_style", [None, "interleaved", "half"])
-def test_attention_prologue(dtype, qk_norm, rope_style):
+def test_attention_prologue(dtype, qk_norm, rope_style, attn_backend):
     B, T, S, H, D = 1, 3, 10, 2, 8
     q, k, v = _packed(B, T, S, H, D, dtype)
     kw = {}
@@ -92,7 +104,7 @@ def test_attention_prologue(dtype, qk_norm, rope_style):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cross_attention_kv_lens(dtype):
+def test_cross_attention_kv_lens(dtype, attn_backend):
     B, N, M, H, D = 3, 17, 9, 2, 16
     q = torch.randn(B, N, H, D, dtype=dtype)
     k, v = (torch.randn(B, M, H, D, dtype=dtype) for _ in range(2))
@@ -104,7 +116,7 @@ def test_cross_attention_kv_lens(dtype):
     _close(out, attn_ref.attention(q, k, v, kv_lens=kv_lens), dtype)
 
 
-def test_sdpa_chunks_past_the_grid_limit(monkeypatch):
+def test_sdpa_chunks_past_the_grid_limit(monkeypatch, attn_backend):
     """Batch or heads above a CUDA grid dim are split (the limit is lowered here to test it on CPU)."""
     from i2v_kernels.ops.attention import native
 

@@ -319,12 +319,17 @@ def adaln_modulate(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor], 
         y = i2v_kernels.adaln_modulate(x, shift, scale)
     """
     _check_types("adaln_modulate", x=x, shift=shift, scale=scale, weight=weight, bias=bias)
-    return torch.ops.i2v_kernels.adaln_modulate(x, shift, scale, weight, bias, _check_eps(eps, "adaln_modulate"))
+    eps = _check_eps(eps, "adaln_modulate")
+    if _backend.direct_call_ok(x, shift, scale, weight, bias):
+        return _fused("adaln_modulate", x, None, None, shift, scale, weight, bias, NORM_LAYER, eps)[0]
+    return torch.ops.i2v_kernels.adaln_modulate(x, shift, scale, weight, bias, eps)
 
 
 def gated_residual(x: Tensor, y: Tensor, gate: Optional[Tensor]) -> Tensor:
     """``x + gate * y`` with ``gate`` broadcast to ``x`` (last dim ``C``); ``x``, ``y``: ``[..., C]``."""
     _check_types("gated_residual", x=x, y=y, gate=gate)
+    if _backend.direct_call_ok(x, y, gate):
+        return _fused("gated_residual", x, y, gate, None, None, None, None, NORM_NONE, 1.0)[0]
     return torch.ops.i2v_kernels.gated_residual(x, y, gate)
 
 
@@ -337,11 +342,17 @@ def gated_residual_adaln(x: Tensor, y: Tensor, gate: Optional[Tensor], shift: Op
     ``out = LayerNorm(r) * (1 + scale) + shift`` (the next sub-block's input).
     """
     _check_types("gated_residual_adaln", x=x, y=y, gate=gate, shift=shift, scale=scale, weight=weight, bias=bias)
-    return torch.ops.i2v_kernels.gated_residual_adaln(
-        x, y, gate, shift, scale, weight, bias, _check_eps(eps, "gated_residual_adaln"))
+    eps = _check_eps(eps, "gated_residual_adaln")
+    if _backend.direct_call_ok(x, y, gate, shift, scale, weight, bias):
+        out, r = _fused("gated_residual_adaln", x, y, gate, shift, scale, weight, bias, NORM_LAYER, eps)
+        return r, out
+    return torch.ops.i2v_kernels.gated_residual_adaln(x, y, gate, shift, scale, weight, bias, eps)
 
 
 def rms_norm(x: Tensor, weight: Optional[Tensor] = None, *, eps: float = 1e-6) -> Tensor:
     """RMSNorm over the last dim: ``x / sqrt(mean(x ** 2) + eps) * weight`` (QK-norm); ``weight``: ``[C]``."""
     _check_types("rms_norm", x=x, weight=weight)
-    return torch.ops.i2v_kernels.rms_norm(x, weight, _check_eps(eps, "rms_norm"))
+    eps = _check_eps(eps, "rms_norm")
+    if _backend.direct_call_ok(x, weight):
+        return _fused("rms_norm", x, None, None, None, None, weight, None, NORM_RMS, eps)[0]
+    return torch.ops.i2v_kernels.rms_norm(x, weight, eps)

@@ -33,7 +33,7 @@ __all__ = ["attention", "spatial_attention", "temporal_attention"]
 SPATIAL, TEMPORAL, DENSE = 0, 1, 2
 _NAMES = {SPATIAL: "spatial_attention", TEMPORAL: "temporal_attention", DENSE: "attention"}
 _IMPLEMENTED = ("triton", "torch")  # backward kernels
-_FWD = ("triton", "native", "flash_attn", "sageattention", "torch")
+_FWD = ("triton", "native", "native_packed", "flash_attn", "sageattention", "torch")
 _IMPLEMENTED_FWD = {SPATIAL: _FWD, TEMPORAL: ("cuda",) + _FWD, DENSE: _FWD}
 
 _backend.load_extension()
@@ -222,6 +222,9 @@ def _forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, nor
         if backend == "native":
             return native.sdpa(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin,
                                rope_style)
+        if backend == "native_packed":
+            return native.sdpa_packed(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos,
+                                      sin, rope_style)
         if backend in _backend.OUTSIDE:
             return native.outside(backend, _backend._outside[backend].get(), mode, q, k, v, scale, causal, qk_norm,
                                   qw, qb, kw, kb, norm_eps, cos, sin, rope_style)
@@ -449,6 +452,18 @@ def _tensors(op, **tensors):
             raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
 
 
+def _call(mode, q, k, v, scale, causal, kv_lens, prologue):
+    """The op for ``mode``, or its implementation directly in a plain eager call (``direct_call_ok``)."""
+    qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style = prologue
+    if _backend.direct_call_ok(q, k, v, kv_lens, qw, qb, kw, kb, cos, sin):
+        return _forward(mode, q, k, v, scale, causal, kv_lens, *prologue)
+    if mode == SPATIAL:
+        return torch.ops.i2v_kernels.spatial_attention(q, k, v, scale, *prologue)
+    if mode == TEMPORAL:
+        return torch.ops.i2v_kernels.temporal_attention(q, k, v, scale, causal, *prologue)
+    return torch.ops.i2v_kernels.attention(q, k, v, scale, kv_lens, *prologue)
+
+
 def spatial_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, qk_norm: Optional[str] = None,
                       q_norm_weight=None, q_norm_bias=None, k_norm_weight=None, k_norm_bias=None,
                       norm_eps: float = 1e-6, rope=None, rope_style: str = "interleaved") -> Tensor:
@@ -461,10 +476,9 @@ def spatial_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float]
         out = i2v_kernels.spatial_attention(q, k, v)                                   # [2, 16, 256, 16, 72]
     """
     _tensors("spatial_attention", q=q, k=k, v=v)
-    return torch.ops.i2v_kernels.spatial_attention(
-        q, k, v, _scale_arg("spatial_attention", scale),
-        *_prologue_args("spatial_attention", qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
-                        norm_eps, rope, rope_style))
+    return _call(SPATIAL, q, k, v, _scale_arg("spatial_attention", scale), False, None,
+                 _prologue_args("spatial_attention", qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
+                                norm_eps, rope, rope_style))
 
 
 def temporal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, causal: bool = False,
@@ -477,10 +491,9 @@ def temporal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float
     _tensors("temporal_attention", q=q, k=k, v=v)
     if not isinstance(causal, bool):
         raise TypeError(f"temporal_attention: causal must be a bool, got {type(causal).__name__}")
-    return torch.ops.i2v_kernels.temporal_attention(
-        q, k, v, _scale_arg("temporal_attention", scale), causal,
-        *_prologue_args("temporal_attention", qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
-                        norm_eps, rope, rope_style))
+    return _call(TEMPORAL, q, k, v, _scale_arg("temporal_attention", scale), causal, None,
+                 _prologue_args("temporal_attention", qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
+                                norm_eps, rope, rope_style))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, kv_lens: Optional[Tensor] = None,
@@ -492,7 +505,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     padded prompts.
     """
     _tensors("attention", q=q, k=k, v=v)
-    return torch.ops.i2v_kernels.attention(
-        q, k, v, _scale_arg("attention", scale), kv_lens,
-        *_prologue_args("attention", qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, norm_eps,
-                        rope, rope_style))
+    return _call(DENSE, q, k, v, _scale_arg("attention", scale), False, kv_lens,
+                 _prologue_args("attention", qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, norm_eps,
+                                rope, rope_style))

@@ -93,6 +93,41 @@ def sdpa(mode: int, q, k, v, scale: float, causal: bool, kv_lens: Optional[Tenso
     return _from_heads_seq(mode, o, shape)
 
 
+def _packed_heads(mode: int, t: Tensor) -> Tensor:
+    """A contiguous ``[batch, H, seq, D]`` copy: the rearrange eager DiT code does before SDPA."""
+    if mode == SPATIAL:
+        B, T, S, H, D = t.shape
+        return t.reshape(B * T, S, H, D).transpose(1, 2).contiguous()
+    if mode == TEMPORAL:
+        B, T, S, H, D = t.shape
+        return t.permute(0, 2, 3, 1, 4).reshape(B * S, H, T, D).contiguous()
+    return t.transpose(1, 2).contiguous()
+
+
+def _from_packed(mode: int, o: Tensor, shape) -> Tensor:
+    if mode == TEMPORAL:
+        B, T, S, H, D = shape
+        return o.reshape(B, S, H, T, D).permute(0, 3, 1, 2, 4).contiguous()
+    return _from_heads_seq(mode, o, shape)
+
+
+def sdpa_packed(mode: int, q, k, v, scale: float, causal: bool, kv_lens: Optional[Tensor], qk_norm, qw, qb, kw, kb,
+                eps: float, cos, sin, rope_style: str) -> Tensor:
+    """The ``native_packed`` backend: SDPA on contiguous ``[batch, H, seq, D]`` copies. Copies cost
+    bandwidth, but PyTorch picks its cuDNN kernel for this layout where it takes the strided one to
+    flash or memory-efficient attention (measured on an H200: cross attention at Latte's shape 0.033
+    ms packed, 0.052 ms strided; temporal attention at T = 128 1.06 ms packed, 7.3 ms as
+    ``[B, S*H, T, D]`` views)."""
+    shape = q.shape
+    q = prologue(q, qk_norm, qw, qb, eps, cos, sin, rope_style)
+    k = prologue(k, qk_norm, kw, kb, eps, cos, sin, rope_style)
+    mask = None
+    if kv_lens is not None:
+        mask = (torch.arange(k.shape[1], device=q.device) < kv_lens.reshape(-1, 1)).view(-1, 1, 1, k.shape[1])
+    o = _sdpa_chunked(_packed_heads(mode, q), _packed_heads(mode, k), _packed_heads(mode, v), mask, causal, scale)
+    return _from_packed(mode, o, shape)
+
+
 # --------------------------------------------------------------------------------------------------
 # Outside libraries: [batch, seq, H, D] layouts
 

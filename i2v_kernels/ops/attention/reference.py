@@ -69,7 +69,18 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False, kv
     if kv_lens is not None:
         Sk = k.shape[-2]
         mask = torch.arange(Sk, device=q.device) < kv_lens.view(-1, *([1] * (q.dim() - 1)))
+    if q.is_cuda and q.shape[0] > GRID_YZ:
+        # SDPA's CUDA kernels put batch and heads in grid dims capped at 65,535 (found by the H200 smoke run)
+        return torch.cat([sdpa(q[i:i + GRID_YZ], k[i:i + GRID_YZ], v[i:i + GRID_YZ], scale, causal,
+                               None if kv_lens is None else kv_lens[i:i + GRID_YZ])
+                          for i in range(0, q.shape[0], GRID_YZ)])
+    if q.is_cuda and q.dim() == 4 and q.shape[1] > GRID_YZ:
+        return torch.cat([sdpa(q[:, i:i + GRID_YZ], k[:, i:i + GRID_YZ], v[:, i:i + GRID_YZ], scale, causal, kv_lens)
+                          for i in range(0, q.shape[1], GRID_YZ)], dim=1)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+GRID_YZ = 65535
 
 
 def _default_scale(q: Tensor, scale: Optional[float]) -> float:

@@ -308,5 +308,7 @@ def causal_conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, s
     if time_pad not in TIME_PADS:
         raise ValueError(f"{_OP}: time_pad must be one of {', '.join(map(repr, TIME_PADS))}, got {time_pad!r}")
     x, weight, bias, cache, residual = _autocast(x, weight, bias, cache, residual)
+    if _backend.direct_call_ok(x, weight, bias, cache, residual):
+        return _forward(x, weight, bias, cache, residual, stride, dilation, time_pad)
     return torch.ops.i2v_kernels.causal_conv3d(x, weight, bias, cache, residual, list(stride), list(dilation),
                                                time_pad)
