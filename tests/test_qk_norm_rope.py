@@ -406,3 +406,15 @@ def test_gpu_wan_rms_and_autograd():
         qo, ko = i2v_kernels.qk_norm_rope(q, k, **kw_)
     (qo.float().sum() + ko.float().square().sum()).backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_alignment_promised_to_the_compiler():
+    """ALIGN must divide D (D/2 for the half style) and every row stride, or vectorized loads would
+    read across row edges on the GPU (the interpreter ignores the promise, so it is checked here)."""
+    from i2v_kernels.ops.qk_norm_rope.triton import _alignment
+
+    assert _alignment(64, False, [[3 * 48 * 64, 64], [3 * 48 * 64, 64], [64, 0]]) == 16
+    assert _alignment(72, False, [[3 * 16 * 72, 72], None, None]) == 8
+    assert _alignment(40, True, [[40], [40], [0]]) == 4  # D/2 = 20
+    assert _alignment(48, False, [[54]]) == 2  # rows of a wider buffer
+    assert _alignment(33, False, [[99]]) == 1

@@ -10,6 +10,8 @@ coalesced leading dims (strided q/k views of a packed QKV projection are read in
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -25,43 +27,48 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _load_pairs(ptr, offs, row_mask, D, HALF_STYLE: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+def _load_pairs(ptr, offs, row_mask, D, HALF_STYLE: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+                ALIGN: tl.constexpr):
     """Rows starting at ``ptr + offs`` as the pair halves ``(a, b)``, ``[ROWS, BLOCK_H]`` each, fp32."""
     if HALF_STYLE:
         h = tl.arange(0, BLOCK_H)
-        mask = row_mask[:, None] & (h < D // 2)[None, :]
+        mask = row_mask[:, None] & (h // ALIGN < D // 2 // ALIGN)[None, :]  # h < D/2, blockwise
         a = tl.load(ptr + offs[:, None] + h[None, :], mask=mask, other=0.0)
-        b = tl.load(ptr + offs[:, None] + (h + D // 2)[None, :], mask=mask, other=0.0)
+        offs_b = tl.multiple_of(offs + D // 2, ALIGN)
+        b = tl.load(ptr + offs_b[:, None] + h[None, :], mask=mask, other=0.0)
     else:
-        # [ROWS, BLOCK_H, 2]: the pair is the fastest dim, so the split stays within each thread
-        cols = 2 * tl.arange(0, BLOCK_H)[:, None] + tl.arange(0, 2)[None, :]
-        mask = row_mask[:, None, None] & (cols < D)[None, :, :]
-        x = tl.load(ptr + offs[:, None, None] + cols[None, :, :], mask=mask, other=0.0)
-        a, b = tl.split(x)
+        # a contiguous (vectorized) load, then split as [ROWS, BLOCK_H, 2]: each thread holds whole
+        # pairs, so the split moves no data
+        cols = tl.arange(0, 2 * BLOCK_H)
+        mask = row_mask[:, None] & (cols // ALIGN < D // ALIGN)[None, :]  # cols < D, constant over ALIGN lanes
+        x = tl.load(ptr + offs[:, None] + cols[None, :], mask=mask, other=0.0)
+        a, b = tl.split(tl.reshape(x, (ROWS, BLOCK_H, 2)))
     return a.to(tl.float32), b.to(tl.float32)
 
 
 @triton.jit
-def _store_pairs(ptr, offs, row_mask, a, b, D, HALF_STYLE: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+def _store_pairs(ptr, offs, row_mask, a, b, D, HALF_STYLE: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+                 ALIGN: tl.constexpr):
     a = a.to(ptr.dtype.element_ty)
     b = b.to(ptr.dtype.element_ty)
     if HALF_STYLE:
         h = tl.arange(0, BLOCK_H)
-        mask = row_mask[:, None] & (h < D // 2)[None, :]
+        mask = row_mask[:, None] & (h // ALIGN < D // 2 // ALIGN)[None, :]  # h < D/2, blockwise
         tl.store(ptr + offs[:, None] + h[None, :], a, mask=mask)
-        tl.store(ptr + offs[:, None] + (h + D // 2)[None, :], b, mask=mask)
+        offs_b = tl.multiple_of(offs + D // 2, ALIGN)
+        tl.store(ptr + offs_b[:, None] + h[None, :], b, mask=mask)
     else:
-        cols = 2 * tl.arange(0, BLOCK_H)[:, None] + tl.arange(0, 2)[None, :]
-        mask = row_mask[:, None, None] & (cols < D)[None, :, :]
-        tl.store(ptr + offs[:, None, None] + cols[None, :, :], tl.join(a, b), mask=mask)
+        cols = tl.arange(0, 2 * BLOCK_H)
+        mask = row_mask[:, None] & (cols // ALIGN < D // ALIGN)[None, :]  # cols < D, constant over ALIGN lanes
+        tl.store(ptr + offs[:, None] + cols[None, :], tl.reshape(tl.join(a, b), (ROWS, 2 * BLOCK_H)), mask=mask)
 
 
 @triton.jit
 def _norm_rope_rows(src_ptr, dst_ptr, w_ptr, b_ptr, src_offs, dst_offs, row_mask, cos_a, cos_b, sin_a, sin_b,
                     D, eps, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ROPE: tl.constexpr,
-                    HALF_STYLE: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+                    HALF_STYLE: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, ALIGN: tl.constexpr):
     """Normalize (NORM 1 LayerNorm, 2 RMSNorm), apply the affine, rotate and store ROWS rows."""
-    a, b = _load_pairs(src_ptr, src_offs, row_mask, D, HALF_STYLE, ROWS, BLOCK_H)
+    a, b = _load_pairs(src_ptr, src_offs, row_mask, D, HALF_STYLE, ROWS, BLOCK_H, ALIGN)
     if NORM != 0:
         h = tl.arange(0, BLOCK_H)
         if HALF_STYLE:
@@ -81,17 +88,17 @@ def _norm_rope_rows(src_ptr, dst_ptr, w_ptr, b_ptr, src_offs, dst_offs, row_mask
         zero = tl.zeros([1], dtype=tl.int64)
         one = zero == 0
         if HAS_W:
-            w_a, w_b = _load_pairs(w_ptr, zero, one, D, HALF_STYLE, 1, BLOCK_H)
+            w_a, w_b = _load_pairs(w_ptr, zero, one, D, HALF_STYLE, 1, BLOCK_H, ALIGN)
             a = a * w_a
             b = b * w_b
         if HAS_B:
-            b_a, b_b = _load_pairs(b_ptr, zero, one, D, HALF_STYLE, 1, BLOCK_H)
+            b_a, b_b = _load_pairs(b_ptr, zero, one, D, HALF_STYLE, 1, BLOCK_H, ALIGN)
             a = a + b_a
             b = b + b_b
     if ROPE:
         # x * cos + rotate(x) * sin with rotate = (-b, a) per pair
         a, b = a * cos_a - b * sin_a, b * cos_b + a * sin_b
-    _store_pairs(dst_ptr, dst_offs, row_mask, a, b, D, HALF_STYLE, ROWS, BLOCK_H)
+    _store_pairs(dst_ptr, dst_offs, row_mask, a, b, D, HALF_STYLE, ROWS, BLOCK_H, ALIGN)
 
 
 @triton.jit
@@ -103,27 +110,29 @@ def _qk_norm_rope_fwd_kernel(
     sk0, sk1, sk2, sk3,
     sc0, sc1, sc2, sc3,
     NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ROPE: tl.constexpr,
-    HALF_STYLE: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+    HALF_STYLE: tl.constexpr, ALIGN: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_mask = rows < n_rows
-    out_offs = rows * D
+    # ALIGN divides D and every row stride: row starts (and the masks' edges) are that aligned, so
+    # loads and stores can be vectorized
+    out_offs = tl.multiple_of(rows * D, ALIGN)
     if ROPE:
-        off_c = _row_offsets(rows, size1, size2, size3, sc0, sc1, sc2, sc3)
-        cos_a, cos_b = _load_pairs(cos_ptr, off_c, row_mask, D, HALF_STYLE, ROWS, BLOCK_H)
-        sin_a, sin_b = _load_pairs(sin_ptr, off_c, row_mask, D, HALF_STYLE, ROWS, BLOCK_H)
+        off_c = tl.multiple_of(_row_offsets(rows, size1, size2, size3, sc0, sc1, sc2, sc3), ALIGN)
+        cos_a, cos_b = _load_pairs(cos_ptr, off_c, row_mask, D, HALF_STYLE, ROWS, BLOCK_H, ALIGN)
+        sin_a, sin_b = _load_pairs(sin_ptr, off_c, row_mask, D, HALF_STYLE, ROWS, BLOCK_H, ALIGN)
     else:
         cos_a = tl.zeros([ROWS, BLOCK_H], dtype=tl.float32)
         cos_b = cos_a
         sin_a = cos_a
         sin_b = cos_a
-    off_q = _row_offsets(rows, size1, size2, size3, sq0, sq1, sq2, sq3)
+    off_q = tl.multiple_of(_row_offsets(rows, size1, size2, size3, sq0, sq1, sq2, sq3), ALIGN)
     _norm_rope_rows(q_ptr, q_out_ptr, qw_ptr, qb_ptr, off_q, out_offs, row_mask, cos_a, cos_b, sin_a, sin_b,
-                    D, eps, NORM, HAS_W, HAS_B, ROPE, HALF_STYLE, ROWS, BLOCK_H)
-    off_k = _row_offsets(rows, size1, size2, size3, sk0, sk1, sk2, sk3)
+                    D, eps, NORM, HAS_W, HAS_B, ROPE, HALF_STYLE, ROWS, BLOCK_H, ALIGN)
+    off_k = tl.multiple_of(_row_offsets(rows, size1, size2, size3, sk0, sk1, sk2, sk3), ALIGN)
     _norm_rope_rows(k_ptr, k_out_ptr, kw_ptr, kb_ptr, off_k, out_offs, row_mask, cos_a, cos_b, sin_a, sin_b,
-                    D, eps, NORM, HAS_W, HAS_B, ROPE, HALF_STYLE, ROWS, BLOCK_H)
+                    D, eps, NORM, HAS_W, HAS_B, ROPE, HALF_STYLE, ROWS, BLOCK_H, ALIGN)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,6 +168,14 @@ def _launch_config(D: int) -> tuple[int, int, int]:
     return block_h, rows, num_warps
 
 
+def _alignment(D: int, half_style: bool, strides) -> int:
+    """The largest power of two up to 16 dividing D (D/2 for the half style) and every row stride:
+    the kernel's promise to the compiler that row starts are that aligned (sizes and strides not
+    divisible by 16, e.g. D = 72, would otherwise get scalar loads)."""
+    g = math.gcd(D, D // 2 if half_style else D, *(s for st in strides if st is not None for s in st))
+    return min(16, g & -g)
+
+
 def qk_norm_rope_fwd(q, k, norm: int, qw, qb, kw, kb, eps: float, cos, sin, half_style: bool):
     """Launch the kernel. ``q, k``: same shape ``[..., H, D]``, unit stride on D; ``qw, qb, kw, kb``:
     contiguous ``[D]`` (both weights or neither, both biases or neither); ``cos, sin``: one contiguous
@@ -184,7 +201,7 @@ def qk_norm_rope_fwd(q, k, norm: int, qw, qb, kw, kb, eps: float, cos, sin, half
         sizes[1], sizes[2], sizes[3],
         *strides[0], *strides[1], *strides[2],
         NORM=norm, HAS_W=qw is not None, HAS_B=qb is not None, ROPE=cos is not None, HALF_STYLE=half_style,
-        ROWS=rows, BLOCK_H=block_h, num_warps=num_warps,
+        ALIGN=_alignment(D, half_style, strides), ROWS=rows, BLOCK_H=block_h, num_warps=num_warps,
     )
     return q_out, k_out
 
@@ -216,11 +233,14 @@ def _dtype_cases() -> list[Dtypes]:
 
 
 def _features() -> list[dict]:
+    align = (16, 8, 4, 2, 1)
     norm = combinations(NORM=(1, 2), HAS_W=(True, False), HAS_B=(True, False), ROPE=(True, False),
-                        HALF_STYLE=(False, True))
-    norm = [f for f in norm if not (f["NORM"] == 2 and f["HAS_B"])]  # RMSNorm has no bias
-    rope_only = combinations(NORM=(0,), HAS_W=(False,), HAS_B=(False,), ROPE=(True,), HALF_STYLE=(False, True))
-    copy = combinations(NORM=(0,), HAS_W=(False,), HAS_B=(False,), ROPE=(False,), HALF_STYLE=(False,))
+                        HALF_STYLE=(False, True), ALIGN=align)
+    # RMSNorm has no bias; without RoPE the launcher always passes the interleaved layout
+    norm = [f for f in norm if not (f["NORM"] == 2 and f["HAS_B"]) and (f["ROPE"] or not f["HALF_STYLE"])]
+    rope_only = combinations(NORM=(0,), HAS_W=(False,), HAS_B=(False,), ROPE=(True,), HALF_STYLE=(False, True),
+                             ALIGN=align)
+    copy = combinations(NORM=(0,), HAS_W=(False,), HAS_B=(False,), ROPE=(False,), HALF_STYLE=(False,), ALIGN=align)
     return norm + rope_only + copy
 
 
