@@ -140,11 +140,11 @@ def test_rope_only(backend, style):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_identity_is_a_contiguous_copy(backend):
     skip_unless_usable(backend)
-    q, k = _packed((2, 3), 2, 16, torch.float32)
-    qo, ko = _run(backend, q, k)
-    assert qo.is_contiguous() and qo.data_ptr() != q.data_ptr()
-    torch.testing.assert_close(qo, q)
-    torch.testing.assert_close(ko, k)
+    for q, k in (_packed((2, 3), 2, 16, torch.float32), _layout((2, 3, 2, 16), "contiguous", torch.float32)):
+        qo, ko = _run(backend, q, k)
+        assert qo.is_contiguous() and qo.data_ptr() != q.data_ptr() and ko.data_ptr() != k.data_ptr()
+        torch.testing.assert_close(qo, q)
+        torch.testing.assert_close(ko, k)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -100,18 +100,22 @@ def _triton_forward(q, k, qk_norm, qw, qb, kw, kb, eps, cos, sin, rope_style):
                                     sin, cos is not None and rope_style == "half")
 
 
+def _fresh(y: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``y`` in ``dtype``, contiguous, and never ``x`` itself (an op's output may not alias its input:
+    with neither norm nor RoPE the formula is the identity)."""
+    y = y.to(dtype)
+    return y.clone(memory_format=torch.contiguous_format) if y is x else y.contiguous()
+
+
 def _reference_forward(q, k, qk_norm, qw, qb, kw, kb, eps, cos, sin, rope_style):
     rope = None if cos is None else (cos, sin)
-    return tuple(reference.prologue(x, qk_norm, w, b, eps, rope, rope_style).to(q.dtype).contiguous()
+    return tuple(_fresh(reference.prologue(x, qk_norm, w, b, eps, rope, rope_style), x, q.dtype)
                  for x, w, b in ((q, qw, qb), (k, kw, kb)))
 
 
 def _native_forward(q, k, qk_norm, qw, qb, kw, kb, eps, cos, sin, rope_style):
-    outs = []
-    for x, w, b in ((q, qw, qb), (k, kw, kb)):
-        y = native.prologue(x, qk_norm, w, b, eps, cos, sin, rope_style)
-        outs.append(y.clone(memory_format=torch.contiguous_format) if y is x else y.contiguous())
-    return tuple(outs)
+    return tuple(_fresh(native.prologue(x, qk_norm, w, b, eps, cos, sin, rope_style), x, q.dtype)
+                 for x, w, b in ((q, qw, qb), (k, kw, kb)))
 
 
 def dispatch_features(q_shape, qk_norm, has_weight: bool, has_bias: bool, has_rope: bool,
@@ -241,5 +245,9 @@ def qk_norm_rope(q: Tensor, k: Tensor, *, qk_norm: Optional[str] = None, q_norm_
     """
     _check_types(q, k, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, rope)
     cos, sin = (None, None) if rope is None else rope
+    eps = _check_eps(norm_eps, OP)
+    if _backend.direct_call_ok(q, k, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, cos, sin):
+        return _forward(q, k, qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, eps, cos, sin,
+                        rope_style)
     return torch.ops.i2v_kernels.qk_norm_rope(q, k, qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
-                                              _check_eps(norm_eps, OP), cos, sin, rope_style)
+                                              eps, cos, sin, rope_style)
