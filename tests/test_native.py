@@ -232,3 +232,17 @@ def test_native_is_an_auto_candidate_everywhere():
     assert "torch" not in _backend.eligible("adaln_modulate", x.device, lambda b: None, _backend.BACKENDS)
     assert _backend.eligible("x", x.device, lambda b: "no", ("native", "torch")) == ["torch"]
     assert _dispatch.default_choice(torch.device("cuda"), ["triton", "native"]) == "native"
+
+
+def test_auto_prologue_runs_through_qk_norm_rope():
+    """Under auto, native attention's QK-norm + RoPE is the qk_norm_rope op (one pass over q and k,
+    its own backend measured), and the result matches the reference."""
+    B, T, S, H, D = 1, 2, 6, 2, 8
+    q, k, v = _packed(B, T, S, H, D, torch.float32)
+    angle = torch.randn(S, D)
+    kw = dict(qk_norm="rms", q_norm_weight=torch.randn(D), k_norm_weight=torch.randn(D), rope=(angle.cos(), angle.sin()))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = i2v_kernels.spatial_attention(q, k, v, **kw)
+    names = {e.name for e in prof.events()}
+    assert "i2v_kernels::qk_norm_rope" in names
+    _close(out, attn_ref.spatial_attention(q, k, v, **kw), torch.float32)

@@ -40,6 +40,23 @@ def prologue(x: Tensor, norm: Optional[str], weight, bias, eps: float, cos, sin,
     return x
 
 
+def prologue_pair(q: Tensor, k: Tensor, norm, qw, qb, kw, kb, eps: float, cos, sin, rope_style: str):
+    """QK-norm + RoPE of q and k: under ``auto``, through the ``qk_norm_rope`` op (one pass over both,
+    its own backend measured: the Triton kernel where it wins, these eager ops elsewhere) when q and k
+    have one shape; else (a forced backend: stock PyTorch throughout; cross attention with QK-norm)
+    eager per tensor."""
+    if norm is None and cos is None:
+        return q, k
+    from i2v_kernels import _backend
+
+    if q.shape == k.shape and _backend.requested_backend() == "auto":
+        from i2v_kernels.ops.qk_norm_rope import qk_norm_rope
+
+        return qk_norm_rope(q, k, qk_norm=norm, q_norm_weight=qw, q_norm_bias=qb, k_norm_weight=kw, k_norm_bias=kb,
+                            norm_eps=eps, rope=None if cos is None else (cos, sin), rope_style=rope_style)
+    return prologue(q, norm, qw, qb, eps, cos, sin, rope_style), prologue(k, norm, kw, kb, eps, cos, sin, rope_style)
+
+
 def _as_heads_seq(mode: int, t: Tensor) -> Tensor:
     """``[batch, H, seq, D]`` view (or copy, where the batch dims cannot merge) for SDPA."""
     if mode == SPATIAL:  # [B, T, S, H, D] -> [B*T, H, S, D]
@@ -84,8 +101,7 @@ def _sdpa_chunked(q, k, v, mask, causal: bool, scale: float) -> Tensor:
 def sdpa(mode: int, q, k, v, scale: float, causal: bool, kv_lens: Optional[Tensor], qk_norm, qw, qb, kw, kb,
          eps: float, cos, sin, rope_style: str) -> Tensor:
     shape = q.shape
-    q = prologue(q, qk_norm, qw, qb, eps, cos, sin, rope_style)
-    k = prologue(k, qk_norm, kw, kb, eps, cos, sin, rope_style)
+    q, k = prologue_pair(q, k, qk_norm, qw, qb, kw, kb, eps, cos, sin, rope_style)
     mask = None
     if kv_lens is not None:  # [B, 1, 1, M]: key j of sample b is kept when j < kv_lens[b]
         mask = (torch.arange(k.shape[1], device=q.device) < kv_lens.reshape(-1, 1)).view(-1, 1, 1, k.shape[1])
@@ -119,8 +135,7 @@ def sdpa_packed(mode: int, q, k, v, scale: float, causal: bool, kv_lens: Optiona
     ms packed, 0.052 ms strided; temporal attention at T = 128 1.06 ms packed, 7.3 ms as
     ``[B, S*H, T, D]`` views)."""
     shape = q.shape
-    q = prologue(q, qk_norm, qw, qb, eps, cos, sin, rope_style)
-    k = prologue(k, qk_norm, kw, kb, eps, cos, sin, rope_style)
+    q, k = prologue_pair(q, k, qk_norm, qw, qb, kw, kb, eps, cos, sin, rope_style)
     mask = None
     if kv_lens is not None:
         mask = (torch.arange(k.shape[1], device=q.device) < kv_lens.reshape(-1, 1)).view(-1, 1, 1, k.shape[1])
@@ -168,8 +183,7 @@ def outside_why_not(name: str, q: Tensor, kv_lens) -> Optional[str]:
 def outside(name: str, module, mode: int, q, k, v, scale: float, causal: bool, qk_norm, qw, qb, kw, kb,
             eps: float, cos, sin, rope_style: str) -> Tensor:
     shape = q.shape
-    q = prologue(q, qk_norm, qw, qb, eps, cos, sin, rope_style)
-    k = prologue(k, qk_norm, kw, kb, eps, cos, sin, rope_style)
+    q, k = prologue_pair(q, k, qk_norm, qw, qb, kw, kb, eps, cos, sin, rope_style)
     qs, ks, vs = (_as_seq_heads(mode, t) for t in (q, k, v))
     if name == "flash_attn":
         o = module.flash_attn_func(qs, ks, vs, softmax_scale=scale, causal=causal)
