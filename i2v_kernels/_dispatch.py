@@ -250,7 +250,7 @@ def decisions() -> list[dict]:
 # Timing
 
 
-def _time_cuda(fn: Callable[[], object], device: torch.device) -> float:
+def _time_cuda(fn: Callable[[], object], device: torch.device, give_up_ms: float = math.inf) -> float:
     stream = torch.cuda.current_stream(device)
     times = []
     for _ in range(REPS):
@@ -260,6 +260,8 @@ def _time_cuda(fn: Callable[[], object], device: torch.device) -> float:
         end.record(stream)
         end.synchronize()
         times.append(start.elapsed_time(end))
+        if times[-1] > give_up_ms:  # hopeless: one rep says enough (a 359 ms Triton call at T = 128)
+            break
     return statistics.median(times)
 
 
@@ -278,9 +280,14 @@ ABORT_RATIO = 4.0
 
 
 def _measure(op: str, device: torch.device, run: Callable[[str], object], candidates: Sequence[str]) -> dict:
-    default = _time_cuda if device.type == "cuda" else _time_host
-    timer = _timer or (lambda backend, fn, dev: default(fn, dev))
     times: dict[str, float] = {}
+
+    def default(backend, fn, dev):
+        if dev.type != "cuda":
+            return _time_host(fn, dev)
+        return _time_cuda(fn, dev, ABORT_RATIO * min(times.values()) if times else math.inf)
+
+    timer = _timer or default
     failed: dict[str, str] = {}
     # the likeliest winner first, so a hopeless candidate is recognised by its first run
     order = sorted(candidates, key=lambda b: b != default_choice(device, candidates))

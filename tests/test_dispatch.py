@@ -243,3 +243,35 @@ def test_static_table_nearest():
     assert pick((50000, 13, 13, 64), torch.float16) is None  # other dtype: no entry
     assert pick((50000, 13, 13, 64), fl=(1, 0, "none", "none")) is None  # causal: other flags
     assert pick((1 << 30, 16, 16, 64)) is None  # too far from every entry
+
+
+@pytest.mark.needs_cuda
+def test_gpu_auto_measures_every_op_and_stays_correct(monkeypatch, tmp_path):
+    """On a GPU, auto times the eligible backends (CUDA events) of each op's first key and the answer
+    matches the fp32 reference whichever won."""
+    monkeypatch.setenv(_dispatch.TUNE_ENV, "1")
+    monkeypatch.setenv(_dispatch.CACHE_ENV, str(tmp_path))
+    _dispatch.clear()
+    from i2v_kernels.ops.adaln import reference as adaln_ref
+    from i2v_kernels.ops.attention import reference as attn_ref
+    from i2v_kernels.ops.conv3d import reference as conv_ref
+
+    dev, bf16 = "cuda", torch.bfloat16
+    x = torch.randn(2, 512, 256, device=dev, dtype=bf16)
+    shift, scale = (torch.randn(2, 1, 256, device=dev, dtype=bf16) for _ in range(2))
+    torch.testing.assert_close(i2v_kernels.adaln_modulate(x, shift, scale).float(),
+                               adaln_ref.adaln_modulate(x, shift, scale).float(), atol=6e-2, rtol=6e-2)
+    qkv = torch.randn(1, 8, 64, 3 * 4 * 64, device=dev, dtype=bf16)
+    q, k, v = qkv.view(1, 8, 64, 3, 4, 64).unbind(3)
+    for fn, ref_fn in ((i2v_kernels.spatial_attention, attn_ref.spatial_attention),
+                       (i2v_kernels.temporal_attention, attn_ref.temporal_attention)):
+        torch.testing.assert_close(fn(q, k, v).float(), ref_fn(q, k, v).float(), atol=3e-2, rtol=3e-2)
+    xc = torch.randn(1, 32, 3, 16, 16, device=dev, dtype=bf16)
+    w = torch.randn(32, 32, 3, 3, 3, device=dev, dtype=bf16) * 0.05
+    torch.testing.assert_close(i2v_kernels.causal_conv3d(xc, w).float(), conv_ref.causal_conv3d(xc, w).float(),
+                               atol=6e-2, rtol=6e-2)
+    measured = {d["op"]: d for d in _dispatch.decisions() if d["source"] == "measured"}
+    for op in ("adaln_modulate", "spatial_attention", "temporal_attention", "causal_conv3d"):
+        assert op in measured, sorted(measured)
+        assert len(measured[op]["times_ms"]) >= 2 and measured[op]["backend"] in measured[op]["times_ms"]
+    _dispatch.clear()
