@@ -13,9 +13,9 @@ Ops, on video tokens ``[B, T, S, H, D]`` taken as strided views of one packed QK
 Providers: ``torch`` (eager as a DiT writes it: rearrange copies into SDPA's ``[B, H, S, D]`` and back,
 SDPA default backend), ``math`` (eager with materialized scores), ``sdpa-flash`` / ``sdpa-efficient`` /
 ``sdpa-cudnn`` / ``sdpa-math`` (the same eager code pinned to one SDPA backend), ``compile`` (torch.compile
-of the eager code), our ``triton``, ``cuda`` and ``native`` backends and the outside ``flash_attn`` /
-``sageattention`` backends (forced with ``use_backend``; skipped with the reason when not installed),
-``auto`` (the measured dispatch), and xformers when installed. FLOPs = 4*B*H*Sq*Sk*D (half when causal);
+of the eager code), our ``triton``, ``cuda``, ``native`` and ``native_packed`` backends and the outside
+``flash_attn`` / ``sageattention`` backends (forced with ``use_backend``; skipped with the reason when not
+installed), ``auto`` (the measured dispatch), and xformers when installed. FLOPs = 4*B*H*Sq*Sk*D (half when causal);
 TFLOP/s against a bf16 matmul measured on the card for spatial/dense/cross, GB/s against the measured copy
 bandwidth for temporal.
 
@@ -39,7 +39,7 @@ from benchmarks.utils import Case, Provider, Session
 FAMILY = "attention"
 OPS = ("spatial", "temporal", "dense", "factorized", "cross")
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
-OURS = ("triton", "cuda", "native", *utils.OUTSIDE_BACKENDS)
+OURS = ("triton", "cuda", "native", "native_packed", *utils.OUTSIDE_BACKENDS)
 PROVIDERS = ("torch", "math", *(f"sdpa-{b}" for b in SDPA_BACKENDS), "compile", *OURS, utils.AUTO, "xformers")
 HEADLINE = "cogvideox-5b"  # the shape a GPU --quick run compiles at
 QUICK_BUDGET_S = 90

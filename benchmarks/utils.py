@@ -69,8 +69,6 @@ BASELINE_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.
 OUR_BACKENDS = ("triton", "cuda", "cpu", "native")
 # Backends of i2v_kernels that wrap outside libraries: forced like ours, held to the baselines' tolerance.
 OUTSIDE_BACKENDS = ("flash_attn", "sageattention")
-# What `auto` can dispatch to (benchmarks/make_dispatch_table.py builds the static table from these rows).
-DISPATCHABLE = OUR_BACKENDS + OUTSIDE_BACKENDS
 AUTO = "auto"
 # The first rule (shared/PERFORMANCE.md): auto >= this x the best non-compiled baseline, per device type.
 AUTO_RULE = {"cuda": 0.97, "cpu": 0.95}
@@ -161,9 +159,9 @@ def compile_provider(fn: Callable[..., Any], why_not: Optional[str] = None) -> P
 
 
 def backend_provider(name: str, fn: Callable[..., Any], session: "Session") -> Provider:
-    """i2v_kernels backend ``name`` (one of :data:`DISPATCHABLE`) forced around every call of ``fn``."""
+    """i2v_kernels backend ``name`` (ours, ``native*`` or an outside one) forced around every call of ``fn``."""
     kind = "outside" if name in OUTSIDE_BACKENDS else "ours"
-    loose = name == "native" or name in OUTSIDE_BACKENDS
+    loose = name.startswith("native") or name in OUTSIDE_BACKENDS  # native_packed rounds like eager too
     reason = session.backend_why_not(name)
     if reason is not None:
         return Provider(name, why_not=reason, kind=kind)
