@@ -57,11 +57,16 @@ Patching twice is harmless (a replaced module is skipped). ``unpatch(obj)`` puts
 there: the original processor objects, and ``forward`` as the class's method again (the instance
 attribute removed) -- or the previous instance attribute when there was one.
 
-Offloading: a model-level hook (``enable_model_cpu_offload``) is followed -- the replacement goes where
-accelerate keeps the real forward, ``_old_forward``. Modules under finer hooks (sequential CPU offload,
-group offloading) keep their original code, as the replacements read submodules' weights directly: so
-enable those before ``patch``. Hooks added after ``patch`` wrap the replacements; remove them before
-``unpatch``.
+Hooks (diffusers' ``HookRegistry`` -- ``enable_cache(...)`` with FirstBlockCache, PyramidAttentionBroadcast
+and the other caches, group offloading, layerwise casting -- and accelerate's): a replacement goes where
+the hooks keep the real forward (the innermost link of diffusers' hook chain, accelerate's
+``_old_forward``), so hooks added before ``patch`` keep running around ours, and hooks added after it
+wrap ours as they wrap any forward. ``unpatch`` finds the replacement wherever hooks added or removed
+since have moved it. Latte's ``[B, T, S, C]`` model forward skips its blocks' and attention modules'
+own calls, so while any of them carries a hook (a cache's, say) the original model forward runs,
+through the patched blocks. Modules whose *submodules* carry weight-moving hooks (sequential CPU offload,
+leaf-level group offloading, layerwise casting) keep their original code, as the replacements read
+submodules' weights (norms, tables) directly: enable those before ``patch``.
 
 The summary of a call (:class:`PatchSummary`: what was replaced, class -> count; what stayed on the
 original path and why; unsupported models) is stored as ``obj._i2v_kernels_patch_summary``, returned
@@ -350,14 +355,23 @@ def _measured_forward(label: str, ours: Callable) -> Callable:
 
 def _delegated(name: str):
     """A property forwarding ``name`` to the replaced processor, so diffusers' model-level switches
-    (``set_attention_backend``, ``enable_parallelism``) reach it through ours."""
-    return property(lambda self: getattr(self.original, name, None),
-                    lambda self, value: setattr(self.original, name, value))
+    (``set_attention_backend``, ``enable_parallelism``) reach it through ours -- and only when the
+    replaced processor has it: diffusers sets these on processors that have them (``hasattr``), so a
+    processor without one (``AttnProcessor2_0``, CogVideoX's) stays as untouched as unpatched."""
+
+    def get(self):
+        if not hasattr(self.original, name):
+            raise AttributeError(name)
+        return getattr(self.original, name)
+
+    return property(get, lambda self, value: setattr(self.original, name, value))
 
 
 class _Processor:
     """An attention processor that keeps the one it replaced: calls it cannot compute exactly go there
-    (and every call under diffusers' context parallelism, whose sharded attention ours is not)."""
+    (and every call under diffusers' context parallelism, whose sharded attention ours is not), and so
+    does every call once ``set_attention_backend(name)`` picked one of diffusers' attention backends for
+    it (``reset_attention_backend()`` brings ours back)."""
 
     replaces: tuple[str, ...] = ()
     _attention_backend = _delegated("_attention_backend")
@@ -376,6 +390,9 @@ class _Processor:
         super().__init_subclass__(**kwargs)
 
         def __call__(self, attn, *args, **kw):
+            if getattr(self.original, "_attention_backend", None) is not None:
+                # set_attention_backend(...) asked for one of diffusers' backends: its processor runs it
+                return self.original(attn, *args, **kw)
             return _measured_call(type(self).__name__, attn, args, kw, lambda: self.compute(attn, *args, **kw),
                                   lambda: self.original(attn, *args, **kw))
 
@@ -852,6 +869,14 @@ def _latte_why_not(model) -> Optional[str]:
     return None
 
 
+def _latte_blocks_hooked(model) -> bool:
+    """Hooks on a block or its attention (diffusers' caches: PyramidAttentionBroadcast, FasterCache,
+    TaylorSeer ...; offloading; torch forward hooks) act inside calls the [B, T, S, C] path does not
+    make: with any of them the original forward runs, through the (patched) blocks and their hooks."""
+    return any(_any_hooks(m) for blocks in (model.transformer_blocks, model.temporal_transformer_blocks)
+               for block in blocks for m in (block, block.attn1, block.attn2) if m is not None)
+
+
 def _latte_self_attention(attn, x: Tensor, temporal: bool) -> Tensor:
     """Self-attention of ``x [B, T, S, C]`` within each frame (spatial) or across frames (temporal),
     on ``[B, T, S, H, D]`` views of the projections."""
@@ -887,7 +912,8 @@ def _latte_forward(self, hidden_states: Tensor, timestep: Optional[Tensor] = Non
     two ``[B*T, S, C] <-> [B*S, T, C]`` rearrange copies per layer of the original disappear.
     A prompt mask, gradient checkpointing or a changed processor run the original forward."""
     if (encoder_attention_mask is not None or encoder_hidden_states is None or timestep is None
-            or (torch.is_grad_enabled() and self.gradient_checkpointing) or _latte_why_not(self) is not None):
+            or (torch.is_grad_enabled() and self.gradient_checkpointing) or _latte_why_not(self) is not None
+            or _latte_blocks_hooked(self)):
         return _fallback(self)(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                                enable_temporal_attentions, return_dict)
     fused = all(_RECORDS in b.__dict__ and "forward" in b.__dict__[_RECORDS]
@@ -1136,19 +1162,59 @@ def _looks_like_video_model(name: str) -> bool:
     return name.endswith("Transformer3DModel") or name.startswith("AutoencoderKL")
 
 
-def _has_diffusers_hooks(module: nn.Module) -> bool:
+def _diffusers_hooks(module: nn.Module) -> list[str]:
+    """Names of the diffusers hooks (``diffusers.hooks.HookRegistry``) on ``module`` itself."""
     registry = module.__dict__.get("_diffusers_hook")
-    return registry is not None and len(getattr(registry, "hooks", {})) > 0
+    return list(getattr(registry, "hooks", {})) if registry is not None else []
+
+
+# diffusers hooks that move or cast a module's weights inside its own call (group offloading and its
+# lazy prefetch, layerwise casting): a replacement that reads those weights without calling the module
+# would see them offloaded or in the storage dtype. Cache hooks (FirstBlockCache, PyramidAttentionBroadcast,
+# FasterCache, TaylorSeer ...) sit on blocks and attention modules, which the replacements call.
+_WEIGHT_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting")
 
 
 def _hooks_in_the_way(module: nn.Module, kind: str) -> bool:
-    """Offload hooks the replacement would bypass: ours read submodules' weights directly (norms,
-    tables), which accelerate's sequential / diffusers' group offloading only moves inside their own
-    calls; and diffusers hooks on the module itself captured its forward. (accelerate's hook on the
-    module itself is fine: the replacement goes to its ``_old_forward``.)"""
-    if kind == "forward" and _has_diffusers_hooks(module):
-        return True
-    return any("_hf_hook" in m.__dict__ or _has_diffusers_hooks(m) for m in module.modules() if m is not module)
+    """Offload / casting hooks on submodules the replacement would bypass: ours read submodules' weights
+    directly (norms, tables), which accelerate's sequential / diffusers' group offloading and layerwise
+    casting only prepare inside those submodules' own calls. Hooks on the module itself are fine: the
+    replacement goes below them (see :func:`_forward_slot`)."""
+    return any("_hf_hook" in m.__dict__ or any(h in _WEIGHT_HOOKS for h in _diffusers_hooks(m))
+               for m in module.modules() if m is not module)
+
+
+def _any_hooks(module: nn.Module) -> bool:
+    """Any diffusers, accelerate or torch forward hook on ``module`` itself."""
+    return bool(module.__dict__.get("_diffusers_hook") is not None and _diffusers_hooks(module)
+                or "_hf_hook" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks)
+
+
+def _forward_slot(module: nn.Module) -> tuple[Any, str]:
+    """``(holder, attr)``: where the module's real forward lives, the one hooks wrap and call.
+
+    diffusers' ``HookRegistry`` (cache hooks, group offloading, layerwise casting) wraps ``forward`` in
+    a chain whose innermost link keeps the real one (in ``original_forward`` when the hook brings its own
+    ``new_forward``, e.g. FirstBlockCache); accelerate's hooks keep it in ``_old_forward``. Putting the
+    replacement there keeps every hook running around it."""
+    registry = module.__dict__.get("_diffusers_hook")
+    refs = getattr(registry, "_fn_refs", None)
+    if refs:
+        link = refs[0]
+        return link, "original_forward" if link.original_forward is not None else "forward"
+    if "_old_forward" in module.__dict__ and "_hf_hook" in module.__dict__:
+        return module, "_old_forward"
+    return module, "forward"
+
+
+def _slots(module: nn.Module) -> Iterator[tuple[Any, str]]:
+    """Every place a replacement of ``module``'s forward may be by now (hooks come and go after patch)."""
+    for attr in ("forward", "_old_forward"):
+        yield module, attr
+    registry = module.__dict__.get("_diffusers_hook")
+    for link in getattr(registry, "_fn_refs", None) or ():
+        yield link, "forward"
+        yield link, "original_forward"
 
 
 def _walk(root: nn.Module, unsupported: list[str]) -> Iterator[nn.Module]:
@@ -1208,13 +1274,11 @@ def _apply(module: nn.Module, spec: _Spec) -> None:
         module.processor = replacement
         records["processor"] = _Record("processor", "processor", original, replacement, original, label)
         return
-    # accelerate's hooks (CPU offload, device maps) move `forward` to `_old_forward` and call it from a
-    # wrapper: the replacement goes where the real forward lives
-    attr = "_old_forward" if "_old_forward" in module.__dict__ and "_hf_hook" in module.__dict__ else "forward"
-    original = module.__dict__.get(attr, _ABSENT)
-    fallback = getattr(module, attr)
+    holder, attr = _forward_slot(module)
+    original = holder.__dict__.get(attr, _ABSENT) if holder is module else getattr(holder, attr)
+    fallback = getattr(holder, attr)
     replacement = types.MethodType(_measured_forward(type(module).__name__, spec.forward), module)
-    setattr(module, attr, replacement)
+    setattr(holder, attr, replacement)
     records["forward"] = _Record("forward", attr, original, replacement, fallback, spec.label)
 
 
@@ -1275,19 +1339,21 @@ def patch(obj, *, ops=None, verbose: bool = False):
 
 
 def _restore(module: nn.Module, record: _Record) -> bool:
-    """Put back what ``record`` replaced; False when something else has replaced ours since."""
+    """Put back what ``record`` replaced, wherever hooks added or removed since have moved it; False
+    when something else has replaced ours since."""
     if record.kind == "processor":
         if module.processor is not record.replacement:
             return False
         module.processor = record.original
         return True
-    for attr in dict.fromkeys((record.attr, "forward", "_old_forward")):
-        if module.__dict__.get(attr) is record.replacement:
-            if attr == record.attr and record.original is _ABSENT:
-                del module.__dict__[attr]
-            else:
-                setattr(module, attr, record.original if attr == record.attr else record.fallback)
-            return True
+    for holder, attr in _slots(module):
+        if holder.__dict__.get(attr) is not record.replacement:
+            continue
+        if holder is module and attr == record.attr and record.original is _ABSENT:
+            del module.__dict__[attr]
+        else:
+            setattr(holder, attr, record.fallback)
+        return True
     return False
 
 

@@ -1,0 +1,131 @@
+"""diffusers integration: ``patch()`` composed with diffusers' own model APIs -- cache hooks
+(``enable_cache``), ``set_attention_backend``, ``torch.compile`` / ``compile_repeated_blocks``,
+``fuse_qkv_projections``, group offloading, ``save_pretrained`` -- on the tiny models of
+``test_diffusers.py``, CPU, fp32. Each composition gives the output of the same composition without
+``patch()``, and the op spy shows ours still running (or the documented fallback)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+import torch  # noqa: E402
+
+import diffusers  # noqa: E402
+from i2v_kernels.integrations import diffusers as integration  # noqa: E402
+from i2v_kernels.integrations.diffusers import patch, patch_summary, unpatch  # noqa: E402
+from test_diffusers import (  # noqa: E402
+    FP32_TOL, TRANSFORMERS, OpCounter, needs_diffusers, patched_forwards, patched_processors, snapshot)
+
+
+def denoise(model, run, steps: int = 4):
+    """Denoising-like calls: the latents drift from step to step (so caches have something to skip or
+    reuse), each call inside the ``cache_context`` diffusers' cache hooks require."""
+    outs = []
+    for i in range(steps):
+        handle = model.register_forward_pre_hook(lambda m, args, i=i: (args[0] * (1 - 0.05 * i), *args[1:]))
+        try:
+            with torch.no_grad(), model.cache_context("cond"):
+                outs.append(run(model))
+        finally:
+            handle.remove()
+    return outs
+
+
+def replacements(model) -> list:
+    """The patched forwards and processors now recorded on ``model``'s modules."""
+    return [r.replacement for m in model.modules() for r in m.__dict__.get(integration._RECORDS, {}).values()]
+
+
+def assert_unpatched(model, replaced) -> None:
+    """None of ``replaced`` (from :func:`replacements` before ``unpatch``) is left anywhere, hook chains
+    included."""
+    assert replaced
+    for m in model.modules():
+        assert integration._RECORDS not in m.__dict__
+        assert not isinstance(getattr(m, "processor", None), integration._Processor)
+        for holder, attr in integration._slots(m):
+            assert not any(holder.__dict__.get(attr) is r for r in replaced), (type(m).__name__, attr)
+
+
+def assert_all_close(outs, refs):
+    assert len(outs) == len(refs)
+    for a, b in zip(outs, refs):
+        torch.testing.assert_close(a, b, **FP32_TOL)
+
+
+# ==================================================================================================
+# Cache hooks: FirstBlockCache, PyramidAttentionBroadcast
+
+
+def cache_config(kind: str):
+    if kind == "first-block":
+        return diffusers.FirstBlockCacheConfig(threshold=0.2)
+    # attention recomputed every other step, reused in between
+    return diffusers.PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, temporal_attention_block_skip_range=2,
+        spatial_attention_timestep_skip_range=(-1, 1001), temporal_attention_timestep_skip_range=(-1, 1001),
+        current_timestep_callback=lambda: 500)
+
+
+@pytest.mark.parametrize("order", ["patch-then-cache", "cache-then-patch"])
+@pytest.mark.parametrize("kind", ["first-block", "pyramid-attention"])
+@pytest.mark.parametrize("name", ["cogvideox", "wan-t2v", "ltx", "latte"])
+def test_cache_hooks(name, kind, order):
+    if name == "latte" and kind == "first-block":
+        pytest.skip("diffusers' FirstBlockCache does not run Latte (its spatial/temporal blocks take different "
+                    "batch layouts; unpatched Latte fails too)")
+    needs_diffusers("0.35", "FirstBlockCache")
+    build, attention_calls = TRANSFORMERS[name]
+    model, run = build()
+    plain = copy.deepcopy(model)
+    uncached = denoise(plain, run)
+    plain.enable_cache(cache_config(kind))
+    ref = denoise(plain, run)
+    assert any(not torch.allclose(a, b, **FP32_TOL) for a, b in zip(ref, uncached)), "the cache changed nothing"
+
+    if order == "patch-then-cache":
+        patch(model)
+    model.enable_cache(cache_config(kind))
+    if order == "cache-then-patch":
+        patch(model)
+        assert not patch_summary(model).kept, patch_summary(model)
+    with OpCounter() as counter:
+        out = denoise(model, run)
+    assert_all_close(out, ref)
+    # every replaced family runs; Latte's [B, T, S, C] forward yields to the hooks on its blocks
+    assert counter.calls["attention"] > 0 and counter.calls["gated_residual"] > 0, dict(counter.calls)
+    if name == "latte":
+        assert "spatial_attention" not in counter.calls
+
+    replaced = replacements(model)
+    unpatch(model)
+    assert_unpatched(model, replaced)
+    model.disable_cache()
+    with torch.no_grad():
+        assert torch.equal(run(model), uncached[0])
+    for m in model.modules():  # hooks removed: diffusers leaves the class's own forward bound per instance
+        assert m.forward.__func__ is type(m).forward
+
+
+def test_patch_between_cache_hooks_and_unpatch_before_removing_them():
+    """unpatch while the hooks stay: the hooks then run diffusers' code; removing them afterwards
+    leaves no trace of the patch."""
+    needs_diffusers("0.35", "FirstBlockCache")
+    model, run = TRANSFORMERS["wan-t2v"][0]()
+    plain = copy.deepcopy(model)
+    plain.enable_cache(cache_config("first-block"))
+    ref = denoise(plain, run)
+    model.enable_cache(cache_config("first-block"))
+    patch(model)
+    assert patched_forwards(model)["WanTransformerBlock"] == 2
+    replaced = replacements(model)
+    unpatch(model)
+    assert_unpatched(model, replaced)
+    with OpCounter() as counter:
+        out = denoise(model, run)
+    assert not counter.calls
+    assert_all_close(out, ref)
