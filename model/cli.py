@@ -1,23 +1,97 @@
 """The ``i2v`` command: ``generate``, ``eval``, ``train``, ``info``.
 
-Bad input (a missing, unreadable or non-image file, frames not of the form 1 + 4k, an unknown model or
-backend, an output path in a missing folder) ends with one line on stderr and exit status 2, before
-any work and without leaving a file behind.
+Bad input (a bad or out-of-range argument, a missing, unreadable or non-image file, an unknown model
+or backend, a backend that cannot run here, an output path that cannot be written) ends with one line
+on stderr and exit status 2, found before anything is loaded (no torch import for most of it, no
+weights, no image decoding) and without leaving a file behind. Outputs are written under temporary
+names and renamed into place only when complete (:func:`i2v_model.io.save_videos`).
+
+Ctrl-C (SIGINT) at any moment, start-up included, prints ``i2v: interrupted`` and exits with status
+130 (SIGTERM and SIGHUP: one line, 128 + the signal number) with no traceback and no output file. The
+handler is installed at the top of this module, before anything heavy is imported, when this module is
+the process's entry (the ``i2v`` script, ``python -m i2v_model``); in-process callers of :func:`main`
+get it for the duration of the call only.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
+import os
+import signal
 import sys
-import time
-from pathlib import Path
-from typing import Iterable, Optional
+
+_INTERRUPTS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+class _Signals:
+    """Where the process is, for the signal handler.
+
+    ``startup``: before :func:`main` runs (only when this module is the entry): nothing to clean up, so
+    a signal exits at once. ``running``: the first signal raises ``KeyboardInterrupt`` (temporary files
+    are removed as it unwinds), a second one exits at once after removing them. ``critical``: a signal
+    waits until the section ends. ``done``: the command has finished; a signal is ignored.
+    """
+
+    phase = "startup"
+    critical = 0
+    pending = 0  # a signal that arrived inside a critical section
+    received = 0  # the first signal while running
+
+
+def _message(signum: int) -> str:
+    return "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+
+
+def _exit_now(signum: int) -> None:
+    io = sys.modules.get("i2v_model.io")
+    if io is not None:
+        io.remove_temporaries()
+    os.write(2, f"i2v: {_message(signum)}\n".encode())
+    os._exit(128 + signum)
+
+
+def _on_signal(signum, frame):
+    if _Signals.phase == "done":
+        return
+    if _Signals.phase == "startup" or _Signals.received:
+        _exit_now(_Signals.received or signum)
+    if _Signals.critical:
+        _Signals.pending = _Signals.pending or signum
+        return
+    _Signals.received = signum
+    raise KeyboardInterrupt
+
+
+def _entry() -> bool:
+    """True when this module runs as the process's command (not imported by a test or another program)."""
+    if __name__ == "__main__":
+        return True
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        return spec.name in ("i2v_model", "i2v_model.__main__")
+    return os.path.basename(sys.argv[0] if sys.argv else "") == "i2v"
+
+
+_ENTRY = _entry()
+if _ENTRY and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _on_signal)  # before the imports below, and before torch's in main()
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Iterable, Optional  # noqa: E402
 
 __all__ = ["main"]
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch", "eager")
 DEFAULT_OUT = "i2v_output"
+MAX_FRAMES = 1025  # 1 + 4 * 256
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0
+MAX_SIDE = 4096  # the largest written frame side (--upscale)
+MAX_IMAGES = 1000
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 
 class UserError(Exception):
@@ -29,40 +103,105 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
+@contextlib.contextmanager
+def _critical(final: bool = False):
+    """Hold signals back while creating a temporary file or renaming the outputs into place.
+
+    A signal that came meanwhile is delivered at the end, except after the ``final`` section (the
+    renames) succeeded: the outputs are then complete and the command ends normally, ignoring signals.
+    """
+    _Signals.critical += 1
+    done = False
+    try:
+        yield
+        done = final
+    finally:
+        _Signals.critical -= 1
+        pending, _Signals.pending = _Signals.pending, 0
+        if done:
+            _Signals.phase = "done"
+        elif pending and not _Signals.critical:
+            _on_signal(pending, None)
+
+
 # ------------------------------------------------------------------------------------------------
-# Shared option checks
+# Shared option checks (cheap ones first: nothing here imports torch unless said so)
 
 
 def _check_model(name: str):
     from i2v_model.config import CONFIGS, get_config
 
     if name not in CONFIGS:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(CONFIGS)}")
+        raise UserError(f"--model: unknown model {name!r}; choose one of: {', '.join(CONFIGS)}")
     return get_config(name)
 
 
-def _check_backend(name: str) -> str:
-    if name not in BACKENDS:
-        raise UserError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
-    if name not in ("auto", "eager"):
-        import i2v_kernels
-
-        usable = i2v_kernels.available_backends()
-        if name not in usable:
-            raise UserError(f"backend {name!r} cannot run here (usable: {', '.join(usable + ['auto', 'eager'])}); "
-                            f"see `i2v info`")
-    return name
+def _check_range(flag: str, value, low, high, what: str = "") -> None:
+    """``low <= value <= high`` and finite, else a one-line :class:`UserError` naming the flag."""
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{flag} must be a finite number, got {value}")
+    if not low <= value <= high:
+        raise UserError(f"{flag} must be {what or f'in [{low:g}, {high:g}]'}, got {value}")
 
 
 def _check_frames(frames: Optional[int], factor: int) -> None:
-    if frames is not None and (frames < 1 or (frames - 1) % factor):
-        raise UserError(f"--frames must be 1 + {factor}k (1, {1 + factor}, {1 + 2 * factor}, 17, ...), got {frames}")
+    if frames is not None and (frames < 1 or (frames - 1) % factor or frames > MAX_FRAMES):
+        raise UserError(f"--frames must be 1 + {factor}k (1, {1 + factor}, {1 + 2 * factor}, 17, ...) and at most "
+                        f"{MAX_FRAMES}, got {frames}")
 
 
-def _device():
+def _check_backend_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise UserError(f"--backend: unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    return name
+
+
+def _check_backend_usable(name: str) -> None:
+    """Whether a forced backend can run the model here (imports torch and i2v_kernels)."""
+    if name in ("auto", "eager"):
+        return
+    import i2v_kernels
+
+    usable = i2v_kernels.available_backends()
+    if name not in usable:
+        raise UserError(f"--backend {name!r} cannot run here (usable: {', '.join(usable + ['auto', 'eager'])}); "
+                        f"see `i2v info`")
+
+
+def _check_file(flag: str, path: Optional[str]) -> None:
+    """An existing, readable file (without reading it)."""
+    if path is None:
+        return
+    if path == "" or "\x00" in path:
+        raise UserError(f"{flag}: not a file name: {path!r}")
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{flag}: no such file: {path}")
+    if not p.is_file():
+        raise UserError(f"{flag}: not a file: {path}")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag}: cannot read {path}: {e.strerror or e}") from None
+
+
+def _check_text(flag: str, text: Optional[str]) -> None:
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{flag} is not valid UTF-8 text: {text!r}") from None
+
+
+def _device(backend: str):
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if backend == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
 
 
 def _backend_context(name: str):
@@ -74,8 +213,11 @@ def _backend_context(name: str):
 
 
 def _progress(total: int, desc: str):
-    """A progress bar over ``range(total)`` on stderr: tqdm when installed, else a plain one."""
+    """A progress bar over ``range(total)`` on stderr when it is a terminal: tqdm when installed, else a plain one."""
     def wrap(it: Iterable) -> Iterable:
+        if not sys.stderr.isatty():
+            yield from it
+            return
         try:
             from tqdm import tqdm
         except ImportError:
@@ -95,21 +237,27 @@ def _progress(total: int, desc: str):
 
 
 def _outputs(out: Optional[str]) -> list[Path]:
+    """The files ``--out`` asks for, each checked (and its folder probed for writing)."""
     from i2v_model.io import VIDEO_FORMATS, check_output_path
 
     if out is None:
-        paths = [Path(DEFAULT_OUT + s) for s in VIDEO_FORMATS]
+        names = [DEFAULT_OUT + s for s in VIDEO_FORMATS]
+    elif out == "":
+        raise UserError("--out is empty; give a file name such as clip.mp4, or clip for both formats")
+    elif out.endswith(("/", os.sep)) or Path(out).name in (".", "..") or Path(out).is_dir():
+        raise UserError(f"--out names a folder: {out!r}; give a file name such as {os.path.join(out, 'clip.mp4')}")
     elif Path(out).suffix.lower() in VIDEO_FORMATS:
-        paths = [Path(out)]
-    elif Path(out).suffix == "":
-        paths = [Path(out + s) for s in VIDEO_FORMATS]
+        names = [out]
+    elif Path(out).suffix == "" and not out.endswith("."):
+        names = [out + s for s in VIDEO_FORMATS]
     else:
         raise UserError(f"--out must end in .mp4 or .gif (or have no suffix for both), got {out!r}")
-    for p in paths:
+    paths = []
+    for name in names:
         try:
-            check_output_path(p)
+            paths.append(check_output_path(name))
         except ValueError as e:
-            raise UserError(str(e)) from None
+            raise UserError(f"--out: {e}") from None
     return paths
 
 
@@ -117,11 +265,9 @@ def _load_pipeline(args, cfg):
     from i2v_model.pipeline import I2VPipeline
 
     weights = getattr(args, "weights", None)
-    if weights is not None and not Path(weights).is_file():
-        raise UserError(f"--weights: no such file: {weights}")
     try:
         pipe = I2VPipeline.from_pretrained(cfg.name, weights=weights, use_kernels=args.backend != "eager",
-                                           device=_device())
+                                           device=_device(args.backend))
     except Exception as e:  # not safetensors (SafetensorError), or weights of another architecture
         if weights is None:
             raise
@@ -137,23 +283,41 @@ def _load_pipeline(args, cfg):
 # Commands
 
 
-def cmd_generate(args) -> int:
-    import i2v_model
-    from i2v_model.io import ImageError, load_image, save_video, to_uint8
+def _check_generate(args):
+    """Every ``generate`` argument, before anything is loaded; returns ``(config, output paths, fps)``."""
+    from i2v_model.io import check_fps
 
     cfg = _check_model(args.model)
-    _check_backend(args.backend)
+    _check_backend_name(args.backend)
     _check_frames(args.frames, cfg.vae.temporal_factor)
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}")
-    if args.upscale < 1:
-        raise UserError(f"--upscale must be >= 1, got {args.upscale}")
+    _check_range("--steps", args.steps, 1, MAX_STEPS)
+    _check_range("--guidance", args.guidance, -MAX_GUIDANCE, MAX_GUIDANCE)
+    _check_range("--seed", args.seed, SEED_MIN, SEED_MAX, "in [-2**63, 2**64 - 1]")
+    max_upscale = max(1, MAX_SIDE // max(cfg.height, cfg.width))
+    _check_range("--upscale", args.upscale, 1, max_upscale,
+                 f"in [1, {max_upscale}] (frames at most {MAX_SIDE} pixels a side)")
+    try:
+        fps = check_fps(args.fps)
+    except ValueError as e:
+        raise UserError(f"--{e}") from None
+    _check_text("--prompt", args.prompt)
+    _check_file("--image", args.image)
+    _check_file("--weights", args.weights)
     outs = _outputs(args.out)
-    image_path = Path(args.image) if args.image else i2v_model.SAMPLE_IMAGE
+    _check_backend_usable(args.backend)  # the first check that imports torch
+    return cfg, outs, fps
+
+
+def cmd_generate(args) -> int:
+    cfg, outs, fps = _check_generate(args)
+    import i2v_model
+    from i2v_model.io import ImageError, load_image, save_videos, to_uint8
+
+    image_path = Path(args.image) if args.image is not None else i2v_model.SAMPLE_IMAGE
     try:
         image = load_image(image_path, cfg.height, cfg.width)
     except ImageError as e:
-        raise UserError(str(e)) from None
+        raise UserError(f"--image: {e}") from None
     prompt = cfg.default_prompt if args.prompt is None else args.prompt
 
     start = time.perf_counter()
@@ -167,8 +331,7 @@ def cmd_generate(args) -> int:
     if args.upscale > 1:
         frames = frames.repeat(args.upscale, axis=1).repeat(args.upscale, axis=2)
     start = time.perf_counter()
-    for p in outs:
-        save_video(frames, p, fps=args.fps)
+    save_videos(frames, outs, fps=fps, critical=_critical)
     write_s = time.perf_counter() - start
     total = load_s + sum(timings.values()) + write_s
     print(f"prompt   {prompt!r}  ({len(frames)} frames, {frames.shape[2]}x{frames.shape[1]}, {steps} steps, "
@@ -181,20 +344,35 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    import torch
-
-    from i2v_model.data import CAMERA_MOTIONS, PROMPTS, ClipSource, Motion, render_clip
-    from i2v_model.evaluate import estimate_motion, mean, motion_matches, psnr, to_numpy_table
-
+def _check_eval(args):
+    """Every ``eval`` argument, before anything is loaded; returns ``(config, motions)``."""
     cfg = _check_model(args.model)
-    _check_backend(args.backend)
-    if args.images < 1:
-        raise UserError(f"--images must be >= 1, got {args.images}")
-    motions = CAMERA_MOTIONS if args.motions is None else tuple(m.strip() for m in args.motions.split(","))
+    _check_backend_name(args.backend)
+    _check_range("--images", args.images, 1, MAX_IMAGES)
+    _check_range("--steps", args.steps, 1, MAX_STEPS)
+    # Image i uses seed + i for the sampler and (seed, i) for the held-out picture (numpy: not negative).
+    _check_range("--seed", args.seed, 0, SEED_MAX - args.images + 1, f"in [0, 2**64 - {args.images}]")
+    # data imports torch; read the motion names without it when the default is asked for.
+    motions = None if args.motions is None else tuple(m.strip() for m in args.motions.split(","))
+    _check_file("--weights", args.weights)
+    _check_backend_usable(args.backend)
+    from i2v_model.data import CAMERA_MOTIONS
+
+    motions = CAMERA_MOTIONS if motions is None else motions
     unknown = [m for m in motions if m not in CAMERA_MOTIONS]
     if unknown or not motions:
-        raise UserError(f"unknown motion(s) {', '.join(unknown) or '(none)'}; choose from: {', '.join(CAMERA_MOTIONS)}")
+        raise UserError(f"--motions: unknown motion(s) {', '.join(unknown) or '(none)'}; choose from: "
+                        f"{', '.join(CAMERA_MOTIONS)}")
+    return cfg, motions
+
+
+def cmd_eval(args) -> int:
+    cfg, motions = _check_eval(args)
+    import torch
+
+    from i2v_model.data import PROMPTS, ClipSource, Motion, render_clip
+    from i2v_model.evaluate import estimate_motion, mean, motion_matches, psnr, to_numpy_table
+
     pipe = _load_pipeline(args, cfg)
     source = ClipSource(args.seed, cfg.frames, cfg.width, split="heldout")
     canvases = [torch.from_numpy(source.image(i)).permute(2, 0, 1).float() / 127.5 - 1 for i in range(args.images)]
@@ -245,43 +423,55 @@ def cmd_train(args) -> int:
     return train.main(args=args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_word(argv: list[str]) -> Optional[str]:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
+    """The ``i2v`` parser. ``train``'s own options (whose module imports torch) are added only when
+    ``argv`` asks for ``train`` (``None``: always), so other commands parse without importing torch."""
     from i2v_model.config import config_names
 
-    parser = _Parser(prog="i2v", description="Image-to-video generation with the reference DiT built on i2v_kernels.")
+    parser = _Parser(prog="i2v", description="Image-to-video generation with the reference DiT built on i2v_kernels.",
+                     epilog="Bad arguments: one line on stderr, exit status 2, nothing written. Ctrl-C: "
+                            "`i2v: interrupted`, exit status 130, nothing written.")
     sub = parser.add_subparsers(dest="command", metavar="{generate,eval,train,info}", parser_class=_Parser)
 
     g = sub.add_parser("generate", help="make a video from an image and a prompt")
     g.add_argument("--image", help="input image (default: the bundled sample)")
     g.add_argument("--prompt", help="text prompt (default: the model's default prompt)")
     g.add_argument("--out", help=f"output .mp4 or .gif, or a name without suffix for both (default: {DEFAULT_OUT}.mp4 "
-                                 f"and .gif)")
-    g.add_argument("--frames", type=int, help="frames, 1 + 4k (default: the model's, 17 for tiny)")
-    g.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
-    g.add_argument("--seed", type=int, default=0)
+                                 f"and .gif); written only when complete")
+    g.add_argument("--frames", type=int, help=f"frames, 1 + 4k up to {MAX_FRAMES} (default: the model's, 17 for tiny)")
+    g.add_argument("--steps", type=int, help=f"sampler steps, 1 to {MAX_STEPS} (default: the model's)")
+    g.add_argument("--guidance", type=float,
+                   help=f"classifier-free guidance scale, -{MAX_GUIDANCE:g} to {MAX_GUIDANCE:g} (default: the model's)")
+    g.add_argument("--seed", type=int, default=0, help="any integer torch accepts: -2**63 to 2**64 - 1")
     g.add_argument("--backend", default="auto", help=f"kernel backend: {', '.join(BACKENDS)} (eager: plain PyTorch)")
     g.add_argument("--compile", action="store_true", help="torch.compile the DiT")
     g.add_argument("--model", default="tiny", help=f"one of: {', '.join(config_names())}")
     g.add_argument("--weights", help="a safetensors file from `i2v train --export` (default: the bundled weights)")
-    g.add_argument("--fps", type=int, default=8)
-    g.add_argument("--upscale", type=int, default=1, help="enlarge the written frames N times (nearest)")
+    g.add_argument("--fps", type=float, default=8, help="frames per second of the video, 0.1 to 100 (default 8)")
+    g.add_argument("--upscale", type=int, default=1,
+                   help=f"enlarge the written frames N times (nearest), up to {MAX_SIDE} pixels a side")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="first-frame PSNR, motion adherence, VAE PSNR on held-out images")
-    e.add_argument("--images", type=int, default=4, help="held-out images (each runs every motion prompt)")
+    e.add_argument("--images", type=int, default=4, help=f"held-out images, 1 to {MAX_IMAGES} (each runs every "
+                                                         f"motion prompt)")
     e.add_argument("--steps", type=int, default=None)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="0 or more")
     e.add_argument("--motions", help="comma-separated subset of the camera motions (default: all)")
     e.add_argument("--backend", default="auto")
     e.add_argument("--model", default="tiny")
     e.add_argument("--weights", help="a safetensors file from `i2v train --export` (default: the bundled weights)")
     e.set_defaults(func=cmd_eval)
 
-    from i2v_model.train import build_parser as train_parser
-
     t = sub.add_parser("train", help="train the VAE and the DiT on procedural clips (resumable), or export")
-    train_parser(t)
+    if argv is None or _command_word(argv) == "train":
+        from i2v_model.train import build_parser as train_parser
+
+        train_parser(t)
     t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("info", help="what `python -m i2v_kernels info` prints")
@@ -290,28 +480,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    from i2v_model.io import ImageError
+def _install_handlers() -> dict:
+    """Our handler for SIGINT/SIGTERM/SIGHUP where they have their default one; returns what it replaced."""
+    import threading
 
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for signum in _INTERRUPTS:
+        current = signal.getsignal(signum)
+        default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        if current is default or current is _on_signal:
+            previous[signum] = current
+            signal.signal(signum, _on_signal)
+    return previous
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the ``i2v`` command; returns the exit status (0, 2 for bad input, 128 + N for signal N)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _Signals.phase, _Signals.received, _Signals.pending, _Signals.critical = "running", 0, 0, 0
+    previous = _install_handlers()
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return 2
-        return args.func(args)
-    except UserError as e:
-        msg = str(e)
-    except (ImageError, FileNotFoundError, ValueError, KeyError) as e:
-        msg = str(e).strip("'\"")
-    except KeyboardInterrupt:
-        msg = "interrupted"
-    except RuntimeError as e:  # a forced kernel backend that cannot run, and the like
-        if type(e).__name__ != "BackendUnavailableError":
-            raise
-        msg = str(e)
-    print(f"i2v: error: {msg.splitlines()[0] if msg else 'failed'}", file=sys.stderr)
-    return 2
+        try:
+            parser = build_parser(argv)
+            args = parser.parse_args(argv)
+            if args.command is None:
+                parser.print_help(sys.stderr)
+                return 2
+            return args.func(args)
+        except UserError as e:
+            msg = str(e)
+        except KeyboardInterrupt:
+            signum = _Signals.received or signal.SIGINT
+            print(f"i2v: {_message(signum)}", file=sys.stderr)
+            return 128 + signum
+        except OSError as e:  # OutputError (a write that failed: nothing was left), FileNotFoundError, ...
+            msg = str(e)
+        except (ValueError, KeyError) as e:  # ImageError and the model's own argument checks
+            msg = str(e).strip("'\"")
+        except RuntimeError as e:  # a forced kernel backend that cannot run, and the like
+            if type(e).__name__ != "BackendUnavailableError":
+                raise
+            msg = str(e)
+        print(f"i2v: error: {msg.splitlines()[0] if msg else 'failed'}", file=sys.stderr)
+        return 2
+    finally:
+        io = sys.modules.get("i2v_model.io")
+        if io is not None:
+            io.remove_temporaries()
+        if _ENTRY:
+            _Signals.phase = "done"  # the process is about to exit: nothing left to interrupt
+        else:
+            _Signals.phase = "startup"
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

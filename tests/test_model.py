@@ -513,7 +513,7 @@ def test_save_video_failure_leaves_nothing(tmp_path, monkeypatch):
         raise RuntimeError("encoder died")
 
     monkeypatch.setattr(io, "_write_gif", broken)
-    with pytest.raises(RuntimeError, match="encoder died"):
+    with pytest.raises(io.OutputError, match="encoder died"):
         save_video(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "x.gif")
     assert os.listdir(tmp_path) == []
     with pytest.raises(ValueError, match="does not exist"):
@@ -541,7 +541,7 @@ def _run_cli(argv, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["generate", "--image", "missing.png"], "image not found"),
+    (["generate", "--image", "missing.png"], "--image: no such file"),
     (["generate", "--image", "notes.txt"], "not an image"),
     (["generate", "--frames", "8"], "--frames must be 1 + 4k"),
     (["generate", "--frames", "0"], "--frames must be 1 + 4k"),
@@ -549,7 +549,7 @@ def _run_cli(argv, capsys):
     (["generate", "--backend", "quantum"], "unknown backend"),
     (["generate", "--out", "no/such/folder/v.mp4"], "output folder does not exist"),
     (["generate", "--out", "v.avi"], "--out must end in"),
-    (["generate", "--steps", "0"], "--steps must be >= 1"),
+    (["generate", "--steps", "0"], "--steps must be in [1, "),
     (["generate", "--frames", "x"], "invalid int value"),
     (["generate", "--nope"], "unrecognized arguments"),
     (["eval", "--model", "huge"], "unknown model"),
