@@ -236,8 +236,31 @@ def _progress(total: int, desc: str):
     return wrap
 
 
+def _check_image(path: Optional[str]) -> None:
+    """An existing file that Pillow recognises as an image (its header only: nothing is decoded)."""
+    _check_file("--image", path)
+    if path is None:
+        return
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            pass
+    except UnidentifiedImageError:
+        raise UserError(f"--image: not an image (Pillow cannot identify it): {path}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"--image: cannot read image {path}: {e}") from None
+
+
 def _outputs(out: Optional[str]) -> list[Path]:
     """The files ``--out`` asks for, each checked (and its folder probed for writing)."""
+    try:
+        return _output_paths(out)
+    except (OSError, ValueError) as e:  # a name too long to stat, a NUL character, ...
+        raise UserError(f"--out: {e}") from None
+
+
+def _output_paths(out: Optional[str]) -> list[Path]:
     from i2v_model.io import VIDEO_FORMATS, check_output_path
 
     if out is None:
@@ -252,13 +275,7 @@ def _outputs(out: Optional[str]) -> list[Path]:
         names = [out + s for s in VIDEO_FORMATS]
     else:
         raise UserError(f"--out must end in .mp4 or .gif (or have no suffix for both), got {out!r}")
-    paths = []
-    for name in names:
-        try:
-            paths.append(check_output_path(name))
-        except ValueError as e:
-            raise UserError(f"--out: {e}") from None
-    return paths
+    return [check_output_path(name) for name in names]
 
 
 def _load_pipeline(args, cfg):
@@ -301,9 +318,9 @@ def _check_generate(args):
     except ValueError as e:
         raise UserError(f"--{e}") from None
     _check_text("--prompt", args.prompt)
-    _check_file("--image", args.image)
     _check_file("--weights", args.weights)
     outs = _outputs(args.out)
+    _check_image(args.image)
     _check_backend_usable(args.backend)  # the first check that imports torch
     return cfg, outs, fps
 
