@@ -18,7 +18,7 @@ import diffusers  # noqa: E402
 from i2v_kernels.integrations import diffusers as integration  # noqa: E402
 from i2v_kernels.integrations.diffusers import patch, patch_summary, unpatch  # noqa: E402
 from test_diffusers import (  # noqa: E402
-    FP32_TOL, TRANSFORMERS, OpCounter, needs_diffusers, patched_forwards, patched_processors, snapshot)
+    FP32_TOL, TRANSFORMERS, OpCounter, needs_diffusers, patched_forwards, patched_processors)
 
 
 def denoise(model, run, steps: int = 4):
@@ -129,3 +129,105 @@ def test_patch_between_cache_hooks_and_unpatch_before_removing_them():
         out = denoise(model, run)
     assert not counter.calls
     assert_all_close(out, ref)
+
+
+# ==================================================================================================
+# set_attention_backend: an explicit diffusers backend is honoured; reset brings ours back
+
+
+@pytest.fixture
+def active_attention_backend():
+    """set_attention_backend also changes diffusers' process-wide active backend: put it back."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    saved = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry._active_backend = saved
+
+
+@pytest.mark.parametrize("backend", ["native", "_native_math"])
+@pytest.mark.parametrize("name", ["wan-t2v", "ltx"])
+def test_set_attention_backend_runs_diffusers_backend(active_attention_backend, name, backend):
+    """Wan's and LTX's processors dispatch through diffusers' attention backends: asking for one makes
+    ours defer to diffusers' processor (the adaLN blocks stay ours); reset_attention_backend() brings
+    our attention back."""
+    needs_diffusers("0.35", "set_attention_backend on Wan and LTX")
+    build, attention_calls = TRANSFORMERS[name]
+    model, run = build()
+    plain = copy.deepcopy(model)
+    plain.set_attention_backend(backend)
+    with torch.no_grad():
+        ref = run(plain)
+    patch(model)
+    model.set_attention_backend(backend)
+    processors = [m.processor for m in model.modules() if isinstance(getattr(m, "processor", None),
+                                                                     integration._Processor)]
+    assert processors and all(p._attention_backend == backend for p in processors)
+    with torch.no_grad(), OpCounter() as counter:
+        out = run(model)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    assert not set(attention_calls) & set(counter.calls) and counter.calls["gated_residual"] > 0, dict(counter.calls)
+
+    model.reset_attention_backend()
+    with torch.no_grad(), OpCounter() as counter:
+        out = run(model)
+    assert all(counter.calls[op] == n for op, n in attention_calls.items()), dict(counter.calls)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+
+
+def test_set_attention_backend_without_backend_slot(active_attention_backend):
+    """CogVideoX's processors call SDPA directly and have no backend slot, so diffusers leaves them as
+    they are; the patched ones are left alike (no slot appears) and ours keeps running."""
+    model, run = TRANSFORMERS["cogvideox"][0]()
+    with torch.no_grad():
+        ref = run(model)
+    patch(model)
+    model.set_attention_backend("native")
+    for m in model.modules():
+        if isinstance(getattr(m, "processor", None), integration._Processor):
+            assert not hasattr(m.processor, "_attention_backend") and not hasattr(m.processor.original,
+                                                                                 "_attention_backend")
+    with torch.no_grad(), OpCounter() as counter:
+        out = run(model)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    assert counter.calls["attention"] == 2
+
+
+# ==================================================================================================
+# fuse_qkv_projections / unfuse_qkv_projections after patch()
+
+
+def test_fuse_and_unfuse_qkv_keep_the_patch():
+    model, run = TRANSFORMERS["cogvideox"][0]()
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        ref = run(plain)
+    plain.fuse_qkv_projections()
+    plain.unfuse_qkv_projections()
+    patch(model)
+    summary = patch_summary(model)
+    model.fuse_qkv_projections()
+    assert patched_processors(model) == {"I2VCogVideoXAttnProcessor": 2}
+    assert all(type(p.original).__name__ == "FusedCogVideoXAttnProcessor2_0" for p in
+               (m.processor for m in model.modules() if isinstance(getattr(m, "processor", None),
+                                                                    integration._Processor)))
+    with torch.no_grad(), OpCounter() as counter:
+        out = run(model)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    assert counter.calls["attention"] == 2
+
+    model.unfuse_qkv_projections()  # diffusers puts back the processors saved by fuse: ours
+    assert patched_processors(model) == {"I2VCogVideoXAttnProcessor": 2}
+    with torch.no_grad():
+        torch.testing.assert_close(run(model), ref, **FP32_TOL)
+    assert patch_summary(model) == summary  # the method wrappers are not kernels: not in the summary
+
+    replaced = replacements(model)
+    unpatch(model)
+    assert_unpatched(model, replaced)
+    assert "fuse_qkv_projections" not in model.__dict__ and "unfuse_qkv_projections" not in model.__dict__
+    assert {k: type(p) for k, p in model.attn_processors.items()} == \
+        {k: type(p) for k, p in plain.attn_processors.items()}
+    assert not any(isinstance(p, integration._Processor) for p in model.original_attn_processors.values())
+    with torch.no_grad():
+        torch.testing.assert_close(run(model), ref, **FP32_TOL)

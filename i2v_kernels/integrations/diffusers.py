@@ -68,6 +68,18 @@ through the patched blocks. Modules whose *submodules* carry weight-moving hooks
 leaf-level group offloading, layerwise casting) keep their original code, as the replacements read
 submodules' weights (norms, tables) directly: enable those before ``patch``.
 
+Attention backends: ``model.set_attention_backend(name)`` is an explicit request for one of diffusers'
+attention backends, so it is honoured -- the patched processors whose diffusers processor dispatches
+through those backends (Wan's, LTX's) hand every call to it, which runs ``name``; the rest of the patch
+(fused adaLN blocks, convolutions) stays. ``reset_attention_backend()`` brings our attention back.
+Processors that call SDPA directly and have no backend setting (``AttnProcessor2_0`` of Latte,
+CogVideoX's) are left alone by diffusers' ``set_attention_backend``, patched or not, so ours keeps
+running there. To pick among our own backends use ``i2v_kernels.use_backend(...)``.
+
+``fuse_qkv_projections()`` / ``unfuse_qkv_projections()`` of a patched model keep the patch: the fused
+processors they install are replaced too (fused QKV views go into the same attention call), and the
+ones ``unfuse`` puts back are ours again.
+
 The summary of a call (:class:`PatchSummary`: what was replaced, class -> count; what stayed on the
 original path and why; unsupported models) is stored as ``obj._i2v_kernels_patch_summary``, returned
 by :func:`patch_summary`, and printed by ``patch(obj, verbose=True)``.
@@ -1282,12 +1294,54 @@ def _apply(module: nn.Module, spec: _Spec) -> None:
     records["forward"] = _Record("forward", attr, original, replacement, fallback, spec.label)
 
 
+# Model methods that swap every attention processor for a stock one: wrapped per patched model instance so
+# the new processors are replaced too (and ours put back by unfuse are recognized), keeping the patch.
+_PROCESSOR_SWAPPING_METHODS = ("fuse_qkv_projections", "unfuse_qkv_projections")
+
+
+def _repatch_processors(model: nn.Module) -> None:
+    """After ``model`` swapped its processors: ours that came back (``unfuse_qkv_projections`` restores
+    the processors saved by ``fuse``) are recorded again, stock ones that ours replace are replaced."""
+    spec = _processor_spec()
+    for module in model.modules():
+        records = module.__dict__.get(_RECORDS)
+        record = (records or {}).get("processor")
+        if record is None or module.processor is record.replacement:
+            continue
+        processor = module.processor
+        if isinstance(processor, _Processor):
+            label = f"processor {type(processor.original).__name__} -> {type(processor).__name__}"
+            records["processor"] = _Record("processor", "processor", processor.original, processor,
+                                           processor.original, label)
+        elif spec.why_not(module) is None and not _hooks_in_the_way(module, "processor"):
+            _apply(module, spec)
+
+
+def _wrap_processor_swaps(model: nn.Module) -> None:
+    records = model.__dict__.setdefault(_RECORDS, {})
+    for name in _PROCESSOR_SWAPPING_METHODS:
+        if name in records or not callable(getattr(model, name, None)):
+            continue
+        swap = getattr(model, name)
+
+        def wrapped(*args, _swap=swap, **kwargs):
+            out = _swap(*args, **kwargs)
+            _repatch_processors(model)
+            return out
+
+        wrapped.__name__, wrapped.__doc__ = name, swap.__doc__
+        original = model.__dict__.get(name, _ABSENT)
+        setattr(model, name, wrapped)
+        records[name] = _Record("method", name, original, wrapped, swap, f"{name} -> keeps the i2v_kernels processors")
+
+
 def _summarize(roots: Iterable[nn.Module], kept: Counter, unsupported: list[str]) -> PatchSummary:
     replaced: Counter = Counter()
     for root in roots:
         for module in root.modules():
             for record in module.__dict__.get(_RECORDS, {}).values():
-                replaced[f"{type(module).__name__}.{record.label}"] += 1
+                if record.kind != "method":
+                    replaced[f"{type(module).__name__}.{record.label}"] += 1
     return PatchSummary(dict(replaced), dict(kept), list(unsupported))
 
 
@@ -1314,6 +1368,8 @@ def patch(obj, *, ops=None, verbose: bool = False):
     unsupported: list[str] = []
     for root in roots:
         for module in _walk(root, unsupported):
+            if "attention" in wanted and type(module).__name__ in KNOWN_MODELS and _from_diffusers(module):
+                _wrap_processor_swaps(module)
             specs = _COMPONENTS.get(type(module).__name__)
             if not specs or not _from_diffusers(module):
                 continue
@@ -1345,6 +1401,17 @@ def _restore(module: nn.Module, record: _Record) -> bool:
         if module.processor is not record.replacement:
             return False
         module.processor = record.original
+        return True
+    if record.kind == "method":
+        if module.__dict__.get(record.attr) is not record.replacement:
+            return False
+        if record.original is _ABSENT:
+            del module.__dict__[record.attr]
+        else:
+            setattr(module, record.attr, record.original)
+        saved = getattr(module, "original_attn_processors", None)  # what unfuse_qkv_projections restores
+        if isinstance(saved, dict):
+            module.original_attn_processors = {k: _unwrapped(p) for k, p in saved.items()}
         return True
     for holder, attr in _slots(module):
         if holder.__dict__.get(attr) is not record.replacement:
