@@ -18,7 +18,7 @@ import diffusers  # noqa: E402
 from i2v_kernels.integrations import diffusers as integration  # noqa: E402
 from i2v_kernels.integrations.diffusers import patch, patch_summary, unpatch  # noqa: E402
 from test_diffusers import (  # noqa: E402
-    FP32_TOL, TRANSFORMERS, OpCounter, needs_diffusers, patched_forwards, patched_processors)
+    FP32_TOL, TRANSFORMERS, OpCounter, ltx_model, needs_diffusers, patched_forwards, patched_processors)
 
 
 def denoise(model, run, steps: int = 4):
@@ -216,10 +216,13 @@ def test_fuse_and_unfuse_qkv_keep_the_patch():
     torch.testing.assert_close(out, ref, **FP32_TOL)
     assert counter.calls["attention"] == 2
 
-    model.unfuse_qkv_projections()  # diffusers puts back the processors saved by fuse: ours
+    # diffusers puts back the processors saved by fuse (ours), which read to_q/to_k/to_v as diffusers'
+    # own unfused processor does (fuse keeps them next to to_qkv)
+    model.unfuse_qkv_projections()
     assert patched_processors(model) == {"I2VCogVideoXAttnProcessor": 2}
-    with torch.no_grad():
+    with torch.no_grad(), OpCounter() as counter:
         torch.testing.assert_close(run(model), ref, **FP32_TOL)
+    assert counter.calls["attention"] == 2
     assert patch_summary(model) == summary  # the method wrappers are not kernels: not in the summary
 
     replaced = replacements(model)
@@ -231,3 +234,69 @@ def test_fuse_and_unfuse_qkv_keep_the_patch():
     assert not any(isinstance(p, integration._Processor) for p in model.original_attn_processors.values())
     with torch.no_grad():
         torch.testing.assert_close(run(model), ref, **FP32_TOL)
+
+
+# ==================================================================================================
+# torch.compile: whole patched models and compile_repeated_blocks trace without graph breaks
+
+
+class GraphOps:
+    """A torch.compile backend that records the ops of every graph it gets and runs them eagerly."""
+
+    def __init__(self):
+        self.ops: set = set()
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        self.ops |= {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+        return gm.forward
+
+    def ours(self) -> set:
+        return {op.split(".")[1] for op in self.ops if op.startswith("i2v_kernels.")}
+
+
+# LTX without a prompt mask: under torch.compile a masked cross-attention takes diffusers' processor
+# (turning a mask into kv_lens reads its values, which would break the graph)
+COMPILE_MODELS = {"cogvideox": TRANSFORMERS["cogvideox"], "wan-t2v": TRANSFORMERS["wan-t2v"],
+                  "ltx-no-mask": (lambda: ltx_model(mask="none"), TRANSFORMERS["ltx"][1])}
+
+
+@pytest.mark.parametrize("name", list(COMPILE_MODELS))
+def test_compile_whole_patched_model_fullgraph(name):
+    build, attention_calls = COMPILE_MODELS[name]
+    model, run = build()
+    with torch.no_grad():
+        ref = run(model)
+    patch(model)
+    backend = GraphOps()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    try:
+        with torch.no_grad():
+            out = run(compiled)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    assert backend.graphs == 1
+    assert set(attention_calls) <= backend.ours(), backend.ours()
+
+
+@pytest.mark.parametrize("name", ["wan-t2v", "ltx-no-mask"])
+def test_compile_repeated_blocks_of_patched_model(name):
+    """diffusers' regional compilation compiles each block module; the patched forward is what it traces,
+    whole (fullgraph=True) and with our ops in the graph."""
+    needs_diffusers("0.35", "compile_repeated_blocks")
+    build, _ = COMPILE_MODELS[name]
+    model, run = build()
+    with torch.no_grad():
+        ref = run(model)
+    patch(model)
+    backend = GraphOps()
+    model.compile_repeated_blocks(fullgraph=True, backend=backend)
+    try:
+        with torch.no_grad():
+            out = run(model)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    assert backend.graphs >= 1 and {"attention", "gated_residual", "rms_norm"} <= backend.ours(), backend.ours()

@@ -508,7 +508,8 @@ class I2VCogVideoXAttnProcessor(_Processor):
 
         fused = type(self.original).__name__.startswith("Fused")
         if (attention_mask is not None or attn.is_cross_attention or hidden_states.dim() != 3
-                or getattr(attn, "inner_kv_dim", None) != attn.inner_dim or fused != bool(attn.fused_projections)):
+                or getattr(attn, "inner_kv_dim", None) != attn.inner_dim
+                or (fused and not getattr(attn, "fused_projections", False))):
             return original()
         B, Nv, _ = hidden_states.shape
         L = encoder_hidden_states.size(1)
