@@ -18,7 +18,7 @@ import diffusers  # noqa: E402
 from i2v_kernels.integrations import diffusers as integration  # noqa: E402
 from i2v_kernels.integrations.diffusers import patch, patch_summary, unpatch  # noqa: E402
 from test_diffusers import (  # noqa: E402
-    FP32_TOL, TRANSFORMERS, OpCounter, ltx_model, needs_diffusers, patched_forwards, patched_processors)
+    FP32_TOL, TRANSFORMERS, VAES, OpCounter, ltx_model, needs_diffusers, patched_forwards, patched_processors)
 
 
 def denoise(model, run, steps: int = 4):
@@ -300,3 +300,82 @@ def test_compile_repeated_blocks_of_patched_model(name):
         torch._dynamo.reset()
     torch.testing.assert_close(out, ref, **FP32_TOL)
     assert backend.graphs >= 1 and {"attention", "gated_residual", "rms_norm"} <= backend.ours(), backend.ours()
+
+
+# ==================================================================================================
+# Group offloading (onload and offload on the CPU: the hooks run, nothing moves)
+
+
+@pytest.fixture
+def group_offloading(monkeypatch):
+    """diffusers' group offloading moves inputs with accelerate's ``send_to_device``; accelerate is no
+    dependency of ours, so without it an equivalent (tensors in nested containers to the device) stands in."""
+    needs_diffusers("0.33", "enable_group_offload")
+    from diffusers.hooks import group_offloading as offloading
+
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        def send_to_device(obj, device, non_blocking=False):
+            return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=non_blocking),
+                                                     obj)
+
+        monkeypatch.setattr(offloading, "send_to_device", send_to_device, raising=False)
+    cpu = torch.device("cpu")
+    return {"block_level": dict(onload_device=cpu, offload_device=cpu, offload_type="block_level",
+                                num_blocks_per_group=1),
+            "leaf_level": dict(onload_device=cpu, offload_device=cpu, offload_type="leaf_level")}
+
+
+@pytest.mark.parametrize("order", ["patch-then-offload", "offload-then-patch"])
+@pytest.mark.parametrize("offload", ["block_level", "leaf_level"])
+def test_group_offloading(group_offloading, offload, order):
+    """Block-level offloading hooks whole blocks, which onload everything a replaced block reads: ours
+    runs under them. Leaf-level offloading hooks the norms and linears ours would read directly: the
+    modules holding them keep diffusers' code -- left alone by patch() after it, put back by
+    enable_group_offload() after patch() -- and the summary says so."""
+    model, run = TRANSFORMERS["cogvideox"][0]()
+    with torch.no_grad():
+        ref = run(model)
+    if order == "patch-then-offload":
+        patch(model)
+    model.enable_group_offload(**group_offloading[offload])
+    if order == "offload-then-patch":
+        patch(model)
+    with torch.no_grad(), OpCounter() as counter:
+        out = run(model)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+    summary = patch_summary(model)
+    if offload == "block_level":
+        assert counter.calls["attention"] == 2 and counter.calls["gated_residual_adaln"] == 4, dict(counter.calls)
+        assert not summary.kept and patched_forwards(model) == {"CogVideoXBlock": 2}
+    else:
+        assert not counter.calls and not patched_forwards(model) and not patched_processors(model)
+        assert summary.kept == {f"Attention: {integration._HOOKED}": 2, f"CogVideoXBlock: {integration._HOOKED}": 2}
+        assert not summary.replaced
+
+    unpatch(model)
+    assert all(integration._RECORDS not in m.__dict__ for m in model.modules())
+    assert not any(isinstance(getattr(m, "processor", None), integration._Processor) for m in model.modules())
+    with torch.no_grad(), OpCounter() as counter:
+        torch.testing.assert_close(run(model), ref, **FP32_TOL)
+    assert not counter.calls
+
+
+def test_vae_group_offloading_leaf_level(group_offloading):
+    """Wan's causal conv is itself the leaf that leaf-level offloading hooks: ours goes below its hook
+    (which onloads the conv's own weight), before or after patch()."""
+    z = torch.randn(1, 4, 3, 6, 6)
+    for order in ("patch-then-offload", "offload-then-patch"):
+        vae = VAES["wan"][0]()
+        with torch.no_grad():
+            ref = vae.decode(z).sample
+        if order == "patch-then-offload":
+            patch(vae)
+        vae.enable_group_offload(**group_offloading["leaf_level"])
+        if order == "offload-then-patch":
+            patch(vae)
+        with torch.no_grad(), OpCounter() as counter:
+            out = vae.decode(z).sample
+        torch.testing.assert_close(out, ref, **FP32_TOL)
+        assert counter.calls["causal_conv3d"] > 0 and not patch_summary(vae).kept, order

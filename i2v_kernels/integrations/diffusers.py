@@ -1295,9 +1295,8 @@ def _apply(module: nn.Module, spec: _Spec) -> None:
     records["forward"] = _Record("forward", attr, original, replacement, fallback, spec.label)
 
 
-# Model methods that swap every attention processor for a stock one: wrapped per patched model instance so
-# the new processors are replaced too (and ours put back by unfuse are recognized), keeping the patch.
-_PROCESSOR_SWAPPING_METHODS = ("fuse_qkv_projections", "unfuse_qkv_projections")
+# Why a module keeps diffusers' code under weight-moving hooks (see _hooks_in_the_way)
+_HOOKED = "diffusers/accelerate hooks on it or its submodules (offloading, layerwise casting)"
 
 
 def _repatch_processors(model: nn.Module) -> None:
@@ -1318,22 +1317,56 @@ def _repatch_processors(model: nn.Module) -> None:
             _apply(module, spec)
 
 
-def _wrap_processor_swaps(model: nn.Module) -> None:
+def _yield_to_weight_hooks(model: nn.Module) -> None:
+    """After offloading or layerwise casting was enabled on a patched model: the replacements whose
+    submodules now carry weight-moving hooks go back to diffusers' code, as :func:`patch` leaves them
+    when those hooks come first (the summary of ``model`` says so)."""
+    summary = patch_summary(model)
+    for module in model.modules():
+        records = module.__dict__.get(_RECORDS, {})
+        for kind in ("forward", "processor"):
+            record = records.get(kind)
+            if record is None or not _hooks_in_the_way(module, kind) or not _restore(module, record):
+                continue
+            del records[kind]
+            if summary is not None:
+                label = f"{type(module).__name__}.{record.label}"
+                summary.replaced[label] = summary.replaced.get(label, 0) - 1
+                if summary.replaced[label] <= 0:
+                    del summary.replaced[label]
+                why = f"{type(module).__name__}: {_HOOKED}"
+                summary.kept[why] = summary.kept.get(why, 0) + 1
+        if _RECORDS in module.__dict__ and not records:
+            del module.__dict__[_RECORDS]
+
+
+# Model methods wrapped per patched model instance, with what runs after the original:
+# fuse/unfuse swap every attention processor for a stock one (or back to the saved ones, ours), so the
+# new ones are replaced too; offloading / layerwise casting add the hooks ours cannot read weights under.
+_WRAPPED_METHODS = {
+    "fuse_qkv_projections": _repatch_processors,
+    "unfuse_qkv_projections": _repatch_processors,
+    "enable_group_offload": _yield_to_weight_hooks,
+    "enable_layerwise_casting": _yield_to_weight_hooks,
+}
+
+
+def _wrap_methods(model: nn.Module) -> None:
     records = model.__dict__.setdefault(_RECORDS, {})
-    for name in _PROCESSOR_SWAPPING_METHODS:
+    for name, after in _WRAPPED_METHODS.items():
         if name in records or not callable(getattr(model, name, None)):
             continue
-        swap = getattr(model, name)
+        method = getattr(model, name)
 
-        def wrapped(*args, _swap=swap, **kwargs):
-            out = _swap(*args, **kwargs)
-            _repatch_processors(model)
+        def wrapped(*args, _method=method, _after=after, **kwargs):
+            out = _method(*args, **kwargs)
+            _after(model)
             return out
 
-        wrapped.__name__, wrapped.__doc__ = name, swap.__doc__
+        wrapped.__name__, wrapped.__doc__ = name, method.__doc__
         original = model.__dict__.get(name, _ABSENT)
         setattr(model, name, wrapped)
-        records[name] = _Record("method", name, original, wrapped, swap, f"{name} -> keeps the i2v_kernels processors")
+        records[name] = _Record("method", name, original, wrapped, method, f"{name} -> keeps the patch consistent")
 
 
 def _summarize(roots: Iterable[nn.Module], kept: Counter, unsupported: list[str]) -> PatchSummary:
@@ -1369,8 +1402,8 @@ def patch(obj, *, ops=None, verbose: bool = False):
     unsupported: list[str] = []
     for root in roots:
         for module in _walk(root, unsupported):
-            if "attention" in wanted and type(module).__name__ in KNOWN_MODELS and _from_diffusers(module):
-                _wrap_processor_swaps(module)
+            if type(module).__name__ in KNOWN_MODELS and _from_diffusers(module):
+                _wrap_methods(module)
             specs = _COMPONENTS.get(type(module).__name__)
             if not specs or not _from_diffusers(module):
                 continue
@@ -1380,7 +1413,7 @@ def patch(obj, *, ops=None, verbose: bool = False):
                     continue
                 why = spec.why_not(module)
                 if why is None and _hooks_in_the_way(module, spec.kind):
-                    why = "diffusers/accelerate hooks on it or its submodules (offloading, layerwise casting)"
+                    why = _HOOKED
                 if why is not None:
                     kept[f"{type(module).__name__}: {why}"] += 1
                     continue
