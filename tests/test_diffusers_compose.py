@@ -379,3 +379,34 @@ def test_vae_group_offloading_leaf_level(group_offloading):
             out = vae.decode(z).sample
         torch.testing.assert_close(out, ref, **FP32_TOL)
         assert counter.calls["causal_conv3d"] > 0 and not patch_summary(vae).kept, order
+
+
+# ==================================================================================================
+# save_pretrained / state dicts
+
+
+@pytest.mark.parametrize("name", ["cogvideox", "wan-vae"])
+def test_state_dict_and_save_pretrained_unchanged(name, tmp_path):
+    """patch() adds no parameter or buffer and renames none: the state dict, the saved files and a model
+    loaded back are those of the unpatched model."""
+    if name == "wan-vae":
+        model = VAES["wan"][0]()
+        z = torch.randn(1, 4, 3, 6, 6)
+
+        def run(m):
+            return m.decode(z).sample
+    else:
+        model, run = TRANSFORMERS[name][0]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "plain")
+    patch(model)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    model.save_pretrained(tmp_path / "patched")
+    for f in sorted(p.name for p in (tmp_path / "plain").iterdir()):
+        assert (tmp_path / "patched" / f).read_bytes() == (tmp_path / "plain" / f).read_bytes(), f
+    loaded = type(model).from_pretrained(tmp_path / "patched").eval()
+    assert patch_summary(loaded) is None and not replacements(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(run(loaded), run(model), **FP32_TOL)
