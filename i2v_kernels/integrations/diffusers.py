@@ -66,7 +66,11 @@ since have moved it. Latte's ``[B, T, S, C]`` model forward skips its blocks' an
 own calls, so while any of them carries a hook (a cache's, say) the original model forward runs,
 through the patched blocks. Modules whose *submodules* carry weight-moving hooks (sequential CPU offload,
 leaf-level group offloading, layerwise casting) keep their original code, as the replacements read
-submodules' weights (norms, tables) directly: enable those before ``patch``.
+submodules' weights (norms, tables) directly: ``patch`` leaves them alone when the hooks come first,
+and a patched model's ``enable_group_offload`` / ``enable_layerwise_casting`` put diffusers' code back
+in them (the summary lists them under ``kept``). Hooks added by other routes after ``patch``
+(``apply_group_offloading(...)``, accelerate's sequential offload) are not seen: add those before.
+The VAE convolutions cast stored weights to the input's dtype themselves.
 
 Attention backends: ``model.set_attention_backend(name)`` is an explicit request for one of diffusers'
 attention backends, so it is honoured -- the patched processors whose diffusers processor dispatches
@@ -1395,6 +1399,24 @@ def patch(obj, *, ops=None, verbose: bool = False):
 
     The summary is stored as ``obj._i2v_kernels_patch_summary`` (see :func:`patch_summary`). Unknown
     video-model classes are left untouched and named in one ``UserWarning``. Patching again is harmless.
+
+    With diffusers' own model APIs (each tested on CPU, before and after ``patch``; see the module
+    docstring for the details):
+
+    - ``enable_cache(FirstBlockCacheConfig | PyramidAttentionBroadcastConfig | ...)``: the cache hooks run
+      around ours, same output as the cache without ``patch``.
+    - ``set_attention_backend(name)``: honoured -- Wan's and LTX's patched processors hand their calls
+      to diffusers' processor and the backend ``name``; processors without a backend setting (Latte's
+      ``AttnProcessor2_0``, CogVideoX's) are left as diffusers leaves them, i.e. ours keeps running.
+      ``reset_attention_backend()`` brings our attention back.
+    - ``torch.compile(model, fullgraph=True)`` and ``compile_repeated_blocks(fullgraph=True)`` trace the
+      patched code without graph breaks (masked cross-attention takes diffusers' processor there).
+    - ``fuse_qkv_projections()`` / ``unfuse_qkv_projections()`` keep the patch.
+    - ``enable_group_offload``: block-level keeps ours running; leaf-level (and ``enable_layerwise_casting``,
+      sequential CPU offload) puts diffusers' code back in the modules whose submodules it hooks, whichever
+      comes first (listed in the summary's ``kept``).
+    - ``state_dict`` / ``save_pretrained`` are unchanged; ``unpatch`` works with hooks added or removed
+      since ``patch``.
     """
     wanted = _check_ops(ops)
     roots = _roots(obj)
