@@ -42,11 +42,32 @@ def _message(signum: int) -> str:
 
 
 def _exit_now(signum: int) -> None:
+    os.write(2, f"i2v: {_message(signum)}\n".encode())
+    _exit_quietly(128 + signum)
+
+
+def _exit_quietly(code: int) -> None:
+    """End the process now with ``code``: temporary files removed, stdout and stderr flushed."""
     io = sys.modules.get("i2v_model.io")
     if io is not None:
         io.remove_temporaries()
-    os.write(2, f"i2v: {_message(signum)}\n".encode())
-    os._exit(128 + signum)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _finish() -> None:
+    """The command is over (outputs in place, or the interrupt reported): later signals change nothing.
+
+    As the process's entry the signals are then ignored outright: Python puts back the default action
+    when it shuts down, and a Ctrl-C pressed again meanwhile would otherwise kill it with no message.
+    """
+    _Signals.phase = "done"
+    if _ENTRY:
+        for signum in _INTERRUPTS:
+            with contextlib.suppress(ValueError, OSError):  # not the main thread
+                signal.signal(signum, signal.SIG_IGN)
 
 
 def _on_signal(signum, frame):
@@ -119,7 +140,7 @@ def _critical(final: bool = False):
         _Signals.critical -= 1
         pending, _Signals.pending = _Signals.pending, 0
         if done:
-            _Signals.phase = "done"
+            _finish()
         elif pending and not _Signals.critical:
             _on_signal(pending, None)
 
@@ -530,7 +551,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             msg = str(e)
         except KeyboardInterrupt:
             signum = _Signals.received or signal.SIGINT
+            _finish()  # reporting it: a second signal now changes nothing (and prints nothing)
             print(f"i2v: {_message(signum)}", file=sys.stderr)
+            if _ENTRY:
+                # Exit here: returning 130 to the interpreter sometimes ended the process by SIGINT
+                # (status -2, seen with the Triton interpreter loaded), as CPython does when it
+                # recorded a KeyboardInterrupt as unhandled.
+                _exit_quietly(128 + signum)
             return 128 + signum
         except OSError as e:  # OutputError (a write that failed: nothing was left), FileNotFoundError, ...
             msg = str(e)
@@ -547,7 +574,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if io is not None:
             io.remove_temporaries()
         if _ENTRY:
-            _Signals.phase = "done"  # the process is about to exit: nothing left to interrupt
+            _finish()  # the process is about to exit: nothing left to interrupt
         else:
             _Signals.phase = "startup"
             for signum, handler in previous.items():

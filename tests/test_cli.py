@@ -277,9 +277,9 @@ def _start(argv, cwd):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _signal_after(proc, marker: str, signum: int, delay: float = 0.0, timeout: float = 60):
-    """Send ``signum`` once an import of ``marker`` has finished (plus ``delay``); returns (rc, stdout, stderr
-    without the import-time lines)."""
+def _signal_after(proc, marker: str, signum: int, delay: float = 0.0, repeat: int = 1, timeout: float = 60):
+    """Send ``signum`` (``repeat`` times, 20 ms apart) once an import of ``marker`` has finished, plus
+    ``delay``; returns (rc, stdout, stderr without the import-time lines)."""
     lines, seen = [], threading.Event()
 
     def read():
@@ -292,7 +292,9 @@ def _signal_after(proc, marker: str, signum: int, delay: float = 0.0, timeout: f
     reader.start()
     assert seen.wait(timeout), f"never imported {marker}: {''.join(lines)[-2000:]}"
     time.sleep(delay)
-    proc.send_signal(signum)
+    for _ in range(repeat):
+        proc.send_signal(signum)
+        time.sleep(0.02)
     out = proc.stdout.read()
     rc = proc.wait(timeout)
     reader.join(timeout)
@@ -309,9 +311,11 @@ def test_signal_during_torch_import(tmp_path, signum, code, message):
     assert os.listdir(tmp_path) == []
 
 
-def test_sigint_during_generation(tmp_path):
-    """Well into the sampler's steps: exit 130, one line, no traceback, no output and no temporary file."""
+@pytest.mark.parametrize("repeat", [1, 3], ids=["once", "thrice"])
+def test_sigint_during_generation(tmp_path, repeat):
+    """Well into the sampler's steps (Ctrl-C once, or pressed again while the first unwinds): exit 130,
+    one line, no traceback, no output and no temporary file."""
     proc = _start(["generate", "--out", "clip", "--steps", "1000"], tmp_path)
-    rc, out, err = _signal_after(proc, "i2v_model.pipeline", signal.SIGINT, delay=2.0)
+    rc, out, err = _signal_after(proc, "i2v_model.pipeline", signal.SIGINT, delay=2.0, repeat=repeat)
     assert rc == 130 and err.strip() == "i2v: interrupted", err
     assert out == "" and os.listdir(tmp_path) == []
