@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -319,3 +320,17 @@ def test_sigint_during_generation(tmp_path, repeat):
     rc, out, err = _signal_after(proc, "i2v_model.pipeline", signal.SIGINT, delay=2.0, repeat=repeat)
     assert rc == 130 and err.strip() == "i2v: interrupted", err
     assert out == "" and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fps", [io.MIN_FPS, 0.5, 29.97, io.MAX_FPS])
+def test_save_videos_fps_range(tmp_path, fps):
+    """Every writer takes the whole --fps range (fractional rates included); both files come back whole."""
+    frames = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    paths = io.save_videos(frames, [tmp_path / "v.mp4", tmp_path / "v.gif"], fps=fps)
+    assert [read_video(p).shape[0] for p in paths] == [3, 3]
+    assert sorted(os.listdir(tmp_path)) == ["v.gif", "v.mp4"]
+    with pytest.raises(ValueError, match="fps must be in"):
+        io.save_videos(frames, [tmp_path / "w.gif"], fps=fps + 1000)
+    with pytest.raises(ValueError, match="same output path"):
+        io.save_videos(frames, [tmp_path / "w.gif", tmp_path / "." / "w.gif"])
+    assert sorted(os.listdir(tmp_path)) == ["v.gif", "v.mp4"]
