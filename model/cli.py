@@ -15,6 +15,7 @@ get it for the duration of the call only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -97,7 +98,6 @@ if _ENTRY and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _on_signal)  # before the imports below, and before torch's in main()
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
