@@ -533,3 +533,26 @@ def test_module_bad_arguments():
         i2v_kernels.FactorizedAttention(32, 4, "spatial", causal=True)
     with pytest.raises(ValueError, match=r"\[B, T, S, C=32\]"):
         i2v_kernels.FactorizedAttention(32, 4)(torch.randn(2, 5, 32))
+
+
+@pytest.mark.parametrize("rope_style", ["interleaved", "half"])
+def test_temporal_over_packed_tile_limit(rope_style):
+    """T and D whose packed tile would spill (T 40 -> 64 frames x D 128) go through the flash kernel
+    inside the Triton backend, QK-norm and RoPE included: same answer."""
+    skip_unless_usable("triton")
+    from i2v_kernels.ops.attention import triton as attn_triton
+
+    B, T, S, H, D = 1, 40, 2, 2, 128
+    assert T <= attn_triton.MAX_PACKED_T and not attn_triton.packed_temporal(T, D)
+    dtype = torch.bfloat16
+    q, k, v = _packed_qkv(B, T, S, H, D, dtype)
+    cos, sin = torch.randn(T, S, D), torch.randn(1, S, D)
+    qw, qb, kw = torch.randn(D), torch.randn(D), torch.randn(D)
+    kwargs = dict(qk_norm="layer", q_norm_weight=qw, q_norm_bias=qb, k_norm_weight=kw, rope=(cos, sin),
+                  rope_style=rope_style)
+    with i2v_kernels.use_backend("triton"):
+        out = i2v_kernels.temporal_attention(q, k, v, causal=True, **kwargs)
+    expected = ref.temporal_attention(q.float(), k.float(), v.float(), causal=True, **kwargs)
+    qp = ref.prologue(q, "layer", qw, qb, 1e-6, (cos, sin), rope_style).to(dtype)
+    kp = ref.prologue(k, "layer", kw, None, 1e-6, (cos, sin), rope_style).to(dtype)
+    _assert_within_eager_error(out, expected, _eager_mode("temporal", qp, kp, v, D ** -0.5, causal=True))

@@ -25,7 +25,11 @@ from i2v_kernels.ops._triton_utils import TL_DTYPES, dot_dtype
 NORMS = {None: 0, "layer": 1, "rms": 2}
 ROPES = {None: 0, "interleaved": 1, "half": 2}
 MAX_D = 256
-MAX_PACKED_T = 128  # temporal attention up to this many frames runs the packed kernel
+MAX_PACKED_T = 128  # temporal attention up to this many frames runs the packed kernel ...
+# ... when one head's [T, D] tile (powers of two) is at most this big. Larger tiles spill by the
+# thousand (4,684 spill stores at T 64, D 128 on sm_90a; 28,381 at T 128, D 256) and take minutes in
+# ptxas (benchmarks/results/static_*.md): temporal_fwd runs the flash kernel for them.
+MAX_PACKED_TILE = 4096
 
 
 @triton.jit
@@ -410,12 +414,28 @@ def _temporal_tiles(T: int, H: int, D: int) -> tuple[int, int, int, int]:
     return block_h, block_t, block_d, 4 if block_h * block_t * block_d <= 4096 else 8
 
 
+def packed_temporal(T: int, D: int) -> bool:
+    """Whether ``temporal_fwd`` runs the packed kernel (else the flash kernel) for T frames, head dim D."""
+    _, block_t, block_d, _ = _temporal_tiles(T, 1, D)
+    return T <= MAX_PACKED_T and block_t * block_d <= MAX_PACKED_TILE
+
+
 def temporal_fwd(q, k, v, out, *, scale: float, causal: bool, qk_norm=None, q_norm_weight=None, q_norm_bias=None,
                  k_norm_weight=None, k_norm_bias=None, norm_eps=1e-6, rope=None, rope_style=None):
-    """Packed temporal kernel on the caller's ``[B, T, S, H, D]`` tensors (unit stride on D), ``T <=
-    MAX_PACKED_T``. ``rope``: ``(cos, sin)`` views of shape ``[B, T, S, D]`` sharing strides."""
+    """Temporal attention on the caller's ``[B, T, S, H, D]`` tensors (unit stride on D), ``T <=
+    MAX_PACKED_T``: the packed kernel, or the flash kernel where its tile would be too big
+    (:func:`packed_temporal`). ``rope``: ``(cos, sin)`` views of shape ``[B, T, S, D]`` sharing strides."""
     B, T, S, H, D = q.shape
     if q.numel() == 0:
+        return out
+    if not packed_temporal(T, D):
+        def seq(t):  # [B, S, H, T, D]: the flash kernel's [b0, b1, b2, seq, D] view, no copy
+            return t.permute(0, 2, 3, 1, 4)
+
+        rope5 = None if rope is None else tuple(seq(t.unsqueeze(3).expand(q.shape)) for t in rope)
+        attention_fwd(seq(q), seq(k), seq(v), seq(out), scale=scale, causal=causal, qk_norm=qk_norm,
+                      q_norm_weight=q_norm_weight, q_norm_bias=q_norm_bias, k_norm_weight=k_norm_weight,
+                      k_norm_bias=k_norm_bias, norm_eps=norm_eps, rope5=rope5, rope_style=rope_style)
         return out
     block_h, block_t, block_d, num_warps = _temporal_tiles(T, H, D)
     operand_dtype = dot_dtype(q.dtype)
@@ -521,7 +541,7 @@ COMPILE_SPACES = [
         _temporal_fwd_kernel, _dtype_cases(),
         launches=lambda case: distinct_launches(
             _temporal_launch, [(t, h, d) for t in powers_of_two(MAX_PACKED_T) for h in powers_of_two(64)
-                               for d in _HEAD_DIMS]),
+                               for d in _HEAD_DIMS if packed_temporal(t, d)]),
         features=[dict(CAUSAL=c, **p) for c in (True, False) for p in _prologues()],
         floats=("qk_scale", "eps"), typical=lambda case: _temporal_launch(13, 30, 64),  # CogVideoX-2B, 49 frames
     ),
