@@ -11,6 +11,7 @@ The run's length is reported in pytest's terminal summary.
 import itertools
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import triton
 import triton.language as tl
 
 from i2v_kernels._backend import triton_interpreted
+from i2v_kernels.ops._compile_space import Dtypes, KernelSpace, launches_from_configs, pointers
 from i2v_kernels.tools import resources, static_report, triton_aot
 
 
@@ -56,8 +58,36 @@ def test_uncovered_names_undeclared_kernels(modules):
     """The coverage check is real: this module's own kernels (below), in no COMPILE_SPACES, are reported."""
     this = sys.modules[__name__]
     mine = [triton_aot.qualified_name(fn) for fn in (_reads_python_global, _reads_constexpr_global,
-                                                     _mismatched_shapes, _wide_row)]
+                                                     _mismatched_shapes, _wide_row, _autotuned)]
     assert triton_aot.uncovered([*modules, this]) == sorted(mine)
+
+
+_AUTOTUNE_CONFIGS = [triton.Config({"BLOCK": 64}, num_warps=2, num_stages=2),
+                     triton.Config({"BLOCK": 128}, num_warps=4, num_stages=3)]
+
+
+@triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["N"])
+@triton.jit
+def _autotuned(X, N, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < N)
+    if DOUBLE:
+        x = x * 2
+    tl.store(X + offs, x, mask=offs < N)
+
+
+def test_an_autotuned_kernel_is_declared_by_its_configs():
+    """An autotuner's config list is a compile space's launches: the plan compiles each config and both
+    flag values, and the declaration covers the kernel under the autotuner."""
+    space = KernelSpace(_autotuned, [Dtypes("fp16", pointers(["X"], "fp16"))],
+                        launches=lambda case: launches_from_configs(_AUTOTUNE_CONFIGS),
+                        features=[{"DOUBLE": True}, {"DOUBLE": False}])
+    planned = {(dict(v.constexprs)["BLOCK"], v.num_warps, v.num_stages, dict(v.constexprs)["DOUBLE"])
+               for v in triton_aot.plan(space, "sm90a")}
+    assert {(64, 2, 2), (128, 4, 3)} <= {p[:3] for p in planned} and {p[3] for p in planned} == {True, False}
+    declaring = types.ModuleType(__name__)
+    declaring.__dict__.update(_autotuned=_autotuned, COMPILE_SPACES=[space])
+    assert triton_aot.uncovered([declaring]) == []
 
 
 @pytest.mark.parametrize("arch", triton_aot.REQUIRED_ARCHS)
@@ -77,7 +107,7 @@ def test_plan_covers_every_launch_value_and_feature_tuple(modules, arch):
         # what each compile fixes: its constexprs and the pointer types its feature set
         seen = [{**dict(v.constexprs), **{k: t for k, t in v.signature if k in v.overrides}} for v in variants]
         for f in space.features:
-            for combo in itertools.combinations(f.items(), strength):
+            for combo in itertools.combinations(f.items(), min(strength, len(f))):
                 assert any(all(c.get(k) == value for k, value in combo) for c in seen), (space.name, combo)
 
 

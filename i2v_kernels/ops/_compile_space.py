@@ -89,7 +89,10 @@ class KernelSpace:
 
     @property
     def name(self) -> str:
-        fn = getattr(self.kernel, "fn", self.kernel)
+        """``module.qualname`` of the kernel's Python function (under any autotuner / jit wrappers)."""
+        fn = self.kernel
+        while hasattr(fn, "fn"):
+            fn = fn.fn
         return f"{fn.__module__}.{fn.__qualname__}"
 
     def size(self) -> int:

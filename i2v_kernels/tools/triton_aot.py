@@ -85,9 +85,15 @@ def _jit_base(obj) -> Any:
     return obj if isinstance(obj, jit_types) else None
 
 
+def _python_function(obj):
+    """The Python function under a jit function (and its autotuner / heuristics wrappers), or ``obj``."""
+    base = _jit_base(obj)
+    return base.fn if base is not None else obj
+
+
 def qualified_name(fn) -> str:
     """``module.qualname`` of a jit function (of its Python function)."""
-    py = getattr(fn, "fn", fn)
+    py = _python_function(fn)
     return f"{py.__module__}.{py.__qualname__}"
 
 
@@ -120,7 +126,7 @@ def compile_spaces(modules: Iterable) -> list:
 def called_jit_functions(fn) -> dict[str, Any]:
     """The jit functions ``fn``'s body calls (by global name or ``module.name``), transitively."""
     seen: dict[str, Any] = {}
-    todo = [fn]
+    todo = [_jit_base(fn)]
     while todo:
         current = todo.pop()
         py = current.fn
@@ -140,7 +146,7 @@ def called_jit_functions(fn) -> dict[str, Any]:
 
 def uncovered(modules: Sequence) -> list[str]:
     """Jit functions of the modules that no space declares and no declared kernel calls."""
-    declared = {qualified_name(space.kernel): space.kernel for space in compile_spaces(modules)}
+    declared = {qualified_name(space.kernel): _jit_base(space.kernel) for space in compile_spaces(modules)}
     reached = set(declared)
     for kernel in declared.values():
         reached.update(called_jit_functions(kernel))
@@ -222,7 +228,7 @@ def _decode(value):
 
 def kernel_params(fn) -> tuple[list[str], set[str]]:
     """The kernel's argument names in order, and those annotated ``tl.constexpr``."""
-    params = inspect.signature(fn.fn).parameters
+    params = inspect.signature(_python_function(fn)).parameters
     names = list(params)
     constexpr = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
     return names, constexpr
@@ -258,9 +264,9 @@ def cover(items: Sequence[dict], strength: int, start: Sequence[int] = (), cost=
     pairs found in some item is found in a chosen one. Greedy and deterministic: each step takes the
     item that covers the most new combinations, the cheapest (``cost(i)``) among equals."""
 
-    def tuples(item):
-        pairs = sorted(item.items(), key=lambda kv: kv[0])
-        return set(itertools.combinations([(k, repr(v)) for k, v in pairs], strength))
+    def tuples(item):  # an item with fewer keys than the strength counts as one tuple
+        pairs = [(k, repr(v)) for k, v in sorted(item.items(), key=lambda kv: kv[0])]
+        return set(itertools.combinations(pairs, min(strength, len(pairs))))
 
     sets = [tuples(item) for item in items]
     needed = set().union(*sets) if sets else set()
@@ -374,7 +380,7 @@ def _resolve(name: str):
 def probe(fn, signature: dict, constexprs: dict, arch: str, num_warps: int, num_stages: Optional[int] = None) -> Variant:
     """A variant for a function outside the compile spaces (``module.qualname`` importable by the
     workers, which see the caller's ``sys.path``), e.g. a test's deliberately broken kernel."""
-    py = getattr(fn, "fn", fn)
+    py = _python_function(fn)
     names = list(inspect.signature(py).parameters)
     return Variant(f"{py.__module__}.{py.__qualname__}", arch, "-", tuple((n, signature[n]) for n in names),
                    tuple((n, constexprs[n]) for n in names if n in constexprs), num_warps, num_stages, "probe")
