@@ -9,7 +9,8 @@ Backends:
 * ``native`` -- the fastest stock-PyTorch way to compute the op in the input dtype (SDPA on strided
   views, ``F.layer_norm`` + modulate, cuDNN ``conv3d`` on channels_last_3d): what a user would write;
 * ``native_packed`` -- attention only: SDPA on contiguous ``[batch, H, seq, D]`` copies, eager DiT
-  code's layout, for which PyTorch picks cuDNN (a GPU candidate: it wins some shapes);
+  code's layout, for which PyTorch picks cuDNN on GPUs (it wins some shapes there, and temporal
+  attention on CPUs);
 * ``flash_attn``, ``sageattention`` -- outside attention libraries, when installed (never required);
 * ``torch``  -- the pure-PyTorch reference (fp32 math, fp64 for fp64 inputs): the test oracle, run by
   ``auto`` only when nothing else can take the call.
@@ -191,7 +192,7 @@ def _auto_candidate(backend: str, device: torch.device) -> bool:
         return device.type == "cuda"
     if backend == "cpu":
         return device.type == "cpu"
-    if backend in OUTSIDE or backend == "native_packed":
+    if backend in OUTSIDE:
         return device.type == "cuda"
     return backend != "torch"  # the fp32 reference is the last resort, not a speed candidate
 
@@ -335,7 +336,7 @@ def info() -> dict:
             reason = _cuda_build_reason() or (None if torch.cuda.is_available() else "no CUDA GPU visible")
             if reason is None:
                 reason = _cuda_reason(torch.device("cuda"))
-        elif name in ("triton", "native_packed") or name in OUTSIDE:
+        elif name == "triton" or name in OUTSIDE:
             reason = _GENERIC[name](cuda_dev)  # GPU backends: judged on the GPU when one is visible
         else:
             reason = _GENERIC[name](torch.device("cpu"))
