@@ -445,11 +445,15 @@ def run_generate_case(session: Session, spec: GenerateSpec, dtype: torch.dtype) 
         if why_compile is None and device.type != "cuda":
             why_compile = "GPU runs only: on the CPU inductor takes longer to compile the DiT than generating takes"
         why_kc = why_compile or _compile_why_not(session, full_only=True)
+        why_native = None
+        if device.type == "cpu" and session.quick:
+            why_native = ("left out of --quick on the CPU: with every op forced to native (PyTorch's bf16/fp16 CPU "
+                          "convolutions) generate takes 5-18 s a call here")
         # (provider, kind, build the pipeline, why not run, backend forced around its calls)
         plan = [("torch", "eager", lambda: (eager, eager_load), None, None),
                 ("compile", "baseline", lambda: copy_of(False, compiled=True), why_compile, None),
                 ("kernels", "ours", lambda: copy_of(True), None, None),
-                ("kernels-native", "ours", lambda: copy_of(True), None, "native"),
+                ("kernels-native", "ours", lambda: copy_of(True), why_native, "native"),
                 ("kernels-compile", "ours", lambda: copy_of(True, compiled=True), why_kc, None)]
         eps = MODEL_EPS.get(dtype, 1e-5)
         own_err = None
