@@ -23,6 +23,22 @@ import i2v_model.io as io
 from i2v_model import cli
 from i2v_model.io import read_video
 
+@pytest.fixture(autouse=True)
+def _interactive_signals():
+    """Every test starts as an interactive run would: SIGINT raising KeyboardInterrupt. A suite started
+    in the background by a non-interactive shell inherits SIGINT ignored, and the CLI rightly leaves an
+    ignored signal ignored, so the signal tests would see nothing to report."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def _interactive_child():
+    """In a child before exec: SIGINT and SIGTERM at their defaults (see ``_interactive_signals``)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -275,7 +291,7 @@ def _start(argv, cwd):
     """``python -m i2v_model ARGV`` with import timing on, so the test can see how far start-up got."""
     env = dict(os.environ, PYTHONPROFILEIMPORTTIME="1", OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "i2v_model"] + argv, cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_interactive_child)
 
 
 def _signal_after(proc, marker: str, signum: int, delay: float = 0.0, repeat: int = 1, timeout: float = 60):

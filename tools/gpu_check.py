@@ -63,16 +63,19 @@ SUMMARY_RESERVE_S = 10   # summary, result copies and tarball
 # second), bench_e2e --quick cut off at 101 s (70 s in the first run). The sum must stay within the
 # budget, so a benchmark slower than its share is cut (and says so) until its --quick mode is bounded.
 # Every benchmark must have a row here: one without is skipped and the summary says so.
+# bench_qk_norm_rope has not run on a GPU yet (about 30 s expected, most of it one inductor compile);
+# its 25 s came from the sanitizer (34 s measured) and bench_e2e (cut at its cap either way).
 STAGE_CAPS = {
     "build": 70,
     "tests": 85,
     "smoke": 30,
-    "sanitizer": 55,
+    "sanitizer": 40,
     "bench_adaln": 35,
     "bench_attention": 60,
     "bench_conv3d": 50,
     "bench_diffusers": 40,
-    "bench_e2e": 35,
+    "bench_e2e": 25,
+    "bench_qk_norm_rope": 25,
 }
 # Python modules a benchmark needs beyond the package; missing -> the stage is skipped with the reason.
 BENCH_NEEDS = {"bench_diffusers": ("diffusers",)}
