@@ -793,7 +793,7 @@ def measured(monkeypatch, tmp_path):
 
     def timer(backend, fn, device):
         fn()
-        return times[backend]
+        return times.get(backend, 1.0)  # op backends not named here tie
 
     monkeypatch.setattr(_dispatch, "_timer", timer)
     yield times
