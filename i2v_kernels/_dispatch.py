@@ -336,15 +336,9 @@ def choose(op: str, key: str, device: torch.device, candidates: Sequence[str], r
             with _lock:
                 _static_used[key] = {"backend": candidates[0], "source": "only eligible", "op": op}
         return candidates[0]
-    # Fast path without the lock (dict reads are atomic): a final decision, or the static answer while
-    # measuring stays forbidden for the same reason.
-    rec = _decisions.get(key)
-    if rec is not None and rec["backend"] in candidates:
-        return rec["backend"]
-    forbidden = _measuring_forbidden(device)
-    rec = _static_used.get(key) if forbidden is not None else None
-    if rec is not None and rec["backend"] in candidates and rec.get("why_not_measured") == forbidden and _disk_loaded:
-        return rec["backend"]
+    known = cached(key, device)  # lock-free
+    if known in candidates:
+        return known
     with _lock:
         _load_disk()
         rec = _decisions.get(key)

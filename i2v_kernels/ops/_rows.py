@@ -29,3 +29,11 @@ def coalesce_rows(sizes: Sequence[int], strides: Sequence[Optional[Sequence[int]
     for k, i in enumerate(present):
         out_strides[i] = [st[k] for _, st in merged]
     return out_sizes, out_strides
+
+
+def padded_rows(sizes: Sequence[int], strides: Sequence[Optional[Sequence[int]]], max_dims: int):
+    """``coalesce_rows``' output front-padded to ``max_dims`` dims (size 1, stride 0), the fixed number
+    of row dims a kernel takes; an absent tensor's strides become all zeros."""
+    pad = max_dims - len(sizes)
+    return ([1] * pad + list(sizes),
+            [[0] * pad + list(s) if s is not None else [0] * max_dims for s in strides])

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from i2v_kernels.ops._compile_space import (Dtypes, KernelSpace, Launch, combinations, distinct_launches, pointers,
                                             powers_of_two)
-from i2v_kernels.ops._rows import coalesce_rows
+from i2v_kernels.ops._rows import coalesce_rows, padded_rows
 from i2v_kernels.ops.adaln.reference import NORM_LAYER, NORM_NONE, NORM_RMS
 
 MAX_DIMS = 4
@@ -124,9 +124,7 @@ def adaln_fwd(x, y, gate, shift, scale, weight, bias, norm: int, eps: float):
         return out, res
     views = [x, y, gate, shift, scale]
     sizes, strides = coalesce_rows(x.shape[:-1], [v.stride()[:-1] if v is not None else None for v in views])
-    pad = MAX_DIMS - len(sizes)
-    sizes = [1] * pad + list(sizes)
-    strides = [[0] * pad + list(s) if s is not None else [0] * MAX_DIMS for s in strides]
+    sizes, strides = padded_rows(sizes, strides, MAX_DIMS)
     block_c, rows, num_warps = _launch_config(C)
     dummy = x
     _adaln_fwd_kernel[(triton.cdiv(n_rows, rows),)](

@@ -219,12 +219,9 @@ def _forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, nor
     def run(backend):
         if backend == "torch":
             return reference_forward(mode, q, k, v, causal, kv_lens, kwargs)
-        if backend == "native":
+        if backend in ("native", "native_packed"):
             return native.sdpa(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin,
-                               rope_style)
-        if backend == "native_packed":
-            return native.sdpa_packed(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos,
-                                      sin, rope_style)
+                               rope_style, packed=backend == "native_packed")
         if backend in _backend.OUTSIDE:
             return native.outside(backend, _backend._outside[backend].get(), mode, q, k, v, scale, causal, qk_norm,
                                   qw, qb, kw, kb, norm_eps, cos, sin, rope_style)

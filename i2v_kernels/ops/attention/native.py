@@ -98,17 +98,6 @@ def _sdpa_chunked(q, k, v, mask, causal: bool, scale: float) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
-def sdpa(mode: int, q, k, v, scale: float, causal: bool, kv_lens: Optional[Tensor], qk_norm, qw, qb, kw, kb,
-         eps: float, cos, sin, rope_style: str) -> Tensor:
-    shape = q.shape
-    q, k = prologue_pair(q, k, qk_norm, qw, qb, kw, kb, eps, cos, sin, rope_style)
-    mask = None
-    if kv_lens is not None:  # [B, 1, 1, M]: key j of sample b is kept when j < kv_lens[b]
-        mask = (torch.arange(k.shape[1], device=q.device) < kv_lens.reshape(-1, 1)).view(-1, 1, 1, k.shape[1])
-    o = _sdpa_chunked(_as_heads_seq(mode, q), _as_heads_seq(mode, k), _as_heads_seq(mode, v), mask, causal, scale)
-    return _from_heads_seq(mode, o, shape)
-
-
 def _packed_heads(mode: int, t: Tensor) -> Tensor:
     """A contiguous ``[batch, H, seq, D]`` copy: the rearrange eager DiT code does before SDPA."""
     if mode == SPATIAL:
@@ -127,20 +116,21 @@ def _from_packed(mode: int, o: Tensor, shape) -> Tensor:
     return _from_heads_seq(mode, o, shape)
 
 
-def sdpa_packed(mode: int, q, k, v, scale: float, causal: bool, kv_lens: Optional[Tensor], qk_norm, qw, qb, kw, kb,
-                eps: float, cos, sin, rope_style: str) -> Tensor:
-    """The ``native_packed`` backend: SDPA on contiguous ``[batch, H, seq, D]`` copies. Copies cost
-    bandwidth, but PyTorch picks its cuDNN kernel for this layout where it takes the strided one to
-    flash or memory-efficient attention (measured on an H200: cross attention at Latte's shape 0.033
-    ms packed, 0.052 ms strided; temporal attention at T = 128 1.06 ms packed, 7.3 ms as
-    ``[B, S*H, T, D]`` views)."""
+def sdpa(mode: int, q, k, v, scale: float, causal: bool, kv_lens: Optional[Tensor], qk_norm, qw, qb, kw, kb,
+         eps: float, cos, sin, rope_style: str, packed: bool = False) -> Tensor:
+    """The ``native`` backend (``packed=False``: SDPA on views of the caller's tensors) and
+    ``native_packed`` (SDPA on contiguous ``[batch, H, seq, D]`` copies). Copies cost bandwidth, but
+    PyTorch picks its cuDNN kernel for that layout where it takes the strided one to flash or
+    memory-efficient attention (measured on an H200: cross attention at Latte's shape 0.033 ms packed,
+    0.052 ms strided; temporal attention at T = 128 1.06 ms packed, 7.3 ms as ``[B, S*H, T, D]`` views)."""
     shape = q.shape
     q, k = prologue_pair(q, k, qk_norm, qw, qb, kw, kb, eps, cos, sin, rope_style)
     mask = None
-    if kv_lens is not None:
+    if kv_lens is not None:  # [B, 1, 1, M]: key j of sample b is kept when j < kv_lens[b]
         mask = (torch.arange(k.shape[1], device=q.device) < kv_lens.reshape(-1, 1)).view(-1, 1, 1, k.shape[1])
-    o = _sdpa_chunked(_packed_heads(mode, q), _packed_heads(mode, k), _packed_heads(mode, v), mask, causal, scale)
-    return _from_packed(mode, o, shape)
+    to_heads, back = (_packed_heads, _from_packed) if packed else (_as_heads_seq, _from_heads_seq)
+    o = _sdpa_chunked(to_heads(mode, q), to_heads(mode, k), to_heads(mode, v), mask, causal, scale)
+    return back(mode, o, shape)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from i2v_kernels.ops._compile_space import Dtypes, KernelSpace, Launch, combinations, distinct_launches, pointers
-from i2v_kernels.ops._rows import coalesce_rows
+from i2v_kernels.ops._rows import coalesce_rows, padded_rows
 from i2v_kernels.ops.adaln.triton import _row_offsets
 
 MAX_DIMS = 4
@@ -187,9 +187,7 @@ def qk_norm_rope_fwd(q, k, norm: int, qw, qb, kw, kb, eps: float, cos, sin, half
     if n_rows == 0:
         return q_out, k_out
     sizes, strides = _row_strides(q, k, cos)
-    pad = MAX_DIMS - len(sizes)
-    sizes = [1] * pad + list(sizes)
-    strides = [[0] * pad + list(s) if s is not None else [0] * MAX_DIMS for s in strides]
+    sizes, strides = padded_rows(sizes, strides, MAX_DIMS)
     block_h, rows, num_warps = _launch_config(D)
     dummy = q
     _qk_norm_rope_fwd_kernel[(triton.cdiv(n_rows, rows),)](
