@@ -21,7 +21,7 @@ from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import i2v_kernels  # noqa: E402
-from i2v_kernels.integrations import diffusers as integration  # noqa: E402
+from i2v_kernels.integrations.diffusers import core, wan  # noqa: E402
 from i2v_kernels.integrations.diffusers import PatchSummary, patch, patch_summary, unpatch  # noqa: E402
 
 import diffusers  # noqa: E402
@@ -67,7 +67,7 @@ def assert_restored(model: nn.Module, before) -> None:
         assert after[name][0] is forward, f"{name}: forward not restored"
         assert after[name][1] is processor, f"{name}: processor not restored"
     for m in model.modules():
-        assert integration._RECORDS not in m.__dict__
+        assert core._RECORDS not in m.__dict__
         if "forward" not in m.__dict__:
             assert m.forward.__func__ is type(m).forward
     assert patch_summary(model) is None
@@ -75,12 +75,12 @@ def assert_restored(model: nn.Module, before) -> None:
 
 def patched_forwards(model: nn.Module) -> Counter:
     return Counter(type(m).__name__ for m in model.modules()
-                   if "forward" in m.__dict__.get(integration._RECORDS, {}))
+                   if "forward" in m.__dict__.get(core._RECORDS, {}))
 
 
 def patched_processors(model: nn.Module) -> Counter:
     return Counter(type(m.processor).__name__ for m in model.modules()
-                   if isinstance(getattr(m, "processor", None), integration._Processor))
+                   if isinstance(getattr(m, "processor", None), core._Processor))
 
 
 # ==================================================================================================
@@ -363,11 +363,11 @@ def test_wan_complex_rope_is_the_interleaved_rotation():
     freqs = freqs.view(1, 1, N, D // 2)
     x = torch.randn(1, 2, N, D)  # [B, H, N, D] as the old processor has it
     ref = torch.view_as_real(torch.view_as_complex(x.double().unflatten(3, (-1, 2))) * freqs).flatten(3).float()
-    cos, sin = integration._wan_complex_rope(freqs, N, D)
+    cos, sin = wan._wan_complex_rope(freqs, N, D)
     assert cos.shape == sin.shape == (1, N, D) and cos.dtype == torch.float32
     rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(3)
     torch.testing.assert_close(x * cos[:, None] + rotated * sin[:, None], ref, atol=1e-6, rtol=1e-6)
-    assert integration._wan_complex_rope(freqs, N + 1, D) is None  # another length: original path
+    assert wan._wan_complex_rope(freqs, N + 1, D) is None  # another length: original path
 
 
 def test_masks_to_kv_lens_or_original_path():

@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 import torch  # noqa: E402
 
 import diffusers  # noqa: E402
-from i2v_kernels.integrations import diffusers as integration  # noqa: E402
+from i2v_kernels.integrations.diffusers import core, patching  # noqa: E402
 from i2v_kernels.integrations.diffusers import patch, patch_summary, unpatch  # noqa: E402
 from test_diffusers import (  # noqa: E402
     FP32_TOL, TRANSFORMERS, VAES, OpCounter, ltx_model, needs_diffusers, patched_forwards, patched_processors)
@@ -37,7 +37,7 @@ def denoise(model, run, steps: int = 4):
 
 def replacements(model) -> list:
     """The patched forwards and processors now recorded on ``model``'s modules."""
-    return [r.replacement for m in model.modules() for r in m.__dict__.get(integration._RECORDS, {}).values()]
+    return [r.replacement for m in model.modules() for r in m.__dict__.get(core._RECORDS, {}).values()]
 
 
 def assert_unpatched(model, replaced) -> None:
@@ -45,9 +45,9 @@ def assert_unpatched(model, replaced) -> None:
     included."""
     assert replaced
     for m in model.modules():
-        assert integration._RECORDS not in m.__dict__
-        assert not isinstance(getattr(m, "processor", None), integration._Processor)
-        for holder, attr in integration._slots(m):
+        assert core._RECORDS not in m.__dict__
+        assert not isinstance(getattr(m, "processor", None), core._Processor)
+        for holder, attr in patching._slots(m):
             assert not any(holder.__dict__.get(attr) is r for r in replaced), (type(m).__name__, attr)
 
 
@@ -161,7 +161,7 @@ def test_set_attention_backend_runs_diffusers_backend(active_attention_backend, 
     patch(model)
     model.set_attention_backend(backend)
     processors = [m.processor for m in model.modules() if isinstance(getattr(m, "processor", None),
-                                                                     integration._Processor)]
+                                                                     core._Processor)]
     assert processors and all(p._attention_backend == backend for p in processors)
     with torch.no_grad(), OpCounter() as counter:
         out = run(model)
@@ -184,7 +184,7 @@ def test_set_attention_backend_without_backend_slot(active_attention_backend):
     patch(model)
     model.set_attention_backend("native")
     for m in model.modules():
-        if isinstance(getattr(m, "processor", None), integration._Processor):
+        if isinstance(getattr(m, "processor", None), core._Processor):
             assert not hasattr(m.processor, "_attention_backend") and not hasattr(m.processor.original,
                                                                                  "_attention_backend")
     with torch.no_grad(), OpCounter() as counter:
@@ -210,7 +210,7 @@ def test_fuse_and_unfuse_qkv_keep_the_patch():
     assert patched_processors(model) == {"I2VCogVideoXAttnProcessor": 2}
     assert all(type(p.original).__name__ == "FusedCogVideoXAttnProcessor2_0" for p in
                (m.processor for m in model.modules() if isinstance(getattr(m, "processor", None),
-                                                                    integration._Processor)))
+                                                                    core._Processor)))
     with torch.no_grad(), OpCounter() as counter:
         out = run(model)
     torch.testing.assert_close(out, ref, **FP32_TOL)
@@ -231,7 +231,7 @@ def test_fuse_and_unfuse_qkv_keep_the_patch():
     assert "fuse_qkv_projections" not in model.__dict__ and "unfuse_qkv_projections" not in model.__dict__
     assert {k: type(p) for k, p in model.attn_processors.items()} == \
         {k: type(p) for k, p in plain.attn_processors.items()}
-    assert not any(isinstance(p, integration._Processor) for p in model.original_attn_processors.values())
+    assert not any(isinstance(p, core._Processor) for p in model.original_attn_processors.values())
     with torch.no_grad():
         torch.testing.assert_close(run(model), ref, **FP32_TOL)
 
@@ -351,12 +351,12 @@ def test_group_offloading(group_offloading, offload, order):
         assert not summary.kept and patched_forwards(model) == {"CogVideoXBlock": 2}
     else:
         assert not counter.calls and not patched_forwards(model) and not patched_processors(model)
-        assert summary.kept == {f"Attention: {integration._HOOKED}": 2, f"CogVideoXBlock: {integration._HOOKED}": 2}
+        assert summary.kept == {f"Attention: {patching._HOOKED}": 2, f"CogVideoXBlock: {patching._HOOKED}": 2}
         assert not summary.replaced
 
     unpatch(model)
-    assert all(integration._RECORDS not in m.__dict__ for m in model.modules())
-    assert not any(isinstance(getattr(m, "processor", None), integration._Processor) for m in model.modules())
+    assert all(core._RECORDS not in m.__dict__ for m in model.modules())
+    assert not any(isinstance(getattr(m, "processor", None), core._Processor) for m in model.modules())
     with torch.no_grad(), OpCounter() as counter:
         torch.testing.assert_close(run(model), ref, **FP32_TOL)
     assert not counter.calls
