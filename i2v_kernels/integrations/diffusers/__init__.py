@@ -41,11 +41,17 @@ WanCausalConv3d                 ``forward(x, cache_x)``: ``causal_conv3d(time_pa
                                 downsample with its first frames as the cache
 LTXVideoCausalConv3d            ``forward(x)``: ``causal_conv3d`` (causal, and non-causal through a
                                 cache of the replicated first frames)
+TransformerSpatioTemporalModel  ``forward`` (SVD's UNet): temporal blocks on ``[B, T, S, C]`` views
+                                -- ``temporal_attention``, cross-attention ``attention`` against
+                                each sample's context once; spatial blocks as they are
+TemporalResnetBlock,            ``forward``: the ``(3, 1, 1)`` time convolutions (zero padding at
+TemporalDecoder                 both ends) through ``causal_conv3d`` (SVD's UNet and temporal VAE)
 =============================  ==================================================================
 
 The models these live in -- ``LatteTransformer3DModel``, ``CogVideoXTransformer3DModel``,
 ``WanTransformer3DModel``, ``LTXVideoTransformer3DModel``, ``AutoencoderKLCogVideoX``,
-``AutoencoderKLWan``, ``AutoencoderKLLTXVideo`` -- are the known models. A pipeline has each of its
+``AutoencoderKLWan``, ``AutoencoderKLLTXVideo``, ``UNetSpatioTemporalConditionModel``,
+``AutoencoderKLTemporalDecoder`` -- are the known models. A pipeline has each of its
 ``nn.Module`` components patched (``transformer``, ``transformer_2``, ``vae`` ...). Other diffusers
 models are left untouched; those that look like video DiTs or VAEs (``*Transformer3DModel``,
 ``AutoencoderKL*``) are named in one warning.
@@ -88,6 +94,11 @@ The summary of a call (:class:`PatchSummary`: what was replaced, class -> count;
 original path and why; unsupported models) is stored as ``obj._i2v_kernels_patch_summary``, returned
 by :func:`patch_summary`, and printed by ``patch(obj, verbose=True)``.
 
+The code is split the way diffusers splits its models: :mod:`.core` (summary, shared helpers, the
+measured per-module dispatch, the processor base class, the registry), :mod:`.patching` (hooks, records,
+``patch`` / ``unpatch``), and one file per family -- :mod:`.basic` (``Attention``, ``BasicTransformerBlock``),
+:mod:`.cogvideox`, :mod:`.wan`, :mod:`.ltx`, :mod:`.latte`, :mod:`.vae` (causal convolutions), :mod:`.svd`.
+
 Example::
 
     pipe = diffusers.CogVideoXPipeline.from_pretrained("/models/CogVideoX-5b", torch_dtype=torch.bfloat16)
@@ -102,7 +113,7 @@ costs nothing without it.
 from __future__ import annotations
 
 
-from i2v_kernels.integrations.diffusers import basic, cogvideox, latte, ltx, vae, wan  # noqa: F401  (register)
+from i2v_kernels.integrations.diffusers import basic, cogvideox, latte, ltx, svd, vae, wan  # noqa: F401  (register)
 from i2v_kernels.integrations.diffusers.basic import I2VAttnProcessor
 from i2v_kernels.integrations.diffusers.cogvideox import I2VCogVideoXAttnProcessor
 from i2v_kernels.integrations.diffusers.core import KNOWN_MODELS, OPS, PatchSummary, patch_summary

@@ -8,12 +8,11 @@ from typing import Callable, Optional
 from torch import Tensor
 
 from i2v_kernels.integrations.diffusers.core import (
-    _UNSUPPORTED, _fallback, _kv_lens, _layer_norm, _modulate, _out_proj, _plain_attention, _processor_spec,
-    _Processor, _qk_norm_kwargs, _residual_modulate, _sdpa_scale, _Spec, register)
+    _UNSUPPORTED, _attention_extras, _fallback, _kv_lens, _layer_norm, _modulate, _out_proj, _plain_attention,
+    _processor_spec, _Processor, _qk_norm_kwargs, _residual_modulate, _sdpa_scale, _Spec, _unwrapped, register)
+from i2v_kernels.integrations.diffusers.patching import _any_hooks
 from i2v_kernels.ops.adaln import gated_residual
-from i2v_kernels.ops.attention import attention
-
-
+from i2v_kernels.ops.attention import attention, spatial_attention, temporal_attention
 
 
 class I2VAttnProcessor(_Processor):
@@ -26,6 +25,9 @@ class I2VAttnProcessor(_Processor):
     group/spatial norms run the original processor."""
 
     replaces = ("AttnProcessor2_0", "AttnProcessor")
+
+    # (fused projections are not static -- fuse/unfuse_qkv_projections switch them -- so compute checks them)
+    why_not = staticmethod(_attention_extras)
 
     def compute(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None, temb: Optional[Tensor] = None, *args, **kwargs) -> Tensor:
@@ -102,6 +104,52 @@ def _basic_block_forward(self, hidden_states: Tensor, attention_mask: Optional[T
         attn2 = lambda h: self.attn2(h, encoder_hidden_states=encoder_hidden_states,  # noqa: E731
                                      attention_mask=encoder_attention_mask)
     return _pixart_block(self, hidden_states, mods, attn1, attn2, fused=True)
+
+
+# ==================================================================================================
+# Video tokens [B, T, S, C]: attention on views (Latte's and SVD's model forwards)
+
+
+def _video_attention_ok(attn, cross: bool) -> bool:
+    """A plain ``Attention`` + ``AttnProcessor2_0`` the ``[B, T, S, C]`` helpers below compute exactly."""
+    return (type(attn).__name__ == "Attention" and _plain_attention(attn)
+            and type(_unwrapped(attn.processor)).__name__ in I2VAttnProcessor.replaces
+            and not getattr(attn, "norm_cross", None) and (cross or not attn.is_cross_attention))
+
+
+def _video_self_attention(attn, x: Tensor, temporal: bool) -> Tensor:
+    """Self-attention of ``x [B, T, S, C]`` within each frame (spatial) or across frames (temporal),
+    on ``[B, T, S, H, D]`` views of the projections."""
+    B, T, S, _ = x.shape
+    H = attn.heads
+    D = attn.inner_dim // H
+    q, k, v = (proj(x).view(B, T, S, H, D) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    norm = _qk_norm_kwargs(attn, D, x.dtype)
+    fn = temporal_attention if temporal else spatial_attention
+    out = fn(q, k, v, scale=_sdpa_scale(attn), **norm)
+    return _out_proj(attn, out.view(B, T, S, H * D))
+
+
+def _video_cross_attention(attn, x: Tensor, context: Tensor) -> Tensor:
+    """Every frame of ``x [B, T, S, C]`` attends to its sample's prompt ``context [B, L, C]``: one call
+    over ``T * S`` queries instead of projecting the prompt once per frame."""
+    B, T, S, _ = x.shape
+    H = attn.heads
+    D = attn.inner_dim // H
+    L = context.shape[1]
+    q = attn.to_q(x).view(B, T * S, H, D)
+    k = attn.to_k(context).view(B, L, H, D)
+    v = attn.to_v(context).view(B, L, H, D)
+    out = attention(q, k, v, scale=_sdpa_scale(attn), **_qk_norm_kwargs(attn, D, x.dtype))
+    return _out_proj(attn, out.view(B, T, S, H * D))
+
+
+def _blocks_hooked(*block_lists) -> bool:
+    """Hooks on a block or its attention (diffusers' caches: PyramidAttentionBroadcast, FasterCache,
+    TaylorSeer ...; offloading; torch forward hooks) act inside calls a ``[B, T, S, C]`` model forward does
+    not make: with any of them the original forward runs, through the (patched) blocks and their hooks."""
+    return any(_any_hooks(m) for blocks in block_lists for block in blocks
+               for m in (block, block.attn1, block.attn2) if m is not None)
 
 
 register(

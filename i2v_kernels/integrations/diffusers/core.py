@@ -272,6 +272,11 @@ class _Processor:
     def __init__(self, original):
         self.original = original
 
+    @staticmethod
+    def why_not(attn) -> Optional[str]:
+        """Why calls on ``attn`` could never take ours (then its processor stays diffusers'), else None."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(original={type(self.original).__name__})"
 
@@ -296,12 +301,19 @@ def _unwrapped(processor):
     return processor.original if isinstance(processor, _Processor) else processor
 
 
+def _attention_extras(attn) -> Optional[str]:
+    """What a diffusers ``Attention`` adds around the attention itself that our processors do not
+    compute (a VAE's attention has them), else None."""
+    if (getattr(attn, "spatial_norm", None) is not None or getattr(attn, "group_norm", None) is not None
+            or getattr(attn, "residual_connection", False) or getattr(attn, "rescale_output_factor", 1.0) != 1.0):
+        return "group/spatial norm, residual connection or output rescale"
+    return None
+
+
 def _plain_attention(attn) -> bool:
     """A diffusers ``Attention`` whose AttnProcessor(2_0) math our ops reproduce: no group/spatial norm,
     no residual or output rescale, q and k/v of one width, unfused projections."""
-    return (getattr(attn, "spatial_norm", None) is None and getattr(attn, "group_norm", None) is None
-            and not getattr(attn, "residual_connection", False) and getattr(attn, "rescale_output_factor", 1.0) == 1.0
-            and getattr(attn, "inner_kv_dim", None) == getattr(attn, "inner_dim", None)
+    return (_attention_extras(attn) is None and getattr(attn, "inner_kv_dim", None) == getattr(attn, "inner_dim", None)
             and not getattr(attn, "fused_projections", False))
 
 
@@ -341,10 +353,10 @@ class _Spec:
 def _processor_spec() -> _Spec:
     def why_not(attn):
         name = type(attn.processor).__name__
-        return None if name in _PROCESSORS else f"processor {name} is not one this integration replaces"
+        cls = _PROCESSORS.get(name)
+        return f"processor {name} is not one this integration replaces" if cls is None else cls.why_not(attn)
 
     return _Spec("attention", "processor", "processor -> i2v_kernels attention processor", why_not)
-
 
 
 # ==================================================================================================

@@ -7,20 +7,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from i2v_kernels.integrations.diffusers.basic import I2VAttnProcessor, _pixart_block, _pixart_block_why_not
-from i2v_kernels.integrations.diffusers.core import (
-    _RECORDS, _fallback, _layer_norm, _modulate, _out_proj, _plain_attention, _qk_norm_kwargs, _sdpa_scale, _Spec,
-    _unwrapped, register)
-from i2v_kernels.integrations.diffusers.patching import _any_hooks
-from i2v_kernels.ops.attention import attention, spatial_attention, temporal_attention
-
-
-
-
-def _latte_attention_ok(attn, cross: bool) -> bool:
-    return (type(attn).__name__ == "Attention" and _plain_attention(attn)
-            and type(_unwrapped(attn.processor)).__name__ in I2VAttnProcessor.replaces
-            and not getattr(attn, "norm_cross", None) and (cross or not attn.is_cross_attention))
+from i2v_kernels.integrations.diffusers.basic import (
+    _blocks_hooked, _pixart_block, _pixart_block_why_not, _video_attention_ok, _video_cross_attention,
+    _video_self_attention)
+from i2v_kernels.integrations.diffusers.core import _RECORDS, _fallback, _layer_norm, _modulate, _Spec, register
 
 
 def _latte_why_not(model) -> Optional[str]:
@@ -33,48 +23,13 @@ def _latte_why_not(model) -> Optional[str]:
                 return why
             if block._chunk_size is not None:
                 return "chunked feed-forward"
-            if not _latte_attention_ok(block.attn1, cross=False):
+            if not _video_attention_ok(block.attn1, cross=False):
                 return "an attn1 is not plain Attention + AttnProcessor2_0"
-            if block.attn2 is not None and (temporal or not _latte_attention_ok(block.attn2, cross=True)):
+            if block.attn2 is not None and (temporal or not _video_attention_ok(block.attn2, cross=True)):
                 return "an attn2 is not plain Attention + AttnProcessor2_0 cross-attention"
     if len(model.transformer_blocks) != len(model.temporal_transformer_blocks):
         return "different numbers of spatial and temporal blocks"
     return None
-
-
-def _latte_blocks_hooked(model) -> bool:
-    """Hooks on a block or its attention (diffusers' caches: PyramidAttentionBroadcast, FasterCache,
-    TaylorSeer ...; offloading; torch forward hooks) act inside calls the [B, T, S, C] path does not
-    make: with any of them the original forward runs, through the (patched) blocks and their hooks."""
-    return any(_any_hooks(m) for blocks in (model.transformer_blocks, model.temporal_transformer_blocks)
-               for block in blocks for m in (block, block.attn1, block.attn2) if m is not None)
-
-
-def _latte_self_attention(attn, x: Tensor, temporal: bool) -> Tensor:
-    """Self-attention of ``x [B, T, S, C]`` within each frame (spatial) or across frames (temporal),
-    on ``[B, T, S, H, D]`` views of the projections."""
-    B, T, S, _ = x.shape
-    H = attn.heads
-    D = attn.inner_dim // H
-    q, k, v = (proj(x).view(B, T, S, H, D) for proj in (attn.to_q, attn.to_k, attn.to_v))
-    norm = _qk_norm_kwargs(attn, D, x.dtype)
-    fn = temporal_attention if temporal else spatial_attention
-    out = fn(q, k, v, scale=_sdpa_scale(attn), **norm)
-    return _out_proj(attn, out.view(B, T, S, H * D))
-
-
-def _latte_cross_attention(attn, x: Tensor, context: Tensor) -> Tensor:
-    """Every frame of ``x [B, T, S, C]`` attends to its sample's prompt ``context [B, L, C]``: one call
-    over ``T * S`` queries instead of projecting the prompt once per frame."""
-    B, T, S, _ = x.shape
-    H = attn.heads
-    D = attn.inner_dim // H
-    L = context.shape[1]
-    q = attn.to_q(x).view(B, T * S, H, D)
-    k = attn.to_k(context).view(B, L, H, D)
-    v = attn.to_v(context).view(B, L, H, D)
-    out = attention(q, k, v, scale=_sdpa_scale(attn), **_qk_norm_kwargs(attn, D, x.dtype))
-    return _out_proj(attn, out.view(B, T, S, H * D))
 
 
 def _latte_forward(self, hidden_states: Tensor, timestep: Optional[Tensor] = None,
@@ -86,7 +41,7 @@ def _latte_forward(self, hidden_states: Tensor, timestep: Optional[Tensor] = Non
     A prompt mask, gradient checkpointing or a changed processor run the original forward."""
     if (encoder_attention_mask is not None or encoder_hidden_states is None or timestep is None
             or (torch.is_grad_enabled() and self.gradient_checkpointing) or _latte_why_not(self) is not None
-            or _latte_blocks_hooked(self)):
+            or _blocks_hooked(self.transformer_blocks, self.temporal_transformer_blocks)):
         return _fallback(self)(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                                enable_temporal_attentions, return_dict)
     fused = all(_RECORDS in b.__dict__ and "forward" in b.__dict__[_RECORDS]
@@ -111,14 +66,14 @@ def _latte_forward(self, hidden_states: Tensor, timestep: Optional[Tensor] = Non
         a1 = spatial_block.attn1
         a2 = spatial_block.attn2
         x = _pixart_block(spatial_block, x, block_mods(spatial_block),
-                          lambda h: _latte_self_attention(a1, h, temporal=False),
-                          None if a2 is None else (lambda h: _latte_cross_attention(a2, h, context)), fused)
+                          lambda h: _video_self_attention(a1, h, temporal=False),
+                          None if a2 is None else (lambda h: _video_cross_attention(a2, h, context)), fused)
         if enable_temporal_attentions:
             if i == 0 and num_frame > 1:
                 x = x + self.temp_pos_embed.to(x.dtype).unsqueeze(2)  # [1, T, 1, C]
             t1 = temporal_block.attn1
             x = _pixart_block(temporal_block, x, block_mods(temporal_block),
-                              lambda h: _latte_self_attention(t1, h, temporal=True), None, fused)
+                              lambda h: _video_self_attention(t1, h, temporal=True), None, fused)
 
     hidden_states = x.view(B * T, S, C)
     embedded_timestep = embedded_timestep.repeat_interleave(

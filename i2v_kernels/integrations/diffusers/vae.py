@@ -126,14 +126,26 @@ def _ltx_conv_forward(self, hidden_states: Tensor) -> Tensor:
         return _like_input(causal_conv3d(hidden_states, w, b, stride=conv.stride, dilation=conv.dilation,
                                          time_pad="replicate"), hidden_states)
     h = (kt - 1) // 2
-    x, cache = hidden_states, None
+    if hidden_states.shape[2] < h:
+        return _fallback(self)(hidden_states)
+    return _two_sided_conv(conv, hidden_states, h, "replicate")
+
+
+def _two_sided_conv(conv: nn.Conv3d, x: Tensor, h: int, time_pad: str) -> Tensor:
+    """``conv`` over ``x`` padded by ``h`` frames at both ends in time (the first / last frame repeated,
+    or zeros), as a causal conv: the padded sequence is handed to the op as ``cache = front + x[:h]`` and
+    ``x[h:] + back``. Needs ``x.shape[2] >= h``."""
+    w, b = _conv_params(conv, x)
+    body, cache = x, None
     if h > 0:
-        if x.shape[2] < h:
-            return _fallback(self)(hidden_states)
-        cache = torch.cat([x[:, :, :1].expand(-1, -1, h, -1, -1), x[:, :, :h]], dim=2)
-        x = torch.cat([x[:, :, h:], x[:, :, -1:].expand(-1, -1, h, -1, -1)], dim=2)
-    out = causal_conv3d(x, w, b, stride=conv.stride, dilation=conv.dilation, time_pad="replicate", cache=cache)
-    return _like_input(out, hidden_states)
+        if time_pad == "replicate":
+            front, back = x[:, :, :1].expand(-1, -1, h, -1, -1), x[:, :, -1:].expand(-1, -1, h, -1, -1)
+        else:
+            front = back = x.new_zeros(*x.shape[:2], h, *x.shape[3:])
+        cache = torch.cat([front, x[:, :, :h]], dim=2)
+        body = torch.cat([x[:, :, h:], back], dim=2)
+    out = causal_conv3d(body, w, b, stride=conv.stride, dilation=conv.dilation, time_pad=time_pad, cache=cache)
+    return _like_input(out, x)
 
 
 register(
