@@ -38,7 +38,7 @@ endif
 $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q "$(TORCH_SPEC)" numpy einops pytest ninja pybind11 "setuptools>=64" wheel \
-	  "diffusers>=0.33,<0.43" pillow av safetensors tqdm
+	  "diffusers>=0.33,<0.43" "transformers>=4.46,<6" ftfy pillow av safetensors tqdm
 	touch $@
 
 build: deps
