@@ -5,19 +5,29 @@ published configs with random weights (no downloads):
 
 * ``transformer``  one forward of the video DiT at its real width, heads and token counts, with the depth
   cut to ``LAYERS`` blocks: CogVideoX-5B (49 frames at 720x480), Wan2.1-T2V-1.3B and Wan2.1-I2V-14B at
-  480p (81 frames at 832x480), Latte-1 (Latte-XL/2, 16 frames at 512x512). Time per denoising step at
+  480p (81 frames at 832x480), Latte-1 (Latte-XL/2, 16 frames at 512x512), LTX-Video (121 frames at
+  768x512). The GPU ``--quick`` run (``make gpu-check``'s bounded mode, ``QUICK_BUDGET_S``) builds one
+  block (CogVideoX-5B: two, its headline shape) and Wan at 17 frames. Time per denoising step at
   full depth is the measured forward scaled by ``full layers / layers`` and by the forwards one step
   makes (classifier-free guidance: CogVideoX and Latte batch it (B = 2), Wan runs two B = 1 forwards).
   The scaling also multiplies the parts outside the blocks (patch and time/text embeddings, output
   projection), which are well under 1% of a block at these token counts, so it slightly overstates.
+* ``unet``         Stable Video Diffusion's ``UNetSpatioTemporalConditionModel`` (SVD-XT config), whole:
+  25 frames at 576x1024 (``--quick`` on the GPU: 14 frames at 320x512); CFG batched (B = 2).
 * ``vae-decode``   ``vae.decode(z)`` of the CogVideoX and Wan2.1 VAEs (their default configs are the
-  released ones) at a reduced resolution: time and peak memory.
+  released ones) at a reduced resolution, and SVD's temporal-decoder VAE (full runs): time and peak memory.
 
 Providers: ``torch`` (unpatched eager), ``compile`` (torch.compile of it), ``patched`` (after
 ``i2v_kernels.patch``; backend ``auto``: the case's auto row, held to the first rule), ``patched-native``
-(the patched model forced to the ``native`` backend) and ``patched-compile``. The compiled providers run
-on a GPU in full runs only (inductor takes minutes per whole model on the CPU). Peak memory is what one
-call allocates beyond the weights and inputs (CUDA only).
+(the patched model forced to the ``native`` backend), ``patched-compile``, and the cache-hook rows
+``cache`` / ``patched-cache``: the model (unpatched / patched) with diffusers'
+``enable_cache(FirstBlockCacheConfig(threshold=0.05))``, called inside one ``cache_context``. The input is
+the same every call, so after the first (checked against the fp32 output) every timed call reuses the
+cached residual: the rows time the hook's path -- the first block, the residual test, the reuse -- with
+and without the patch. (Not for Latte, which diffusers' FirstBlockCache does not run, nor the UNet.)
+The compiled providers run on a GPU: full runs, and ``--quick`` at the headline case only (CogVideoX-5B,
+run last) while half the time budget is left; never on the CPU (inductor takes minutes per whole model).
+Peak memory is what one call allocates beyond the weights and inputs (CUDA only).
 
 Correctness before timing (``bench_conv3d.run_model_case``): the model is built and run in fp32 first
 (the reference), then cast to the benchmark dtype; every provider's max error against the fp32 output
@@ -32,7 +42,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -42,9 +52,9 @@ from benchmarks.bench_conv3d import ModelCase, ModelRun, SkipCase, run_model_cas
 from benchmarks.utils import Provider, Session
 
 FAMILY = "diffusers"
-OPS = ("transformer", "vae-decode")
-PROVIDERS = ("torch", "compile", "patched", "patched-native", "patched-compile")
-QUICK_BUDGET_S = 90
+OPS = ("transformer", "unet", "vae-decode")
+PROVIDERS = ("torch", "compile", "patched", "patched-native", "patched-compile", "cache", "patched-cache")
+QUICK_BUDGET_S = 40  # tools/gpu_check.py's cap for this stage
 LAYERS = 2  # blocks built on a GPU; time per step is scaled to the real depth
 
 
@@ -55,9 +65,10 @@ LAYERS = 2  # blocks built on a GPU; time per step is scaled to the real depth
 @dataclass(frozen=True)
 class DiT:
     """A video transformer: diffusers class and constructor config (without ``num_layers``), blocks to
-    build and the real depth (None: a tiny config, not scaled), the batch of one forward and the forwards
-    per denoising step, ``latent`` (``hidden_states`` without the batch, in the class's layout), the text
-    tokens ``(count, width)`` and, for image-to-video, the image tokens ``(count, width)``."""
+    build (0: the whole model, a UNet) and the real depth (None: not scaled), the batch of one forward and
+    the forwards per denoising step, ``latent`` (``hidden_states`` without the batch, in the class's
+    layout; LTX: ``(T, h, w, C)``, passed as ``[B, T*h*w, C]``), the text tokens ``(count, width)`` and,
+    for image-to-video, the image tokens ``(count, width)``."""
 
     label: str
     cls: str
@@ -84,6 +95,18 @@ class VAE:
 def _inputs(spec: DiT, device: torch.device) -> dict:
     """The forward's keyword arguments (fp32), as the model's diffusers pipeline passes them."""
     B = spec.batch
+    if spec.cls == "UNetSpatioTemporalConditionModel":  # SVD: latents with the image latent, CLIP image embedding
+        return {"sample": torch.randn(B, *spec.latent, device=device),
+                "timestep": torch.tensor([0.7, 0.3][:B] + [0.5] * max(0, B - 2), device=device),
+                "encoder_hidden_states": torch.randn(B, *spec.text, device=device),
+                "added_time_ids": torch.tensor([[6.0, 127.0, 0.02]] * B, device=device)}
+    if spec.cls == "LTXVideoTransformer3DModel":  # tokens [B, T*h*w, C], the prompt mask, the grid
+        T, h, w, C = spec.latent
+        return {"hidden_states": torch.randn(B, T * h * w, C, device=device),
+                "encoder_hidden_states": torch.randn(B, *spec.text, device=device),
+                "timestep": torch.tensor([999, 500][:B] + [250] * max(0, B - 2), device=device),
+                "encoder_attention_mask": torch.ones(B, spec.text[0], device=device),
+                "num_frames": T, "height": h, "width": w}
     kwargs = {
         "hidden_states": torch.randn(B, *spec.latent, device=device),
         "timestep": torch.tensor([999, 500][:B] + [250] * max(0, B - 2), device=device),
@@ -154,6 +177,40 @@ LATTE_1 = DiT(
     "maxin-cn/Latte-1 config (Latte-XL/2: 16 heads of 72, 28 spatial + 28 temporal blocks); 16 frames at 512x512: "
     "32x32 tokens per frame, 120 text tokens; CFG batched (B = 2)")
 
+LTX_VIDEO = DiT(
+    "ltx-video-768x512", "LTXVideoTransformer3DModel",
+    dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+         attention_head_dim=64, cross_attention_dim=2048, activation_fn="gelu-approximate",
+         qk_norm="rms_norm_across_heads", norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=4096,
+         attention_bias=True, attention_out_bias=True),
+    LAYERS, 28, 2, 1, (16, 16, 24, 128), (128, 4096),
+    "Lightricks/LTX-Video config (32 heads of 64, 28 layers, per-head RoPE); 121 frames at 768x512: 16 latent "
+    "frames of 16x24 -> 6144 tokens, 128 text tokens; CFG batched (B = 2)")
+SVD_XT = DiT(
+    "svd-xt-576x1024", "UNetSpatioTemporalConditionModel",
+    dict(sample_size=96, in_channels=8, out_channels=4,
+         down_block_types=("CrossAttnDownBlockSpatioTemporal",) * 3 + ("DownBlockSpatioTemporal",),
+         up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * 3,
+         block_out_channels=(320, 640, 1280, 1280), addition_time_embed_dim=256,
+         projection_class_embeddings_input_dim=768, layers_per_block=2, cross_attention_dim=1024,
+         transformer_layers_per_block=1, num_attention_heads=(5, 10, 20, 20), num_frames=25),
+    0, None, 2, 1, (25, 8, 72, 128), (1, 1024),
+    "stabilityai/stable-video-diffusion-img2vid-xt UNet config (the UNet's defaults); 25 frames at 576x1024: "
+    "latents 72x128 with the image latent concatenated (8 channels); CFG batched (B = 2)")
+
+
+def _quick(spec: DiT, latent: tuple, what: str, layers: int = 1) -> DiT:
+    """A cheaper variant of ``spec`` for the bounded GPU run: fewer layers built, fewer frames."""
+    return replace(spec, label=f"{spec.label}-quick", layers=layers if spec.layers else 0, latent=latent,
+                   source=f"{spec.source} -- --quick: {what}")
+
+
+WAN_1_3B_QUICK = _quick(WAN_1_3B, (16, 5, 60, 104), "17 frames (5 latent frames: 6240 tokens), 1 layer")
+WAN_14B_I2V_QUICK = _quick(WAN_14B_I2V, (36, 5, 60, 104), "17 frames (5 latent frames: 6240 tokens), 1 layer")
+LATTE_1_QUICK = _quick(LATTE_1, LATTE_1.latent, "1 spatial + 1 temporal block")
+LTX_VIDEO_QUICK = _quick(LTX_VIDEO, LTX_VIDEO.latent, "1 layer")
+SVD_XT_QUICK = _quick(SVD_XT, (14, 8, 40, 64), "14 frames at 320x512")
+
 # CPU: tiny configs of the same classes (sizes as tests/test_diffusers.py uses them).
 COGVIDEOX_TINY = DiT(
     "cogvideox-tiny", "CogVideoXTransformer3DModel",
@@ -174,6 +231,20 @@ LATTE_TINY = DiT(
          norm_elementwise_affine=False, norm_eps=1e-6, activation_fn="gelu-approximate", num_embeds_ada_norm=1000),
     2, None, 2, 1, (4, 3, 8, 8), (5, 32), "tiny Latte config (2 heads of 8)")
 
+LTX_TINY = DiT(
+    "ltx-tiny", "LTXVideoTransformer3DModel",
+    dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+         caption_channels=16),
+    2, None, 2, 1, (3, 4, 4, 8), (6, 16), "tiny LTX-Video config (2 heads of 8)")
+SVD_TINY = DiT(
+    "svd-unet-tiny", "UNetSpatioTemporalConditionModel",
+    dict(sample_size=8, in_channels=8, out_channels=4,
+         down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+         up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), block_out_channels=(32, 64),
+         addition_time_embed_dim=4, projection_class_embeddings_input_dim=12, layers_per_block=1,
+         cross_attention_dim=16, num_attention_heads=(2, 4)),
+    0, None, 2, 1, (3, 8, 6, 6), (1, 16), "tiny SVD UNet config (as tests/test_diffusers_svd.py)")
+
 COGVIDEOX_VAE = VAE("cogvideox-vae-240x360", "AutoencoderKLCogVideoX", {}, (1, 16, 13, 30, 45),
                     "AutoencoderKLCogVideoX default config (the released CogVideoX VAE), 13 latent frames of 30x45 "
                     "-> 49 frames at 240x360 (half of 480x720 in each dimension)")
@@ -182,6 +253,14 @@ COGVIDEOX_VAE_QUICK = VAE("cogvideox-vae-240x360-5f", "AutoencoderKLCogVideoX", 
 WAN_VAE = VAE("wan2.1-vae-240x416", "AutoencoderKLWan", {}, (1, 16, 21, 30, 52),
               "AutoencoderKLWan default config (the released Wan2.1 VAE), 21 latent frames of 30x52 -> 81 frames "
               "at 240x416 (half of 480x832 in each dimension)")
+WAN_VAE_QUICK = VAE("wan2.1-vae-240x416-5f", "AutoencoderKLWan", {}, (1, 16, 5, 30, 52),
+                    "AutoencoderKLWan default config, 5 latent frames of 30x52 -> 17 frames at 240x416")
+SVD_VAE = VAE("svd-vae-576x1024-14f", "AutoencoderKLTemporalDecoder",
+              dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                   block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=768),
+              (14, 4, 72, 128),
+              "stabilityai/stable-video-diffusion-img2vid-xt VAE config (AutoencoderKLTemporalDecoder, widths "
+              "128-512), 14 frames at 576x1024 decoded together (the pipeline's decode_chunk_size=14)")
 COGVIDEOX_VAE_TINY = VAE("cogvideox-vae-tiny", "AutoencoderKLCogVideoX",
                          dict(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 2,
                               up_block_types=("CogVideoXUpBlock3D",) * 2, block_out_channels=(8, 16),
@@ -192,14 +271,23 @@ WAN_VAE_TINY = VAE("wan-vae-tiny", "AutoencoderKLWan",
                    dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
                         scale_factor_spatial=4),
                    (1, 4, 5, 6, 6), "tiny Wan VAE config (base width 8)")
+SVD_VAE_TINY = VAE("svd-vae-tiny", "AutoencoderKLTemporalDecoder",
+                   dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        block_out_channels=(32, 32), layers_per_block=1, latent_channels=4),
+                   (3, 4, 6, 6), "tiny SVD VAE config (widths 32), 3 frames")
 
 MODELS = {
-    # (device, quick) -> (transformers, VAEs)
-    ("cuda", False): ((COGVIDEOX_5B, WAN_1_3B, WAN_14B_I2V, LATTE_1), (COGVIDEOX_VAE, WAN_VAE)),
-    ("cuda", True): ((COGVIDEOX_5B,), (COGVIDEOX_VAE_QUICK,)),
-    ("cpu", False): ((COGVIDEOX_TINY, WAN_TINY, LATTE_TINY), (COGVIDEOX_VAE_TINY, WAN_VAE_TINY)),
+    # (device, quick) -> (transformers and UNets, VAEs). GPU --quick: the headline CogVideoX-5B case (the one
+    # that compiles) comes last, after the VAEs, so a run cut at its cap still has every other row.
+    ("cuda", False): ((COGVIDEOX_5B, WAN_1_3B, WAN_14B_I2V, LATTE_1, LTX_VIDEO, SVD_XT),
+                      (COGVIDEOX_VAE, WAN_VAE, SVD_VAE)),
+    ("cuda", True): ((WAN_1_3B_QUICK, WAN_14B_I2V_QUICK, LATTE_1_QUICK, LTX_VIDEO_QUICK, SVD_XT_QUICK),
+                     (COGVIDEOX_VAE_QUICK, WAN_VAE_QUICK)),
+    ("cpu", False): ((COGVIDEOX_TINY, WAN_TINY, LATTE_TINY, LTX_TINY, SVD_TINY),
+                     (COGVIDEOX_VAE_TINY, WAN_VAE_TINY, SVD_VAE_TINY)),
     ("cpu", True): ((COGVIDEOX_TINY, WAN_TINY), (COGVIDEOX_VAE_TINY,)),
 }
+HEADLINE = COGVIDEOX_5B  # GPU --quick: run after the others, the only case that compiles there
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,20 +318,38 @@ def _build(cls, config: dict, device: torch.device):
                        f"({type(e).__name__}: {e})") from e
 
 
-def _providers(session: Session, model, patched, run: Callable) -> list[Provider]:
-    """torch / compile / patched / patched-compile over a model and its patched copy; ``run(model, x)``
-    is the timed call."""
+def _cached(model, session: Session, why_not: Optional[str]) -> tuple[Optional[Callable], Optional[str]]:
+    """A copy of ``model`` with diffusers' FirstBlockCache, called inside one ``cache_context``."""
+    if why_not is not None or not (session.wants("cache") or session.wants("patched-cache")):
+        return None, why_not
+    try:
+        from diffusers import FirstBlockCacheConfig
+    except ImportError as e:
+        return None, f"diffusers' FirstBlockCache is not available here ({type(e).__name__}: {e})"
+    cached = copy.deepcopy(model)
+    cached.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+
+    def call(run, x):
+        with cached.cache_context("bench"):
+            return run(cached, x)
+
+    return call, None
+
+
+def _providers(session: Session, model, patched, run: Callable, headline: bool = False,
+               cache_why_not: Optional[str] = "not a transformer") -> list[Provider]:
+    """torch / compile / patched / patched-compile / cache / patched-cache over a model and its patched
+    copy; ``run(model, x)`` is the timed call."""
     def eager(x):
         return run(model, x)
 
     def ours(x):
         return run(patched, x)
 
-    compile_why = None
     if session.device.type != "cuda":
-        compile_why = "GPU full runs only: inductor takes minutes per whole model on the CPU"
-    elif session.quick:
-        compile_why = "left out of --quick: compiling a whole model takes a minute or more"
+        compile_why = "GPU runs only: inductor takes minutes per whole model on the CPU"
+    else:
+        compile_why = session.quick_compile_why_not(headline)
     out = [utils.eager_provider(eager)]
     if session.wants("compile"):
         out.append(utils.compile_provider(eager, why_not=compile_why))
@@ -254,6 +360,12 @@ def _providers(session: Session, model, patched, run: Callable) -> list[Provider
     if session.wants("patched-compile"):
         out.append(Provider("patched-compile", why_not=compile_why, kind="ours") if compile_why else
                    Provider("patched-compile", torch.compile(ours, dynamic=False), kind="ours", skip_on_failure=True))
+    # (diffusers' cache skips blocks: not a baseline computing the same thing, so "outside" the first rule)
+    for name, base, kind in (("cache", model, "outside"), ("patched-cache", patched, "ours")):
+        if session.wants(name):
+            call, why = _cached(base, session, cache_why_not)
+            out.append(Provider(name, why_not=why, kind=kind) if call is None else
+                       Provider(name, lambda x, call=call: call(run, x), kind=kind, loose=True))
     return out
 
 
@@ -269,7 +381,7 @@ def _transformer_case(spec: DiT, dtype: torch.dtype, session: Session) -> ModelC
     cls, why = _diffusers_class(spec.cls)
 
     def setup(device: torch.device) -> ModelRun:
-        model = _build(cls, dict(spec.config, num_layers=spec.layers), device)
+        model = _build(cls, dict(spec.config, num_layers=spec.layers) if spec.layers else spec.config, device)
         inputs = _inputs(spec, device)
         reference = model(**inputs).sample  # the fp32 model: the oracle
         if dtype != torch.float32:
@@ -277,13 +389,18 @@ def _transformer_case(spec: DiT, dtype: torch.dtype, session: Session) -> ModelC
         # latents and text in the model's dtype; timesteps stay integers, RoPE tables fp32 (as the pipelines pass them)
         inputs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                   for k, v in inputs.items()}
+        cache_why = None
+        if spec.cls in ("LatteTransformer3DModel", "UNetSpatioTemporalConditionModel"):
+            cache_why = "diffusers' FirstBlockCache does not run this model (unpatched neither)"
         return ModelRun(inputs=(inputs,), reference=reference,
-                        providers=_providers(session, model, _patched_copy(model), lambda m, kw: m(**kw).sample))
+                        providers=_providers(session, model, _patched_copy(model), lambda m, kw: m(**kw).sample,
+                                             headline=spec is HEADLINE, cache_why_not=cache_why))
 
     extra = {"model": spec.source, "class": spec.cls, "layers": spec.layers, "full_layers": spec.full_layers,
              "batch": spec.batch, "forwards_per_step": spec.forwards_per_step}
     label = spec.label + (f" ({spec.layers} of {spec.full_layers} layers)" if spec.full_layers else "")
-    return ModelCase(op="transformer", label=label, dims=[spec.batch, *spec.latent], dtype=dtype,
+    op = "unet" if spec.cls.startswith("UNet") else "transformer"
+    return ModelCase(op=op, label=label, dims=[spec.batch, *spec.latent], dtype=dtype,
                      setup=setup if cls else None, provider_names=PROVIDERS, extra=extra, why_not=why)
 
 
@@ -293,11 +410,13 @@ def _vae_case(spec: VAE, dtype: torch.dtype, session: Session) -> ModelCase:
     def setup(device: torch.device) -> ModelRun:
         vae = _build(cls, spec.config, device)
         z = torch.randn(spec.z, device=device)
-        reference = vae.decode(z).sample
+        # SVD's temporal decoder takes the frames in the batch and their count
+        kw = {"num_frames": spec.z[0]} if spec.cls == "AutoencoderKLTemporalDecoder" else {}
+        reference = vae.decode(z, **kw).sample
         if dtype != torch.float32:
             vae.to(dtype)
         return ModelRun(inputs=(z.to(dtype),), reference=reference,
-                        providers=_providers(session, vae, _patched_copy(vae), lambda v, z: v.decode(z).sample))
+                        providers=_providers(session, vae, _patched_copy(vae), lambda v, z: v.decode(z, **kw).sample))
 
     extra = {"model": spec.source, "class": spec.cls}
     return ModelCase(op="vae-decode", label=spec.label, dims=list(spec.z), dtype=dtype, setup=setup if cls else None,
@@ -306,12 +425,15 @@ def _vae_case(spec: VAE, dtype: torch.dtype, session: Session) -> ModelCase:
 
 def build_cases(session: Session) -> list[ModelCase]:
     transformers, vaes = MODELS[(session.device.type, session.quick)]
+    last = (HEADLINE,) if (session.device.type, session.quick) == ("cuda", True) else ()
     cases = []
     for dtype in session.dtypes:
-        if session.wants_op("transformer"):
-            cases += [_transformer_case(spec, dtype, session) for spec in transformers]
+        cases += [_transformer_case(spec, dtype, session) for spec in transformers
+                  if session.wants_op("unet" if spec.cls.startswith("UNet") else "transformer")]
         if session.wants_op("vae-decode"):
             cases += [_vae_case(spec, dtype, session) for spec in vaes]
+        if session.wants_op("transformer"):
+            cases += [_transformer_case(spec, dtype, session) for spec in last]
     return cases
 
 
@@ -334,7 +456,7 @@ def targets(row: dict, case: ModelCase, session: Session) -> dict:
     if session.device.type != "cuda" or case.dtype != torch.bfloat16 or row["provider"] != "patched":
         return {}
     vs_eager = row["ratio_vs_eager"]
-    if case.op == "transformer":
+    if case.op in ("transformer", "unet"):
         if not case.label.startswith("cogvideox-5b"):
             return {"targets": "n/a"}
         return {"step>=1.3x": "n/a" if vs_eager is None else utils.verdict(vs_eager >= 1.3)}
@@ -348,7 +470,7 @@ def targets(row: dict, case: ModelCase, session: Session) -> dict:
 
 def step_table(session: Session) -> list[str]:
     """Time per denoising step at full depth, from the transformer rows of this run."""
-    rows = [r for r in session.rows if r["op"] == "transformer" and r["status"] == "ok"]
+    rows = [r for r in session.rows if r["op"] in ("transformer", "unet") and r["status"] == "ok"]
     if not rows:
         return []
     lines = ["", "## Time per denoising step at full depth", "",
@@ -359,11 +481,11 @@ def step_table(session: Session) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["shape"]
-        full = s.get("full_layers") or s["layers"]
-        step = r["ms"] * s["forwards_per_step"] * full / s["layers"]
+        depth = (s.get("full_layers") or s["layers"]) / s["layers"] if s["layers"] else 1.0  # a UNet: built whole
+        step = r["ms"] * s["forwards_per_step"] * depth
         vs = "-" if r["ratio_vs_eager"] is None else f"{r['ratio_vs_eager']:.2f}x"
         lines.append(f"| {s['label']} | {r['dtype']} | {r['provider']} | {r['ms']:.3f} | {s['forwards_per_step']} | "
-                     f"{s['layers']} / {s.get('full_layers') or '-'} | {step:,.1f} | {vs} |")
+                     f"{s['layers'] or 'all'} / {s.get('full_layers') or '-'} | {step:,.1f} | {vs} |")
     return lines
 
 

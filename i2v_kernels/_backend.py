@@ -36,6 +36,7 @@ import torch
 
 BACKENDS = ("cuda", "triton", "cpu", "native", "native_packed", "flash_attn", "sageattention", "torch")
 OUTSIDE = ("flash_attn", "sageattention")  # outside libraries: imported lazily, never required
+OWN_KERNELS = ("cuda", "triton", "cpu")  # this package's kernels (their why_not reasons are input limits)
 CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "I2V_KERNELS_BACKEND"
 
@@ -262,9 +263,12 @@ def eligible(op: str, device: torch.device, why_not: Callable[[str], Optional[st
     for backend in BACKENDS:
         if backend not in implemented or not _auto_candidate(backend, device):
             continue
-        reason = _GENERIC[backend](device) or why_not(backend)
+        generic = _GENERIC[backend](device)
+        reason = generic or why_not(backend)
         if reason is None:
             ok.append(backend)
+        elif generic is None and backend in OWN_KERNELS:
+            _warn_fallback(op, backend, reason)  # our kernel cannot take this input: say so once, run another
         else:
             key = (op, backend, reason)
             with _lock:

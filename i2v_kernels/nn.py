@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from i2v_kernels.ops import adaln as _adaln
+from i2v_kernels.ops._checks import check_choice, check_float_arg, check_int
 from i2v_kernels.ops import attention as _attn
 from i2v_kernels.ops.adaln import reference as _adaln_ref
 from i2v_kernels.ops.attention import reference as _attn_ref
@@ -31,6 +32,8 @@ class AdaLNModulate(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False, use_kernels: bool = True):
         super().__init__()
+        check_int("AdaLNModulate", "dim", dim)
+        eps = check_float_arg("AdaLNModulate", "eps", eps, positive=True)
         self.dim, self.eps, self.use_kernels = dim, eps, use_kernels
         if elementwise_affine:
             self.weight = nn.Parameter(torch.ones(dim))
@@ -47,10 +50,18 @@ class AdaLNModulate(nn.Module):
         return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}, use_kernels={self.use_kernels}"
 
 
+def _check_heads(owner: str, dim: int, heads: int, norm_eps: float) -> None:
+    """``dim`` channels split into ``heads`` heads of ``dim // heads`` channels each, and a usable eps."""
+    check_int(owner, "dim", dim)
+    check_int(owner, "heads", heads)
+    if dim % heads:
+        raise ValueError(f"{owner}: dim={dim} must be divisible by heads={heads}")
+    check_float_arg(owner, "norm_eps", norm_eps, positive=True)
+
+
 def _register_qk_norm(module: nn.Module, qk_norm: Optional[str], head_dim: int) -> None:
     """QK-norm parameters over the head dim: weights for both norms, biases for LayerNorm only."""
-    if qk_norm not in (None, "layer", "rms"):
-        raise ValueError(f"{type(module).__name__}: qk_norm must be None, 'layer' or 'rms', got {qk_norm!r}")
+    check_choice(type(module).__name__, "qk_norm", qk_norm, (None, "layer", "rms"))
     for name in ("q_norm_weight", "k_norm_weight"):
         module.register_parameter(name, nn.Parameter(torch.ones(head_dim)) if qk_norm else None)
     for name in ("q_norm_bias", "k_norm_bias"):
@@ -83,10 +94,11 @@ class FactorizedAttention(nn.Module):
                  qk_norm: Optional[str] = None, bias: bool = True, norm_eps: float = 1e-6,
                  rope_style: str = "interleaved", use_kernels: bool = True):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"FactorizedAttention: dim={dim} must be divisible by heads={heads}")
-        if mode not in ("spatial", "temporal", "dense"):
-            raise ValueError(f"FactorizedAttention: mode must be 'spatial', 'temporal' or 'dense', got {mode!r}")
+        _check_heads("FactorizedAttention", dim, heads, norm_eps)
+        check_choice("FactorizedAttention", "mode", mode, ("spatial", "temporal", "dense"))
+        check_choice("FactorizedAttention", "rope_style", rope_style, ("interleaved", "half"))
+        if not isinstance(causal, bool):
+            raise TypeError(f"FactorizedAttention: causal must be a bool, got {type(causal).__name__}")
         if causal and mode != "temporal":
             raise ValueError("FactorizedAttention: causal=True applies to mode='temporal' only")
         self.dim, self.heads, self.head_dim, self.mode, self.causal = dim, heads, dim // heads, mode, causal
@@ -133,8 +145,8 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, context_dim: int, heads: int, *, qk_norm: Optional[str] = None, bias: bool = True,
                  norm_eps: float = 1e-6, use_kernels: bool = True):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"CrossAttention: dim={dim} must be divisible by heads={heads}")
+        _check_heads("CrossAttention", dim, heads, norm_eps)
+        check_int("CrossAttention", "context_dim", context_dim)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.qk_norm, self.norm_eps, self.use_kernels = qk_norm, norm_eps, use_kernels
         self.q = nn.Linear(dim, dim, bias=bias)

@@ -367,7 +367,9 @@ I2V_ALWAYS_INLINE void adaln_rows_impl(const AdalnParams& p, int64_t begin, int6
       mean = s * inv_C;
       rstd = A(1) / std::sqrt(row_sum_sq_dev(r, C, mean) * inv_C + eps);
     } else {
-      rstd = A(1) / std::sqrt(s * inv_C + eps);
+      // An infinity gives s = inf and rstd = 0, so NaN at the infinity and zeros beside it: make the
+      // whole row NaN, as LayerNorm does (docs/SEMANTICS.md).
+      rstd = A(1) / std::sqrt(s * inv_C + eps) + s * A(0);
     }
 
     const MS* scr = scale ? scale + off[kScale] : zeros;

@@ -253,7 +253,8 @@ __global__ void __launch_bounds__(kMaxThreads) adaln_fwd_reg_kernel(const AdalnP
       }
       rstd = rsqrtf(block_sum(q, red) * inv_C + eps);
     } else {
-      rstd = rsqrtf(block_sum(s, red) * inv_C + eps);
+      const float ss = block_sum(s, red);
+      rstd = rsqrtf(ss * inv_C + eps) + ss * 0.0f;  // + ss * 0: an infinity NaNs the row (docs/SEMANTICS.md)
     }
 
 #pragma unroll
@@ -297,7 +298,8 @@ __global__ void __launch_bounds__(kMaxThreads) adaln_fwd_stream_kernel(const Ada
       }
       rstd = rsqrtf(block_sum(q, red) * inv_C + eps);
     } else {
-      rstd = rsqrtf(block_sum(s, red) * inv_C + eps);
+      const float ss = block_sum(s, red);
+      rstd = rsqrtf(ss * inv_C + eps) + ss * 0.0f;  // + ss * 0: an infinity NaNs the row (docs/SEMANTICS.md)
     }
 
     for (int64_t k = threadIdx.x; k < nchunks; k += blockDim.x) {

@@ -211,6 +211,10 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp)
       float row_max = -INFINITY;
 #pragma unroll
       for (int i = 0; i < kKeysPerLane; ++i) {
+        // A NaN/inf in q or k makes the dot product NaN or +-inf; + score * 0 turns +-inf into NaN,
+        // so a non-finite query or visible key NaNs the whole output row (docs/SEMANTICS.md) instead
+        // of a -inf score silently dropping the key.
+        score[i] += score[i] * 0.f;
         score[i] *= scale_log2;
         if (lane + i * kWarp < keys) row_max = fmaxf(row_max, score[i]);
       }

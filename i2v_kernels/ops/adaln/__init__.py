@@ -13,15 +13,14 @@ policy: inputs are not cast (modulation tensors may be fp32 next to a bf16 ``x``
 
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from i2v_kernels import _backend, _dispatch, _static_table
-from i2v_kernels.ops._checks import FLOAT_DTYPES, check_float_tensor
+from i2v_kernels.ops._checks import FLOAT_DTYPES, check_float_arg, check_float_tensor
+from i2v_kernels.ops._rows import coalesce_rows
 from i2v_kernels.ops.adaln import native, reference
 from i2v_kernels.ops.adaln.reference import NORM_LAYER, NORM_NONE, NORM_RMS
 
@@ -42,11 +41,7 @@ _backend.load_extension()  # registers the C++ schemas before the Python ops joi
 
 
 def _check_eps(eps, op: str) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, Real):
-        raise TypeError(f"{op}: eps must be a positive float, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"{op}: eps must be a positive finite float (it keeps 1/sqrt(var + eps) finite), got {eps}")
-    return float(eps)
+    return check_float_arg(op, "eps", eps, positive=True, what=" (it keeps 1/sqrt(var + eps) finite)")
 
 
 def _check_types(op: str, **tensors) -> None:
@@ -119,6 +114,21 @@ def _kernel_views(x, y, gate, shift, scale, weight, bias):
     return x, y, mod(gate, True), mod(shift, True), mod(scale, True), mod(weight, False), mod(bias, False)
 
 
+# csrc/common/rows.h kMaxRowDims: the C++ kernels address rows through at most this many coalesced dims.
+CPP_MAX_ROW_DIMS = 8
+
+
+def _row_dims_why_not(backend: str, views, max_dims: int) -> Optional[str]:
+    """Why a kernel that addresses rows through ``max_dims`` coalesced leading dims cannot take these
+    row-shaped views (x, y, gate, shift, scale; None where absent), or None."""
+    x = views[0]
+    dims = coalesce_rows(x.shape[:-1], [None if v is None else v.stride()[:-1] for v in views])[0]
+    if len(dims) > max_dims:
+        return (f"the {backend} kernel addresses rows through at most {max_dims} coalesced leading dims; "
+                f"these strides need {len(dims)}")
+    return None
+
+
 def _triton():
     from i2v_kernels.ops.adaln import triton as triton_kernels
 
@@ -167,9 +177,11 @@ def _fused(op: str, x, y, gate, shift, scale, weight, bias, norm: int, eps: floa
     def why_not(backend: str) -> Optional[str]:
         if backend == "triton":
             v = kernel_views()
-            return _triton().why_not(v[0], v[1:5])
+            return _triton().why_not(v[0], v[:5])
         if backend in _NATIVE_DTYPES and x.dtype not in _NATIVE_DTYPES[backend]:
             return f"the {backend} kernel does not support {x.dtype}"
+        if backend in _NATIVE_DTYPES:
+            return _row_dims_why_not(backend, kernel_views()[:5], CPP_MAX_ROW_DIMS)
         return None
 
     def run(backend: str):

@@ -25,7 +25,10 @@ def fused_fwd(x, y, gate, shift, scale, weight, bias, norm: int, eps: float):
     if norm == NORM_LAYER:
         out = F.layer_norm(r, (C,), w, None if bias is None else bias.to(x.dtype), eps)
     else:
-        out = F.rms_norm(r, (C,), w, eps)
+        out = F.rms_norm(r, (C,), None, eps)
+        out = out + out.sum(-1, keepdim=True) * 0  # a row with an infinity: all NaN (docs/SEMANTICS.md)
+        if w is not None:
+            out = out * w
     if scale is not None:
         out = torch.addcmul(out, out, scale)
     if shift is not None:

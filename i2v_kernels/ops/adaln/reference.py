@@ -30,7 +30,10 @@ def normalize(r: Tensor, norm: int, eps: float) -> tuple[Tensor, Tensor]:
         centered = r - r.mean(dim=-1, keepdim=True)
         rstd = torch.rsqrt(centered.square().mean(dim=-1, keepdim=True) + eps)
         return centered * rstd, rstd
-    rstd = torch.rsqrt(r.square().mean(dim=-1, keepdim=True) + eps)
+    ms = r.square().mean(dim=-1, keepdim=True)
+    # An infinity makes ms = inf and rstd = 0, so inf * 0 = NaN at the infinity alone and zeros beside
+    # it; + ms * 0 (NaN exactly then) makes the whole row NaN, as LayerNorm does (docs/SEMANTICS.md).
+    rstd = torch.rsqrt(ms + eps) + ms * 0
     return r * rstd, rstd
 
 

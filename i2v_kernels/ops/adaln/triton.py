@@ -74,7 +74,7 @@ def _adaln_fwd_kernel(
             n = centered * (1.0 / tl.sqrt(var + eps))[:, None]
         else:
             ms = tl.sum(r * r, axis=1) / C
-            n = r * (1.0 / tl.sqrt(ms + eps))[:, None]
+            n = r * (1.0 / tl.sqrt(ms + eps) + ms * 0.0)[:, None]  # + ms * 0: an infinity NaNs the row
         if HAS_W:
             n = n * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_B:

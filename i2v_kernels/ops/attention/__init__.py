@@ -18,14 +18,13 @@ Inputs are read through their strides (unit stride on ``D`` only): views of a pa
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from i2v_kernels import _backend, _dispatch
-from i2v_kernels.ops._checks import check_float_tensor
+from i2v_kernels.ops._checks import check_float_arg, check_float_tensor
 from i2v_kernels.ops.attention import native, reference
 
 __all__ = ["attention", "spatial_attention", "temporal_attention"]
@@ -56,6 +55,10 @@ def _check(mode, q, k, v, scale, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos
         if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
             raise ValueError(f"{op}: expected {layout} with matching B, H, D and k.shape == v.shape; "
                              f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if k.shape[1] == 0 and q.shape[0] * q.shape[1] * q.shape[2] != 0:
+            # softmax over no keys is undefined (kv_lens likewise needs >= 1 key per sample)
+            raise ValueError(f"{op}: k and v have M = 0 keys; every query needs at least one key "
+                             f"(got q {tuple(q.shape)}, k {tuple(k.shape)})")
     else:
         if q.dim() != 5:
             raise ValueError(f"{op}: q must be [B, T, S, H, D], got shape {tuple(q.shape)}")
@@ -65,8 +68,8 @@ def _check(mode, q, k, v, scale, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos
     D = q.shape[-1]
     if D == 0:
         raise ValueError(f"{op}: head dim D must be >= 1, got q of shape {tuple(q.shape)}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"{op}: scale must be a finite float or None, got {scale}")
+    if scale is not None:
+        check_float_arg(op, "scale", scale)
     if kv_lens is not None:
         if not isinstance(kv_lens, Tensor) or kv_lens.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{op}: kv_lens must be an int32/int64 tensor [B], got "
@@ -429,18 +432,13 @@ _register(_dense_op, DENSE)
 def _prologue_args(op, qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, norm_eps, rope, rope_style):
     if rope is not None and (not isinstance(rope, (tuple, list)) or len(rope) != 2):
         raise TypeError(f"{op}: rope must be a pair (cos, sin) of tensors, got {type(rope).__name__}")
-    if isinstance(norm_eps, bool) or not isinstance(norm_eps, Real) or not (math.isfinite(norm_eps) and norm_eps > 0):
-        raise ValueError(f"{op}: norm_eps must be a positive finite float, got {norm_eps!r}")
+    norm_eps = check_float_arg(op, "norm_eps", norm_eps, positive=True)
     cos, sin = (None, None) if rope is None else rope
-    return (qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, float(norm_eps), cos, sin, rope_style)
+    return (qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, norm_eps, cos, sin, rope_style)
 
 
 def _scale_arg(op, scale):
-    if scale is None:
-        return None
-    if isinstance(scale, bool) or not isinstance(scale, Real):
-        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
-    return float(scale)
+    return None if scale is None else check_float_arg(op, "scale", scale)
 
 
 def _tensors(op, **tensors):

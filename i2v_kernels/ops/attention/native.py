@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from i2v_kernels.ops.attention import semantics
 from i2v_kernels.ops.attention.reference import rotate
 
 SPATIAL, TEMPORAL, DENSE = 0, 1, 2
@@ -33,7 +34,10 @@ def prologue(x: Tensor, norm: Optional[str], weight, bias, eps: float, cos, sin,
     if norm == "layer":
         x = F.layer_norm(x, (D,), w, None if bias is None else bias.to(x.dtype), eps)
     elif norm == "rms":
-        x = F.rms_norm(x, (D,), w, eps)
+        x = F.rms_norm(x, (D,), None, eps)
+        x = x + x.sum(-1, keepdim=True) * 0  # a row with an infinity: all NaN, as LayerNorm gives
+        if w is not None:
+            x = x * w
     if cos is not None:
         c, s = cos.to(x.dtype).unsqueeze(-2), sin.to(x.dtype).unsqueeze(-2)
         x = x * c + rotate(x, rope_style) * s
@@ -129,7 +133,11 @@ def sdpa(mode: int, q, k, v, scale: float, causal: bool, kv_lens: Optional[Tenso
     if kv_lens is not None:  # [B, 1, 1, M]: key j of sample b is kept when j < kv_lens[b]
         mask = (torch.arange(k.shape[1], device=q.device) < kv_lens.reshape(-1, 1)).view(-1, 1, 1, k.shape[1])
     to_heads, back = (_packed_heads, _from_packed) if packed else (_as_heads_seq, _from_heads_seq)
-    o = _sdpa_chunked(to_heads(mode, q), to_heads(mode, k), to_heads(mode, v), mask, causal, scale)
+    # SDPA's kernels disagree on NaN/inf: feed it finite inputs and write the NaNs semantics.py asks for
+    qh, kh, vh, poisoned = semantics.finite_inputs(to_heads(mode, q), to_heads(mode, k), to_heads(mode, v), causal,
+                                                   kv_lens)
+    qh, scale = semantics.zero_scale(qh, scale)
+    o = semantics.poison(_sdpa_chunked(qh, kh, vh, mask, causal, scale), poisoned)
     return back(mode, o, shape)
 
 

@@ -19,10 +19,13 @@ Optional prologue applied to q and k before the scores (CogVideoX / Wan style):
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from i2v_kernels.ops.attention import semantics
 
 
 def acc_dtype(q: Tensor) -> torch.dtype:
@@ -57,13 +60,21 @@ def prologue(x: Tensor, norm: Optional[str], weight, bias, eps: float, rope, rop
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False, kv_lens: Optional[Tensor] = None) -> Tensor:
     """``[..., Sq, D] x [..., Sk, D]`` attention through PyTorch SDPA, in the inputs' dtype (the caller
-    upcasts); batch dim 0 indexes ``kv_lens``."""
+    upcasts); batch dim 0 indexes ``kv_lens``. NaN/inf inputs give NaN exactly where
+    :mod:`~i2v_kernels.ops.attention.semantics` says, and masked keys have no effect whatever they hold."""
+    q, k, v, poisoned = semantics.finite_inputs(q, k, v, causal, kv_lens)
+    q, scale = semantics.zero_scale(q, scale)
+    return semantics.poison(_sdpa(q, k, v, scale, causal, kv_lens), poisoned)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False, kv_lens: Optional[Tensor] = None) -> Tensor:
     if q.dim() > 4 and kv_lens is None:
         # Fold the leading dims into one batch: SDPA's fused CUDA kernels take 4-D inputs only, and
         # inductor (torch 2.14) permutes the output of a 5-D SDPA wrongly under torch.compile.
         lead = q.shape[:-3]
-        out = sdpa(q.reshape(-1, *q.shape[-3:]), k.reshape(-1, *k.shape[-3:]), v.reshape(-1, *v.shape[-3:]),
-                   scale, causal)
+        n = math.prod(lead)  # not -1: a zero-size dim (T = 0 or S = 0) makes -1 ambiguous
+        out = _sdpa(q.reshape(n, *q.shape[-3:]), k.reshape(n, *k.shape[-3:]), v.reshape(n, *v.shape[-3:]),
+                    scale, causal)
         return out.view(*lead, *out.shape[-3:])
     mask = None
     if kv_lens is not None:
@@ -71,11 +82,11 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False, kv
         mask = torch.arange(Sk, device=q.device) < kv_lens.view(-1, *([1] * (q.dim() - 1)))
     if q.is_cuda and q.shape[0] > GRID_YZ:
         # SDPA's CUDA kernels put batch and heads in grid dims capped at 65,535 (found by the H200 smoke run)
-        return torch.cat([sdpa(q[i:i + GRID_YZ], k[i:i + GRID_YZ], v[i:i + GRID_YZ], scale, causal,
-                               None if kv_lens is None else kv_lens[i:i + GRID_YZ])
+        return torch.cat([_sdpa(q[i:i + GRID_YZ], k[i:i + GRID_YZ], v[i:i + GRID_YZ], scale, causal,
+                                None if kv_lens is None else kv_lens[i:i + GRID_YZ])
                           for i in range(0, q.shape[0], GRID_YZ)])
     if q.is_cuda and q.dim() == 4 and q.shape[1] > GRID_YZ:
-        return torch.cat([sdpa(q[:, i:i + GRID_YZ], k[:, i:i + GRID_YZ], v[:, i:i + GRID_YZ], scale, causal, kv_lens)
+        return torch.cat([_sdpa(q[:, i:i + GRID_YZ], k[:, i:i + GRID_YZ], v[:, i:i + GRID_YZ], scale, causal, kv_lens)
                           for i in range(0, q.shape[1], GRID_YZ)], dim=1)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
@@ -184,5 +195,6 @@ def _normalize(x: Tensor, norm: str, eps: float) -> tuple[Tensor, Tensor]:
         centered = x - x.mean(-1, keepdim=True)
         rstd = torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)
         return centered * rstd, rstd
-    rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    ms = x.square().mean(-1, keepdim=True)
+    rstd = torch.rsqrt(ms + eps) + ms * 0  # + ms * 0: an infinity NaNs the whole row, as LayerNorm does
     return x * rstd, rstd

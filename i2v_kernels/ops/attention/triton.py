@@ -79,6 +79,24 @@ def _load_prologue(base, row_offs, rope_offs, offs_d, D, row_mask, w_ptr, b_ptr,
 
 
 @triton.jit
+def _row_poison(x):
+    """Per row of a [rows, D] fp32 tile: 0, or NaN when the row holds a NaN or an infinity."""
+    return tl.sum(x * 0.0, axis=1)
+
+
+@triton.jit
+def _masked_values(v, keep, poison, DOT_DTYPE: tl.constexpr):
+    """``v`` [N, D] with NaN/inf zeroed, and ``poison`` [M, D] counting, per output, the non-finite
+    values among the keys its row keeps (``keep`` [M, N]). Only a tile holding one pays for the count."""
+    vf = v.to(tl.float32)
+    bad = (vf != vf) | (tl.abs(vf) == float("inf"))
+    if tl.max(tl.ravel(bad.to(tl.int32)), axis=0) > 0:
+        poison += tl.dot(keep.to(DOT_DTYPE), bad.to(DOT_DTYPE), out_dtype=tl.float32)
+        v = tl.where(bad, tl.zeros_like(v), v)
+    return v, poison
+
+
+@triton.jit
 def _batch_index(pid_b, nb1, nb2):
     """Split a flat program index over the three batch dims ``[b0, b1, b2]`` (b0 outermost)."""
     rest = pid_b // nb2
@@ -112,6 +130,7 @@ def _attn_fwd_kernel(
 
     q = _load_prologue(q_base, offs_m.to(tl.int64) * sqs, offs_m.to(tl.int64) * scs, offs_d, D, m_mask, QW, QB,
                        COS + c_off, SIN + c_off, eps, NORM, HAS_QW, HAS_QB, ROPE)
+    q = q + _row_poison(q)[:, None]  # a NaN/inf anywhere in a query makes its whole row NaN (semantics.py)
     q = (q * qk_scale).to(K.dtype.element_ty).to(DOT_DTYPE)
 
     kv_len = Sk
@@ -124,12 +143,15 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    v_poison = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # causal: rows that see a NaN/inf value
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         n_mask = cols < kv_len
         k = _load_prologue(k_base, cols.to(tl.int64) * sks, cols.to(tl.int64) * scs, offs_d, D, n_mask, KW, KB,
-                           COS + c_off, SIN + c_off, eps, NORM, HAS_KW, HAS_KB, ROPE).to(K.dtype.element_ty).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k))
+                           COS + c_off, SIN + c_off, eps, NORM, HAS_KW, HAS_KB, ROPE)
+        k_poison = _row_poison(k)
+        k = k.to(K.dtype.element_ty).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k)) + k_poison[None, :]  # a NaN/inf key: NaN for every row that sees it
         keep = n_mask[None, :]
         if CAUSAL:
             keep = keep & (offs_m[:, None] >= cols[None, :])
@@ -140,9 +162,13 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + cols.to(tl.int64)[:, None] * svs + offs_d[None, :],
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        if CAUSAL:  # a future key's value is loaded but must not leak through 0 * NaN into earlier rows
+            v, v_poison = _masked_values(v, keep, v_poison, DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE))
         m_i = m_new
     out = acc / l_i[:, None]
+    if CAUSAL:
+        out = tl.where(v_poison > 0, float("nan"), out)
     tl.store(o_base + offs_m.to(tl.int64)[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
     if STORE_LSE:  # log2-domain log-sum-exp of the scaled scores, for the backward
@@ -293,19 +319,26 @@ def _temporal_fwd_kernel(
                        COS + c_off, SIN + c_off, eps, NORM, HAS_KW, HAS_KB, ROPE)
     mask = row_mask[:, None] & (offs_d < D)[None, :]
     v = tl.load(V + b * svb + s * svs + (h * svh + t * svt)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    q = q + _row_poison(q)[:, None]  # NaN/inf rules of semantics.py, as in _attn_fwd_kernel
+    k_poison = tl.reshape(_row_poison(k), (BLOCK_H, BLOCK_T))
     q = tl.reshape((q * qk_scale).to(V.dtype.element_ty).to(DOT_DTYPE), (BLOCK_H, BLOCK_T, BLOCK_D))
     k = tl.reshape(k.to(V.dtype.element_ty).to(DOT_DTYPE), (BLOCK_H, BLOCK_T, BLOCK_D))
-    v = tl.reshape(v.to(DOT_DTYPE), (BLOCK_H, BLOCK_T, BLOCK_D))
 
-    scores = tl.dot(q, tl.permute(k, (0, 2, 1)))  # [BLOCK_H, T_q, T_k]
+    scores = tl.dot(q, tl.permute(k, (0, 2, 1))) + k_poison[:, None, :]  # [BLOCK_H, T_q, T_k]
     tq = tl.arange(0, BLOCK_T)[None, :, None]
     tk = tl.arange(0, BLOCK_T)[None, None, :]
     keep = tk < T
     if CAUSAL:
         keep = keep & (tk <= tq)
+        v_poison = tl.zeros([BLOCK_H, BLOCK_T, BLOCK_D], dtype=tl.float32)
+        v, v_poison = _masked_values(tl.reshape(v, (BLOCK_H, BLOCK_T, BLOCK_D)),
+                                     tl.broadcast_to(keep, (BLOCK_H, BLOCK_T, BLOCK_T)), v_poison, DOT_DTYPE)
+    v = tl.reshape(v.to(DOT_DTYPE), (BLOCK_H, BLOCK_T, BLOCK_D))
     scores = tl.where(keep, scores, float("-inf"))
     p = tl.math.exp2(scores - tl.max(scores, axis=2)[:, :, None])
     out = tl.dot(p.to(V.dtype.element_ty).to(DOT_DTYPE), v) / tl.sum(p, axis=2)[:, :, None]  # [BLOCK_H, T, BLOCK_D]
+    if CAUSAL:
+        out = tl.where(v_poison > 0, float("nan"), out)
     out = tl.reshape(out, (BLOCK_H * BLOCK_T, BLOCK_D))
     tl.store(O + b * sob + s * sos + (h * soh + t * sot)[:, None] + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=mask)
@@ -343,6 +376,12 @@ def _num_warps(block_d: int) -> int:
 _FWD_STAGES = 2
 
 
+def _dense(*side):
+    """The kernels index the small side tensors (kv_lens [B], norm weights and biases [D]) as packed
+    arrays: a strided view (``kv_lens[::2]``, a weight sliced out of a bigger one) is copied."""
+    return tuple(None if t is None else t.contiguous() for t in side)
+
+
 def _strides(t: torch.Tensor) -> list[int]:
     return list(t.stride()[:4])
 
@@ -356,6 +395,8 @@ def attention_fwd(q5, k5, v5, o5, *, scale: float, causal: bool = False, kv_lens
     Sk = k5.shape[3]
     if q5.numel() == 0 or Sk == 0:
         return o5
+    kv_lens, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias = _dense(
+        kv_lens, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias)
     block_m, block_n, block_d = _tiles(Sq, Sk, D)
     num_warps = _num_warps(block_d)
     operand_dtype = dot_dtype(q5.dtype)
@@ -385,6 +426,7 @@ def attention_bwd(q5, k5, v5, do5, dq5, dk5, dv5, *, scale: float, causal: bool 
     Sk = k5.shape[3]
     if q5.numel() == 0 or Sk == 0:
         return
+    (kv_lens,) = _dense(kv_lens)
     o5 = torch.empty(q5.shape, dtype=q5.dtype, device=q5.device)
     lse = torch.empty(nb0 * nb1 * nb2, Sq, dtype=torch.float32, device=q5.device)
     attention_fwd(q5, k5, v5, o5, scale=scale, causal=causal, kv_lens=kv_lens, lse=lse)
@@ -428,6 +470,8 @@ def temporal_fwd(q, k, v, out, *, scale: float, causal: bool, qk_norm=None, q_no
     B, T, S, H, D = q.shape
     if q.numel() == 0:
         return out
+    q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias = _dense(q_norm_weight, q_norm_bias, k_norm_weight,
+                                                                    k_norm_bias)
     if not packed_temporal(T, D):
         def seq(t):  # [B, S, H, T, D]: the flash kernel's [b0, b1, b2, seq, D] view, no copy
             return t.permute(0, 2, 3, 1, 4)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from i2v_kernels import _backend, _dispatch, _static_table
-from i2v_kernels.ops._checks import check_float_tensor
+from i2v_kernels.ops._checks import check_float_tensor, check_triple
 from i2v_kernels.ops.conv3d import native, reference
 from i2v_kernels.ops.conv3d.reference import TIME_PADS
 
@@ -47,14 +47,7 @@ _backend.load_extension()  # registers the C++ schemas before the Python ops joi
 
 
 def _check_triple(name: str, v) -> tuple[int, int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        v = (v, v, v)
-    if (not isinstance(v, (tuple, list)) or len(v) != 3
-            or any(isinstance(a, bool) or not isinstance(a, int) for a in v)):
-        raise TypeError(f"{_OP}: {name} must be an int or a (t, h, w) triple of ints, got {v!r}")
-    if any(a < 1 for a in v):
-        raise ValueError(f"{_OP}: {name} must be positive, got {tuple(v)}")
-    return tuple(v)  # type: ignore[return-value]
+    return check_triple(_OP, name, v)
 
 
 def _check(x, weight, bias, cache, residual, stride, dilation, time_pad):

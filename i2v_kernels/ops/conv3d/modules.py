@@ -29,9 +29,10 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from i2v_kernels.ops._checks import check_choice, check_int, check_triple
 from i2v_kernels.ops.conv3d import causal_conv3d
 from i2v_kernels.ops.conv3d import reference
-from i2v_kernels.ops.conv3d.reference import TIME_PADS, triple
+from i2v_kernels.ops.conv3d.reference import TIME_PADS
 
 __all__ = ["CausalConv3d", "ConvCache", "decode_in_chunks", "streaming"]
 
@@ -117,11 +118,14 @@ class CausalConv3d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, dilation=1, bias: bool = True,
                  time_pad: str = "replicate", use_kernels: bool = True, device=None, dtype=None):
         super().__init__()
-        if time_pad not in TIME_PADS:
-            raise ValueError(f"CausalConv3d: time_pad must be one of {', '.join(map(repr, TIME_PADS))}, got {time_pad!r}")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = triple(kernel_size)
-        self.stride, self.dilation = triple(stride), triple(dilation)
+        name = "CausalConv3d"
+        check_choice(name, "time_pad", time_pad, TIME_PADS)
+        self.in_channels = check_int(name, "in_channels", in_channels)
+        self.out_channels = check_int(name, "out_channels", out_channels)
+        self.kernel_size = check_triple(name, "kernel_size", kernel_size)
+        self.stride, self.dilation = check_triple(name, "stride", stride), check_triple(name, "dilation", dilation)
+        if not isinstance(bias, bool):
+            raise TypeError(f"{name}: bias must be a bool, got {type(bias).__name__}")
         self.time_pad, self.use_kernels = time_pad, use_kernels
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))

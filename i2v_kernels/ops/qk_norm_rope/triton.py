@@ -81,7 +81,8 @@ def _norm_rope_rows(src_ptr, dst_ptr, w_ptr, b_ptr, src_offs, dst_offs, row_mask
             mean = (tl.sum(a, axis=1) + tl.sum(b, axis=1)) / D
             a = tl.where(in_a[None, :], a - mean[:, None], 0.0)
             b = tl.where(in_b[None, :], b - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt((tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) / D + eps)
+        ms = (tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) / D
+        rstd = 1.0 / tl.sqrt(ms + eps) + ms * 0.0  # + ms * 0: an infinity NaNs the whole row
         a = a * rstd[:, None]
         b = b * rstd[:, None]
         # weight and bias: one "row" at offset 0, broadcast over the ROWS rows

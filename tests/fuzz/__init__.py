@@ -1,0 +1,1 @@
+"""Seeded property-based fuzzing of every op against an independent fp64 oracle (tests/test_fuzz.py)."""
