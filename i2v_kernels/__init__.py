@@ -13,6 +13,7 @@ from i2v_kernels.ops.attention import attention, spatial_attention, temporal_att
 from i2v_kernels.integrations.diffusers import patch, unpatch
 from i2v_kernels.ops.conv3d import causal_conv3d
 from i2v_kernels.ops.qk_norm_rope import qk_norm_rope
+from i2v_kernels import distributed
 
 __all__ = [
     "AdaLNModulate",
@@ -24,6 +25,7 @@ __all__ = [
     "attention",
     "available_backends",
     "causal_conv3d",
+    "distributed",
     "gated_residual",
     "gated_residual_adaln",
     "info",

@@ -358,13 +358,21 @@ def cmd_generate(args) -> int:
         raise UserError(f"--image: {e}") from None
     prompt = cfg.default_prompt if args.prompt is None else args.prompt
 
+    from i2v_model import parallel
+
+    run = parallel.launch(_device(args.backend))  # under torchrun: join its process group (else None)
     start = time.perf_counter()
     pipe = _load_pipeline(args, cfg)
+    if run is not None:
+        run.enable(pipe.dit)
     load_s = time.perf_counter() - start
     steps = args.steps or cfg.steps
-    with _backend_context(args.backend):
+    with _backend_context(args.backend), parallel.guard(run):
         video, timings = pipe.generate(image, prompt, frames=args.frames, steps=steps, guidance=args.guidance,
-                                       seed=args.seed, progress=_progress(steps, "denoise"))
+                                       seed=args.seed,
+                                       progress=_progress(steps, "denoise") if parallel.writes(run) else None)
+    if not parallel.writes(run):
+        return 0  # rank 0 writes the video
     frames = to_uint8(video)
     if args.upscale > 1:
         frames = frames.repeat(args.upscale, axis=1).repeat(args.upscale, axis=2)
@@ -564,7 +572,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         except (ValueError, KeyError) as e:  # ImageError and the model's own argument checks
             msg = str(e).strip("'\"")
         except RuntimeError as e:  # a forced kernel backend that cannot run, and the like
-            if type(e).__name__ != "BackendUnavailableError":
+            if type(e).__name__ not in ("BackendUnavailableError", "ParallelError"):
                 raise
             msg = str(e)
         print(f"i2v: error: {msg.splitlines()[0] if msg else 'failed'}", file=sys.stderr)

@@ -104,15 +104,18 @@ class DiTBlock(nn.Module):
         self.mlp = MLP(D, int(D * cfg.mlp_ratio))
         self.modulation = nn.Linear(D, 12 * D)
 
-    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor], context: Tensor, kv_lens: Tensor) -> Tensor:
-        """``x [B, T, S, D]``, ``c [B, D]`` (timestep + prompt embedding, already through SiLU)."""
+    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor], context: Tensor, kv_lens: Tensor,
+                sp=None) -> Tensor:
+        """``x [B, T, S, D]``, ``c [B, D]`` (timestep + prompt embedding, already through SiLU); ``sp``: a
+        sequence-parallel call (:mod:`i2v_model.parallel`: ``x`` holds this rank's frames)."""
         ops = i2v_kernels if self.use_kernels else adaln_ref
         B, D = c.shape
         # Twelve [B, 1, 1, D] views of one projection: strided, never copied.
         (sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3, sh4, sc4, g4) = self.modulation(c).view(B, 1, 1, 12, D).unbind(3)
         h = self.norm(x, sh1, sc1)
         x, h = ops.gated_residual_adaln(x, self.spatial(h, rope), g1, sh2, sc2)
-        x, h = ops.gated_residual_adaln(x, self.temporal(h, rope), g2, sh3, sc3)
+        temporal = self.temporal(h, rope) if sp is None else sp.temporal(self.temporal, h)
+        x, h = ops.gated_residual_adaln(x, temporal, g2, sh3, sc3)
         x, h = ops.gated_residual_adaln(x, self.cross(h, context, kv_lens), g3, sh4, sc4)
         return ops.gated_residual(x, self.mlp(h), g4)
 
@@ -142,6 +145,7 @@ class VideoDiT(nn.Module):
         # rotations are exactly that), from the frame's mean token; see affine_flow.
         self.motion_out = nn.Linear(D, 6)
         self.reset_parameters()
+        self.sequence_parallel = None  # i2v_model.parallel.enable(): the blocks run on this rank's frames
 
     def reset_parameters(self) -> None:
         for m in self.modules():
@@ -253,8 +257,13 @@ class VideoDiT(nn.Module):
         c = self.time_embed(timestep_features(t, self.cfg.freq_dim).to(x.dtype)) + self.text_embed(pooled)
         c = F.silu(c)
         rope = rope_3d(T, h // p, w // p, self.cfg.head_dim, self.cfg.rope_theta, device=x.device)
+        sp = None if self.sequence_parallel is None else self.sequence_parallel.begin(tokens, rope)
+        if sp is not None:
+            tokens, rope = sp.tokens, sp.rope
         for block in self.blocks:
-            tokens = block(tokens, c, rope, context, kv_lens)
+            tokens = block(tokens, c, rope, context, kv_lens, sp)
+        if sp is not None:
+            tokens = sp.end(tokens)
         shift, scale = self.modulation_out(c).view(B, 1, 1, 2, -1).unbind(3)
         tokens = self.norm_out(tokens, shift, scale)
         out = self.unpatchify(self.proj_out(tokens), h, w)

@@ -277,7 +277,7 @@ _TO_SEQ = {
 
 
 def _backward_impl(mode, grad_out, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin,
-                   rope_style, needs):
+                   rope_style, needs, grad_lse=None):
     """Recompute-based backward. The prologue (QK-norm, RoPE) is recomputed and differentiated in
     plain PyTorch (fp32); the attention itself by the Triton flash backward (dK/dV and dQ kernels over
     the recomputed log-sum-exp, O(seq) memory) or, on the torch backend, the reference's explicit
@@ -307,10 +307,10 @@ def _backward_impl(mode, grad_out, q, k, v, scale, causal, kv_lens, qk_norm, qw,
         g_qp, g_kp, g_v = (torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
         attn_triton.attention_bwd(*(_five_d(mode, t) for t in (qp.to(q.dtype), kp.to(q.dtype), _unit_d(v),
                                                                _unit_d(grad_out), g_qp, g_kp, g_v)),
-                                  scale=scale, causal=causal, kv_lens=kv_lens)
+                                  scale=scale, causal=causal, kv_lens=kv_lens, grad_lse=grad_lse)
     else:
         g_qp, g_kp, g_v = (from_seq(g) for g in reference.sdpa_bwd(
-            to_seq(qp), to_seq(kp), to_seq(v.to(acc)), to_seq(grad_out.to(acc)), scale, causal, kv_lens))
+            to_seq(qp), to_seq(kp), to_seq(v.to(acc)), to_seq(grad_out.to(acc)), scale, causal, kv_lens, grad_lse))
     dq, dqw, dqb, dcos, dsin = reference.prologue_bwd(q, g_qp, qk_norm, qw, qb, norm_eps, rope, rope_style,
                                                       [needs[0], needs[3], needs[4], needs[7], needs[8]])
     dk, dkw, dkb, dcos_k, dsin_k = reference.prologue_bwd(k, g_kp, qk_norm, kw, kb, norm_eps, rope, rope_style,
@@ -361,12 +361,14 @@ def _attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mode: i
                       causal: bool, kv_lens: Optional[Tensor], qk_norm: Optional[str],
                       q_norm_weight: Optional[Tensor], q_norm_bias: Optional[Tensor], k_norm_weight: Optional[Tensor],
                       k_norm_bias: Optional[Tensor], norm_eps: float, rope_cos: Optional[Tensor],
-                      rope_sin: Optional[Tensor], rope_style: str, needs: list[bool]) -> list[Tensor]:
+                      rope_sin: Optional[Tensor], rope_style: str, needs: list[bool],
+                      grad_lse: Optional[Tensor] = None) -> list[Tensor]:
     """Gradients for (q, k, v, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, cos, sin); an
-    empty tensor where ``needs`` is False or the input is absent."""
+    empty tensor where ``needs`` is False or the input is absent. ``grad_lse [B, H, N]``: dense mode's
+    log-sum-exp output's gradient (``attention(..., return_lse=True)``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _backward_impl(mode, grad_out, q, k, v, scale, causal, kv_lens, qk_norm, q_norm_weight, q_norm_bias,
-                          k_norm_weight, k_norm_bias, norm_eps, rope_cos, rope_sin, rope_style, needs)
+                          k_norm_weight, k_norm_bias, norm_eps, rope_cos, rope_sin, rope_style, needs, grad_lse)
 
 
 def _fake_forward(mode):
@@ -381,7 +383,8 @@ def _fake_forward(mode):
 
 
 @_attention_bwd_op.register_fake
-def _(grad_out, q, k, v, mode, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style, needs):
+def _(grad_out, q, k, v, mode, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style, needs,
+      grad_lse=None):
     inputs = [q, k, v, qw, qb, kw, kb, cos, sin]
     return [torch.empty(t.shape, dtype=t.dtype, device=t.device) if t is not None and n else q.new_empty(0)
             for t, n in zip(inputs, needs)]
@@ -397,23 +400,23 @@ _ARG_NAMES = {
 _GRAD_INPUTS = ("q", "k", "v", "q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias", "rope_cos", "rope_sin")
 
 
-def _register(op, mode):
+def _register(op, mode, fake=None):
     names = _ARG_NAMES[mode]
-    op.register_fake(_fake_forward(mode))
+    op.register_fake(fake or _fake_forward(mode))
 
     def setup_context(ctx, inputs, output):
         args = dict(zip(names, inputs))
         ctx.args = {n: args.get(n) for n in ("scale", "causal", "qk_norm", "norm_eps", "rope_style")}
         ctx.save_for_backward(*(args.get(n) for n in _GRAD_INPUTS), args.get("kv_lens"))
 
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_lse=None):  # grad_lse: the attention_lse op's second output
         *saved, kv_lens = ctx.saved_tensors
         needs_by_name = dict(zip(names, ctx.needs_input_grad))
         needs = [bool(needs_by_name.get(n, False)) for n in _GRAD_INPUTS]
         a = ctx.args
         grads = torch.ops.i2v_kernels._attention_bwd(
             grad_out, saved[0], saved[1], saved[2], mode, a["scale"], bool(a["causal"]), kv_lens, a["qk_norm"],
-            *saved[3:7], a["norm_eps"], saved[7], saved[8], a["rope_style"], needs)
+            *saved[3:7], a["norm_eps"], saved[7], saved[8], a["rope_style"], needs, grad_lse)
         by_name = {n: (g if need else None) for n, g, need in zip(_GRAD_INPUTS, grads, needs)}
         return tuple(by_name.get(n) for n in names)
 
@@ -423,6 +426,79 @@ def _register(op, mode):
 _register(_spatial_op, SPATIAL)
 _register(_temporal_op, TEMPORAL)
 _register(_dense_op, DENSE)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dense/cross attention with its log-sum-exp (the merge of ring attention needs it)
+
+_IMPLEMENTED_LSE = ("triton", "native", "torch")
+
+
+def _forward_lse(q, k, v, scale, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style):
+    """``(out [B, N, H, D], lse [B, H, N])`` on a backend that computes the log-sum-exp (the others are
+    ineligible: ``why_not``). ``lse`` is fp32 (fp64 for fp64 inputs)."""
+    _check(DENSE, q, k, v, scale, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style)
+    _check_kv_lens_values(kv_lens, k.shape[1], "attention")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kwargs = dict(scale=scale, kv_lens=kv_lens, qk_norm=qk_norm, q_norm_weight=qw, q_norm_bias=qb, k_norm_weight=kw,
+                  k_norm_bias=kb, norm_eps=norm_eps, rope=None if cos is None else (cos, sin), rope_style=rope_style)
+    if q.numel() == 0 or k.shape[1] == 0:
+        return reference.attention_lse(q, k, v, **kwargs)
+
+    def why_not(backend):
+        if backend == "triton":
+            from i2v_kernels.ops.attention import triton as attn_triton
+
+            return attn_triton.why_not(q)
+        return native.lse_why_not(q) if backend == "native" else None
+
+    def run(backend):
+        if backend == "native":
+            return native.sdpa_lse(q, k, v, scale, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style)
+        if backend == "triton":
+            return _triton_lse(q, k, v, kwargs)
+        return reference.attention_lse(q, k, v, **kwargs)
+
+    flags, sizes = dispatch_features(DENSE, q.shape, k.shape, False, kv_lens is not None, qk_norm, cos is not None,
+                                     rope_style)
+    features = flags + tuple(_dispatch.bucket(n) for n in sizes[:3]) + (sizes[3],)
+    return _backend.dispatch("attention_lse", q.device, q.dtype, why_not, _IMPLEMENTED_LSE, features, run,
+                             lambda: _static_choice("attention", q.device, q.dtype, flags, sizes))
+
+
+def _triton_lse(q, k, v, kwargs):
+    """The Triton forward with its log-sum-exp stored (``[B * H, N]``, log2 units). The QK-norm/RoPE
+    prologue runs first in PyTorch, as in the backward, so the kernel runs without one."""
+    from i2v_kernels.ops.attention import triton as attn_triton
+
+    if kwargs["qk_norm"] is not None or kwargs["rope"] is not None:
+        prologue = [kwargs[n] for n in ("qk_norm", "q_norm_weight", "q_norm_bias", "norm_eps", "rope", "rope_style")]
+        q = reference.prologue(q, *prologue).to(v.dtype)
+        prologue[1:3] = kwargs["k_norm_weight"], kwargs["k_norm_bias"]
+        k = reference.prologue(k, *prologue).to(v.dtype)
+    B, N, H, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B * H, N, dtype=torch.float32, device=q.device)
+    attn_triton.attention_fwd(*(_five_d(DENSE, t) for t in (_unit_d(q), _unit_d(k), _unit_d(v), out)),
+                              scale=kwargs["scale"], kv_lens=kwargs["kv_lens"], lse=lse)
+    return out, (lse * math.log(2.0)).view(B, H, N)
+
+
+@torch.library.custom_op("i2v_kernels::attention_lse", mutates_args=())
+def _dense_lse_op(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], kv_lens: Optional[Tensor],
+                  qk_norm: Optional[str], q_norm_weight: Optional[Tensor], q_norm_bias: Optional[Tensor],
+                  k_norm_weight: Optional[Tensor], k_norm_bias: Optional[Tensor], norm_eps: float,
+                  rope_cos: Optional[Tensor], rope_sin: Optional[Tensor], rope_style: str) -> tuple[Tensor, Tensor]:
+    return _forward_lse(q, k, v, scale, kv_lens, qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
+                        norm_eps, rope_cos, rope_sin, rope_style)
+
+
+def _fake_lse(q, *rest):
+    B, N, H, _ = q.shape
+    return _fake_forward(DENSE)(q, *rest), q.new_empty((B, H, N), dtype=reference.acc_dtype(q))
+
+
+_register(_dense_lse_op, DENSE, _fake_lse)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,9 +523,13 @@ def _tensors(op, **tensors):
             raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
 
 
-def _call(mode, q, k, v, scale, causal, kv_lens, prologue):
+def _call(mode, q, k, v, scale, causal, kv_lens, prologue, return_lse=False):
     """The op for ``mode``, or its implementation directly in a plain eager call (``direct_call_ok``)."""
     qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style = prologue
+    if return_lse:
+        if _backend.direct_call_ok(q, k, v, kv_lens, qw, qb, kw, kb, cos, sin):
+            return _forward_lse(q, k, v, scale, kv_lens, *prologue)
+        return tuple(torch.ops.i2v_kernels.attention_lse(q, k, v, scale, kv_lens, *prologue))
     if _backend.direct_call_ok(q, k, v, kv_lens, qw, qb, kw, kb, cos, sin):
         return _forward(mode, q, k, v, scale, causal, kv_lens, *prologue)
     if mode == SPATIAL:
@@ -493,13 +573,20 @@ def temporal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, kv_lens: Optional[Tensor] = None,
               qk_norm: Optional[str] = None, q_norm_weight=None, q_norm_bias=None, k_norm_weight=None,
-              k_norm_bias=None, norm_eps: float = 1e-6, rope=None, rope_style: str = "interleaved") -> Tensor:
+              k_norm_bias=None, norm_eps: float = 1e-6, rope=None, rope_style: str = "interleaved",
+              return_lse: bool = False):
     """Dense or cross attention: ``q [B, N, H, D]``, ``k, v [B, M, H, D]`` -> ``[B, N, H, D]``.
 
     ``kv_lens [B]`` (int) keeps the first ``kv_lens[b]`` keys of sample ``b`` (1 <= kv_lens <= M), for
-    padded prompts.
+    padded prompts. ``return_lse=True`` returns ``(out, lse)`` with ``lse [B, H, N]`` (fp32; fp64 for
+    fp64 inputs) ``= log sum_j exp(scale q_i . k_j)`` over the kept keys, differentiable like ``out``:
+    partial results over disjoint key sets then merge exactly (ring attention,
+    :mod:`i2v_kernels.distributed`). Only backends that compute it run such a call (``torch``,
+    ``native``, ``triton``).
     """
     _tensors("attention", q=q, k=k, v=v)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"attention: return_lse must be a bool, got {type(return_lse).__name__}")
     return _call(DENSE, q, k, v, _scale_arg("attention", scale), False, kv_lens,
                  _prologue_args("attention", qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, norm_eps,
-                                rope, rope_style))
+                                rope, rope_style), return_lse)

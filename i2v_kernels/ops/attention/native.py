@@ -141,6 +141,40 @@ def sdpa(mode: int, q, k, v, scale: float, causal: bool, kv_lens: Optional[Tenso
     return back(mode, o, shape)
 
 
+def lse_why_not(q: Tensor) -> Optional[str]:
+    """Why :func:`sdpa_lse` cannot take ``q``, or None."""
+    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"native attention with return_lse runs PyTorch's memory-efficient kernel: no {q.dtype}"
+    if not q.is_cuda and q.device.type != "cpu":
+        return f"native attention with return_lse runs on CPU and CUDA only, not {q.device.type}"
+    return None
+
+
+def sdpa_lse(q, k, v, scale: float, kv_lens: Optional[Tensor], qk_norm, qw, qb, kw, kb, eps: float, cos, sin,
+             rope_style: str) -> tuple[Tensor, Tensor]:
+    """Dense/cross attention and its log-sum-exp ``(out [B, N, H, D], lse [B, H, N] fp32)`` from the
+    ATen kernel SDPA itself dispatches to that returns both: the CPU flash kernel, or on CUDA the
+    memory-efficient one (its lse is padded to a multiple of 32 queries). ``kv_lens`` becomes an
+    additive ``-inf`` bias in the input dtype (what those kernels take), its key dim padded to 16 on
+    CUDA for the kernel's alignment."""
+    q, k = prologue_pair(q, k, qk_norm, qw, qb, kw, kb, eps, cos, sin, rope_style)
+    (B, N, H, _), M = q.shape, k.shape[1]
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    bias = None
+    if kv_lens is not None:
+        width = -(-M // 16) * 16 if q.is_cuda else M
+        keep = torch.arange(width, device=q.device) < kv_lens.reshape(-1, 1)
+        bias = torch.zeros(B, 1, 1, width, dtype=q.dtype, device=q.device).masked_fill(~keep.view(B, 1, 1, width),
+                                                                                        float("-inf"))[..., :M]
+    if q.is_cuda:
+        bias = None if bias is None else bias.expand(B, H, N, M)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qh, kh, vh, bias, True, scale=scale)[:2]
+        lse = lse[..., :N]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, attn_mask=bias, scale=scale)
+    return out.transpose(1, 2).contiguous(), (lse if lse.dtype == torch.float64 else lse.float()).contiguous()
+
+
 # --------------------------------------------------------------------------------------------------
 # Outside libraries: [batch, seq, H, D] layouts
 

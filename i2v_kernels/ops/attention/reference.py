@@ -127,6 +127,23 @@ def attention(q, k, v, *, scale=None, kv_lens=None, qk_norm=None, q_norm_weight=
     return out.transpose(1, 2).to(q.dtype).contiguous()
 
 
+def attention_lse(q, k, v, *, scale=None, kv_lens=None, qk_norm=None, q_norm_weight=None, q_norm_bias=None,
+                  k_norm_weight=None, k_norm_bias=None, norm_eps=1e-6, rope=None, rope_style="interleaved"):
+    """:func:`attention` and its log-sum-exp: ``(out [B, N, H, D], lse [B, H, N])`` with
+    ``lse = log sum_j exp(scale q_i . k_j)`` over the kept keys, in fp32 (fp64 for fp64 inputs). Two
+    partial results over disjoint key sets merge exactly: ``lse = logaddexp(lse1, lse2)``,
+    ``out = exp(lse1 - lse) out1 + exp(lse2 - lse) out2`` (ring attention)."""
+    qp = prologue(q, qk_norm, q_norm_weight, q_norm_bias, norm_eps, rope, rope_style).transpose(1, 2)
+    kp = prologue(k, qk_norm, k_norm_weight, k_norm_bias, norm_eps, rope, rope_style).transpose(1, 2)
+    scores = torch.matmul(qp, kp.transpose(-1, -2)) * _default_scale(q, scale)  # [B, H, N, M]
+    keep = _mask(scores.shape[-2], scores.shape[-1], False, kv_lens, scores.dim(), q.device)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    lse = scores.logsumexp(dim=-1)
+    out = torch.matmul((scores - lse.unsqueeze(-1)).exp(), v.to(qp.dtype).transpose(1, 2))
+    return out.transpose(1, 2).to(q.dtype).contiguous(), lse
+
+
 # --------------------------------------------------------------------------------------------------
 # Backward (explicit formulas, fp32: what the ops' recompute-based backward runs)
 
@@ -141,8 +158,9 @@ def _mask(Sq: int, Sk: int, causal: bool, kv_lens: Optional[Tensor], dims: int, 
     return keep
 
 
-def sdpa_bwd(q, k, v, grad_out, scale, causal=False, kv_lens=None):
-    """Gradients of :func:`sdpa` for ``[..., S, D]`` inputs (same dtype, fp32 or fp64)."""
+def sdpa_bwd(q, k, v, grad_out, scale, causal=False, kv_lens=None, grad_lse=None):
+    """Gradients of :func:`sdpa` for ``[..., S, D]`` inputs (same dtype, fp32 or fp64); ``grad_lse
+    [..., S]``: the gradient of the log-sum-exp output too (``d lse / d scores = softmax``)."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     keep = _mask(q.shape[-2], k.shape[-2], causal, kv_lens, scores.dim(), q.device)
     if keep is not None:
@@ -151,7 +169,10 @@ def sdpa_bwd(q, k, v, grad_out, scale, causal=False, kv_lens=None):
     out = torch.matmul(p, v)
     grad_v = torch.matmul(p.transpose(-1, -2), grad_out)
     grad_p = torch.matmul(grad_out, v.transpose(-1, -2))
-    grad_s = p * (grad_p - (grad_out * out).sum(-1, keepdim=True)) * scale
+    delta = (grad_out * out).sum(-1, keepdim=True)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(delta.dtype).unsqueeze(-1)
+    grad_s = p * (grad_p - delta) * scale
     return torch.matmul(grad_s, k), torch.matmul(grad_s.transpose(-1, -2), q), grad_v
 
 

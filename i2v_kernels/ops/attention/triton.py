@@ -418,10 +418,12 @@ def attention_fwd(q5, k5, v5, o5, *, scale: float, causal: bool = False, kv_lens
     return o5
 
 
-def attention_bwd(q5, k5, v5, do5, dq5, dk5, dv5, *, scale: float, causal: bool = False, kv_lens=None):
+def attention_bwd(q5, k5, v5, do5, dq5, dk5, dv5, *, scale: float, causal: bool = False, kv_lens=None,
+                  grad_lse=None):
     """Flash-attention backward on ``[b0, b1, b2, seq, D]`` views (post-prologue q and k): recomputes
     the forward for its log-sum-exp, then one kernel for dK/dV and one for dQ. ``dq5``, ``dk5``,
-    ``dv5`` are fp32 views written in full."""
+    ``dv5`` are fp32 views written in full. ``grad_lse`` (``b0 * b1 * b2 * seq`` values): the gradient
+    of a natural-log log-sum-exp output as well; ``d lse / d s = P``, so it enters as ``delta - dlse``."""
     nb0, nb1, nb2, Sq, D = q5.shape
     Sk = k5.shape[3]
     if q5.numel() == 0 or Sk == 0:
@@ -430,7 +432,10 @@ def attention_bwd(q5, k5, v5, do5, dq5, dk5, dv5, *, scale: float, causal: bool 
     o5 = torch.empty(q5.shape, dtype=q5.dtype, device=q5.device)
     lse = torch.empty(nb0 * nb1 * nb2, Sq, dtype=torch.float32, device=q5.device)
     attention_fwd(q5, k5, v5, o5, scale=scale, causal=causal, kv_lens=kv_lens, lse=lse)
-    delta = (do5.float() * o5.float()).sum(-1).reshape(-1, Sq).contiguous()
+    delta = (do5.float() * o5.float()).sum(-1).reshape(-1, Sq)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float().reshape(-1, Sq)
+    delta = delta.contiguous()
     block_m, block_n, block_d = _bwd_tiles(Sq, Sk, D)
     num_warps = _num_warps(block_d)
     operand_dtype = dot_dtype(q5.dtype)
