@@ -267,8 +267,14 @@ def measure() -> str:
         queue = ctx.SimpleQueue()
         mp.start_processes(_measure_worker, args=(world, _free_port(), queue), nprocs=world, start_method="spawn")
         results += [queue.get() for _ in range(world)]
+    import platform
+
+    import torch
+
     whole = next(r[2] for r in results if r[1] == 1)
     lines = ["## Measured on this CPU (tiny reference DiT, gloo)", "",
+             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}.",
+             "",
              "`python -m benchmarks.comm_model --measure`: one forward of the bundled tiny DiT (fp32, batch 1, "
              "5 latent frames x 16 positions, width 192, 6 blocks) with gradients on, per rank: the bytes autograd "
              "saves inside the blocks (`i2v_model.parallel.block_activation_bytes`) and the bytes the rank's "
