@@ -18,7 +18,8 @@ import torch  # noqa: E402
 import diffusers  # noqa: E402
 from i2v_kernels.integrations.diffusers import patch, patch_summary, unpatch  # noqa: E402
 from test_diffusers import (  # noqa: E402
-    FP32_TOL, OpCounter, assert_restored, build, measured, run_counted, snapshot)  # noqa: F401  (measured: a fixture)
+    FP32_TOL, OpCounter, assert_restored, build, calls_after_measuring, measured, run_counted,  # noqa: F401
+    snapshot)  # (measured: a fixture)
 
 
 def svd_unet():
@@ -180,14 +181,7 @@ def test_unet_modules_run_the_faster_code(measured):  # noqa: F811  (the fixture
     from i2v_kernels import _dispatch
 
     measured["diffusers"] = 0.5
-    model, run = svd_unet()
-    with torch.no_grad():
-        ref = run(model)
-    patch(model)
-    with torch.no_grad():
-        torch.testing.assert_close(run(model), ref, **FP32_TOL)  # measures every key, then runs the winner
-    out, calls = run_counted(run, model)
-    torch.testing.assert_close(out, ref, **FP32_TOL)
+    calls = calls_after_measuring(*svd_unet())
     assert sum(calls.values()) == 0, dict(calls)
     labels = {d["op"] for d in _dispatch.decisions() if d["op"].startswith("diffusers:")}
     assert {"diffusers:TransformerSpatioTemporalModel", "diffusers:TemporalResnetBlock"} <= labels, labels
