@@ -1,6 +1,7 @@
 """Model configurations: one dataclass per part, one :class:`ModelConfig` per named model.
 
-``tiny`` is the bundled model with trained weights (64x64, 17 frames, sized for 2 CPU cores). The
+``tiny`` is the bundled model with trained weights (64x64, 17 frames, sized for 2 CPU cores; the
+pipeline renders its motion at any output size, 256x256 by default in the CLI). The
 ``*-like`` entries copy the widths, depths, heads and token counts of published video DiTs onto this
 architecture; they exist for benchmarks and have random weights.
 """
@@ -127,7 +128,10 @@ def _like(name, *, width, depth, heads, text_dim, text_len, frames, height, px_w
 
 CONFIGS: dict[str, ModelConfig] = {
     # 32 latent channels (not CogVideoX's 16): at 64x64 the tiny VAE needs the room to reach 28 dB.
-    "tiny": ModelConfig(name="tiny", vae=VAEConfig(latent_channels=32, channels=(16, 32, 64, 128)), trained=True),
+    # Guidance 1 (no unconditional half): the rendered frames take their motion from the prompt-conditioned
+    # prediction either way, and guided decoding only adds speckle to the parts that fill the frame's edges.
+    "tiny": ModelConfig(name="tiny", vae=VAEConfig(latent_channels=32, channels=(16, 32, 64, 128)), guidance=1.0,
+                        trained=True),
     # CogVideoX-2B: 1920 wide, 30 layers, 30 heads of 64; 49 frames at 480x720 -> 13 x 30 x 45 tokens; T5 226.
     "cogvideox-2b-like": _like("cogvideox-2b-like", width=1920, depth=30, heads=30, text_dim=4096, text_len=226,
                                frames=49, height=480, px_width=720, vae_channels=(128, 256, 256, 512)),

@@ -222,7 +222,13 @@ class VideoDiT(nn.Module):
 
     def predict(self, x: Tensor, t: Tensor, cond: Tensor, context: Tensor, kv_lens: Tensor,
                 pooled: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x0, camera)``. The clean latent ``x0 [B, C, T, h, w]``: the first frame's latent
+        """``(x0, camera)`` of :meth:`predict_motion` (see there)."""
+        x0, _, camera = self.predict_motion(x, t, cond, context, kv_lens, pooled)
+        return x0, camera
+
+    def predict_motion(self, x: Tensor, t: Tensor, cond: Tensor, context: Tensor, kv_lens: Tensor,
+                       pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x0, flow, camera)``. The clean latent ``x0 [B, C, T, h, w]``: the first frame's latent
         (``cond``'s first ``C`` channels) moved by a predicted flow (:func:`warp`), plus the
         preconditioned skip from ``x_t`` and the network's correction scaled by ``c_out``
         (:meth:`preconditioning`).
@@ -234,7 +240,9 @@ class VideoDiT(nn.Module):
         its distance from the centre, one number for the whole frame here rather than a field that
         every token must derive from its position. ``camera [B, T, 6]`` is that affine part of each
         frame's flow from the first (zero on frame 0; latent pixels, :func:`affine_flow`'s parameters),
-        which training can also supervise when the camera's path is known.
+        which training can also supervise when the camera's path is known. ``flow [B, 2, T, h, w]`` is
+        the whole flow from the first frame (latent pixels, the per-pixel part plus the camera's) by which
+        ``x0`` moves the first frame: what :mod:`i2v_model.render` applies to the full-resolution image.
 
         Camera motion and moving objects are flows of the first frame, so motion is a smooth field to
         regress, not a pattern to paint; the correction adds what the flow cannot show (content
@@ -274,10 +282,11 @@ class VideoDiT(nn.Module):
         camera_steps = self.motion_out(tokens[:, 1:].mean(dim=2))                       # [B, T - 1, 6]
         camera = torch.cat([camera_steps.new_zeros(B, 1, 6), camera_steps.cumsum(dim=1)], dim=1)
         flow = torch.cat([torch.zeros_like(out[:, C:, :1]), out[:, C:, 1:].cumsum(dim=2)], dim=2)
-        moved = warp(cond[:, :C].to(x.dtype), flow + affine_flow(camera, h, w))
+        flow = flow + affine_flow(camera, h, w)
+        moved = warp(cond[:, :C].to(x.dtype), flow)
         c_skip, c_out = (k.to(x.dtype) for k in self.preconditioning(t))
         x0 = moved + c_skip * (x - (1 - t.to(x.dtype).view(-1, 1, 1, 1, 1)) * moved) + c_out * out[:, :C]
-        return x0, camera
+        return x0, flow, camera
 
 
 def pixel_centres(n: int, like: Tensor) -> Tensor:

@@ -9,7 +9,20 @@ Global motion between the first and last frame of a clip ``[3, T, H, W]`` (value
 * rotation: the angle that best maps the first frame onto the last (degrees, ``> 0`` clockwise).
 
 Scale and angle are found by a dense search over warps of the first frame, scored on the central
-region (borders leave the frame).
+region (borders leave the frame). :func:`estimate_motion` is that first-to-last measure; a textured
+pattern that stays put while the content fades can fool it, so ``i2v eval`` scores videos with
+:func:`score_video` instead:
+
+* (a) first-frame PSNR against the input image;
+* (b) motion by accumulation: a similarity (shift, zoom, turn) fitted between every pair of consecutive
+  frames (:func:`fit_similarity`: Gauss-Newton image alignment on a pyramid, started from phase
+  correlation) and composed over the clip; it must point the prompt's way (:func:`motion_matches`),
+  and every pair must be tracked (the fitted motion explains the next frame, below). A static texture
+  measures as no motion, and frames of fresh noise are not tracked;
+* (c) cleanliness: each frame's high-frequency energy (what a 1-pixel Gaussian blur removes) over frame
+  0's, at most :data:`HF_BOUND`: noise or latent-grid texture raises it;
+* (d) temporal consistency: each frame against the previous one moved by the fitted motion (PSNR on the
+  part of the frame both show, central 80%), at least :data:`CONSISTENCY_DB` on every pair.
 """
 
 from __future__ import annotations
@@ -22,7 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MotionEstimate", "estimate_motion", "motion_matches", "phase_correlation", "psnr"]
+__all__ = ["CONSISTENCY_DB", "HF_BOUND", "TRACKED_DB", "MotionEstimate", "VideoScore", "estimate_motion",
+           "fit_similarity", "high_frequency_energy", "motion_matches", "phase_correlation", "psnr", "score_video"]
+
+HF_BOUND = 1.25        # (c): a later frame's high-frequency energy at most this times frame 0's
+CONSISTENCY_DB = 28.0  # (d): every motion-compensated pair of consecutive frames at least this PSNR
+TRACKED_DB = 20.0      # (b): below this, a pair's fitted motion does not explain the next frame
 
 
 def psnr(a: Tensor, b: Tensor) -> float:
@@ -139,3 +157,153 @@ def to_numpy_table(rows: list[list[str]], header: list[str]) -> str:
 def mean(xs) -> float:
     xs = [x for x in xs if np.isfinite(x)]
     return float(np.mean(xs)) if xs else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------
+# Frame-to-frame measurement (i2v eval)
+
+
+def _blur(x: Tensor, sigma: float) -> Tensor:
+    """Gaussian blur of ``[N, C, H, W]`` (edges replicated)."""
+    from i2v_model.render import soften
+
+    return soften(x, sigma)
+
+
+def _centred(n: int, dtype=torch.float64) -> Tensor:
+    """Pixel centres of an ``n``-pixel axis measured from the axis centre, in pixels."""
+    return torch.arange(n, dtype=dtype) + 0.5 - n / 2
+
+
+def _sample(img: Tensor, X: Tensor, Y: Tensor) -> Tensor:
+    """``img [N, C, H, W]`` bilinearly at centred pixel coordinates ``X, Y [H, W]`` (edges extended)."""
+    H, W = img.shape[-2:]
+    grid = torch.stack([X / (W / 2), Y / (H / 2)], dim=-1)[None].to(img.dtype)
+    return F.grid_sample(img, grid.expand(img.shape[0], -1, -1, -1), mode="bilinear", padding_mode="border",
+                         align_corners=False)
+
+
+def _similarity_matrix(alpha: float, beta: float, cx: float, cy: float) -> Tensor:
+    return torch.tensor([[alpha, -beta, cx], [beta, alpha, cy], [0.0, 0.0, 1.0]], dtype=torch.float64)
+
+
+def fit_similarity(a: Tensor, b: Tensor, iters: int = 12) -> Tensor:
+    """The content motion from frame ``a`` to frame ``b`` (each ``[C, H, W]``): a 3x3 similarity ``S``
+    in pixels about the frame centre (``y`` down), such that content at ``q`` in ``a`` is at ``S q`` in
+    ``b``. Fitted by Gauss-Newton on ``b(p) ~ a(S^-1 p)`` over a 3-level pyramid (gray, lightly
+    blurred), starting from the phase-correlation shift; pixels whose source leaves ``a`` are ignored.
+    """
+    ga = _gray(a)[None, None]
+    gb = _gray(b)[None, None]
+    H, W = ga.shape[-2:]
+    dx, dy = phase_correlation(a, b)
+    # Inverse map p -> alpha p + beta p_perp + c (a rotation-scale and a shift), in full-size pixels.
+    alpha, beta, cx, cy = 1.0, 0.0, -dx, -dy
+    for level in (4, 2, 1):
+        if min(H, W) // level < 16:
+            continue
+        la = _blur(F.avg_pool2d(ga, level) if level > 1 else ga, 1.0)
+        lb = _blur(F.avg_pool2d(gb, level) if level > 1 else gb, 1.0)
+        h, w = la.shape[-2:]
+        Y, X = torch.meshgrid(_centred(h), _centred(w), indexing="ij")
+        gy, gx = torch.gradient(la[0, 0])
+        grads = torch.stack([gx, gy])[None]
+        for _ in range(iters):
+            sx, sy = alpha * X - beta * Y + cx / level, beta * X + alpha * Y + cy / level
+            warped = _sample(la, sx, sy)[0, 0]
+            g = _sample(grads, sx, sy)[0]
+            inside = ((sx.abs() < w / 2 - 1) & (sy.abs() < h / 2 - 1)).double()
+            r = (warped - lb[0, 0]) * inside
+            J = torch.stack([g[0] * X + g[1] * Y, -g[0] * Y + g[1] * X, g[0], g[1]], dim=-1) * inside[..., None]
+            J, r = J.reshape(-1, 4), r.reshape(-1)
+            JtJ = J.T @ J + 1e-6 * torch.eye(4, dtype=J.dtype) * (J.T @ J).diagonal().mean()
+            step = torch.linalg.solve(JtJ, -(J.T @ r))
+            alpha, beta = alpha + step[0].item(), beta + step[1].item()
+            cx, cy = cx + step[2].item() * level, cy + step[3].item() * level
+            if step.abs().max().item() < 1e-4:
+                break
+    return torch.linalg.inv(_similarity_matrix(alpha, beta, cx, cy))
+
+
+def motion_of(S: Tensor) -> MotionEstimate:
+    """A similarity (content motion, :func:`fit_similarity`) as shift, scale and clockwise angle."""
+    return MotionEstimate(float(S[0, 2]), float(S[1, 2]), float(torch.linalg.det(S[:2, :2]).abs().sqrt()),
+                          math.degrees(math.atan2(float(S[1, 0]), float(S[0, 0]))))
+
+
+def compensated_psnr(a: Tensor, b: Tensor, S: Tensor, keep: float = 0.8) -> float:
+    """PSNR of ``b`` against ``a`` moved by the content motion ``S`` (both ``[3, H, W]`` in [-1, 1]), on the
+    central ``keep`` of the frame where the moved ``a`` has a source."""
+    H, W = a.shape[-2:]
+    Y, X = torch.meshgrid(_centred(H), _centred(W), indexing="ij")
+    inv = torch.linalg.inv(S)
+    sx = inv[0, 0] * X + inv[0, 1] * Y + inv[0, 2]
+    sy = inv[1, 0] * X + inv[1, 1] * Y + inv[1, 2]
+    moved = _sample(a[None].double(), sx, sy)[0]
+    mask = (sx.abs() < W / 2 - 1) & (sy.abs() < H / 2 - 1) & (X.abs() < keep * W / 2) & (Y.abs() < keep * H / 2)
+    if not mask.any():
+        return float("nan")
+    mse = (((moved - b.double()) / 2) ** 2)[:, mask].mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def high_frequency_energy(frame: Tensor) -> float:
+    """Mean squared difference between the gray frame ``[3, H, W]`` and its 1-pixel Gaussian blur."""
+    g = _gray(frame)[None, None]
+    return float(((g - _blur(g, 1.0)) ** 2).mean())
+
+
+@dataclass
+class VideoScore:
+    first_psnr: float          # (a) frame 0 against the input, dB
+    motion: MotionEstimate     # (b) accumulated frame-to-frame content motion
+    tracked: bool              # (b) every pair's fitted motion explains the next frame (>= TRACKED_DB)
+    matches: bool              # (b) tracked and pointing the prompt's way
+    hf_ratio: float            # (c) the largest later-frame high-frequency energy over frame 0's
+    consistency: float         # (d) the worst motion-compensated PSNR of consecutive frames, dB
+    consistency_mean: float    # (d) its mean over the pairs, dB
+
+    @property
+    def clean(self) -> bool:
+        return self.hf_ratio <= HF_BOUND
+
+    @property
+    def consistent(self) -> bool:
+        return self.consistency >= CONSISTENCY_DB
+
+
+def analysis_size(video: Tensor, side: int = 128) -> Tensor:
+    """``video [3, T, H, W]`` resized (anti-aliased) so its longer side is at most ``side``."""
+    H, W = video.shape[-2:]
+    if max(H, W) <= side:
+        return video.float()
+    h, w = max(16, round(H * side / max(H, W))), max(16, round(W * side / max(H, W)))
+    x = F.interpolate(video.float().transpose(0, 1), size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return x.transpose(0, 1)
+
+
+def score_video(video: Tensor, image: Tensor, kind: str) -> VideoScore:
+    """All four measures of ``video [3, T, H, W]`` made from ``image [3, H, W]`` with the prompt of
+    motion ``kind`` (values in [-1, 1]). Motion and consistency are measured at most 128 pixels a side
+    and reported in the video's own pixels."""
+    if video.dim() != 4 or video.shape[0] != 3 or video.shape[1] < 2:
+        raise ValueError(f"video must be [3, T >= 2, H, W], got {tuple(video.shape)}")
+    if image.shape != video[:, 0].shape:
+        raise ValueError(f"image must be [3, H, W] = {tuple(video[:, 0].shape)}, got {tuple(image.shape)}")
+    small = analysis_size(video)
+    factor = video.shape[-1] / small.shape[-1]
+    total = torch.eye(3, dtype=torch.float64)
+    pair_psnr = []
+    for t in range(small.shape[1] - 1):
+        S = fit_similarity(small[:, t], small[:, t + 1])
+        pair_psnr.append(compensated_psnr(small[:, t], small[:, t + 1], S))
+        total = S @ total
+    m = motion_of(total)
+    m = MotionEstimate(m.dx * factor, m.dy * factor, m.scale, m.angle)
+    finite = [p for p in pair_psnr if math.isfinite(p) or p == float("inf")]
+    tracked = len(finite) == len(pair_psnr) and min(finite) >= TRACKED_DB
+    hf0 = high_frequency_energy(video[:, 0])
+    hf = max(high_frequency_energy(video[:, t]) for t in range(1, video.shape[1])) / max(hf0, 1e-12)
+    return VideoScore(first_psnr=psnr(video[:, 0], image), motion=m, tracked=tracked,
+                      matches=tracked and motion_matches(kind, m, video.shape[-1]), hf_ratio=hf,
+                      consistency=min(pair_psnr), consistency_mean=mean([min(p, 100.0) for p in pair_psnr]))

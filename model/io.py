@@ -27,8 +27,8 @@ import numpy as np
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["ImageError", "OutputError", "VIDEO_FORMATS", "check_output_path", "load_image", "save_video",
-           "save_videos", "to_uint8"]
+__all__ = ["ImageError", "OutputError", "VIDEO_FORMATS", "check_output_path", "load_image", "resize_cover",
+           "save_video", "save_videos", "to_uint8"]
 
 VIDEO_FORMATS = (".mp4", ".gif")
 MIN_FPS, MAX_FPS = 0.1, 100.0  # a GIF frame lasts 10 ms .. 655 s, in steps of 10 ms
@@ -95,6 +95,22 @@ def load_image(path: PathLike, height: int, width: int) -> Tensor:
     img = img.crop((left, top, left + width, top + height))
     a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
     return a.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def resize_cover(image: Tensor, height: int, width: int) -> Tensor:
+    """``image [3, h, w]`` resized (anti-aliased bilinear down, bicubic up) so it covers ``height x width``,
+    then centre-cropped to it, as :func:`load_image` does with a file."""
+    import torch.nn.functional as F
+
+    h, w = image.shape[-2:]
+    s = max(width / w, height / h)
+    new_h, new_w = max(height, round(h * s)), max(width, round(w * s))
+    if (new_h, new_w) != (h, w):
+        down = s < 1
+        image = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear" if down else "bicubic",
+                              antialias=down, align_corners=False)[0].clamp(-1, 1)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return image[:, top:top + height, left:left + width]
 
 
 def to_uint8(video: Tensor) -> np.ndarray:

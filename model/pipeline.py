@@ -3,8 +3,8 @@
 ::
 
     pipe = I2VPipeline.from_pretrained("tiny")                 # bundled weights
-    image = i2v_model.io.load_image("cat.png", *pipe.resolution)
-    video, timings = pipe.generate(image, "the camera pans right", seed=0)   # [3, 17, 64, 64] in [-1, 1]
+    image = i2v_model.io.load_image("cat.png", 256, 256)       # any size: the output's
+    video, timings = pipe.generate(image, "the camera pans right", seed=0)   # [3, 17, 256, 256] in [-1, 1]
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from i2v_model.config import ModelConfig, get_config
-from i2v_model.dit import VideoDiT
+from i2v_model.dit import VideoDiT, affine_flow
+from i2v_model.render import compose, frame_motion, identity_grid, render as render_frames, resize, source_grid
 from i2v_model.sampler import euler_sample, guided, image_condition, shifted_timesteps
 from i2v_model.text import TextEncoder
 from i2v_model.vae import CausalVAE
@@ -42,7 +43,8 @@ class I2VPipeline(nn.Module):
         self.text = TextEncoder(cfg.text, use_kernels)
         self.dit = VideoDiT(cfg.dit, cfg.vae.latent_channels, cfg.text.out_dim, use_kernels)
         self.pretrained = False
-        self.__dict__["_dit_fn"] = self.dit  # a plain attribute: not a second copy in the state_dict
+        # (x0, flow, camera) of the DiT: a plain attribute, not a second copy in the state_dict.
+        self.__dict__["_dit_fn"] = self.dit.predict_motion
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -55,7 +57,8 @@ class I2VPipeline(nn.Module):
         """The named model with its shipped weights when it has them, else random weights from ``seed``.
 
         ``weights``: a safetensors file (written by ``i2v train --export``) to load instead; its recorded
-        config replaces the registry's.
+        config replaces the registry's. The bundled weights keep their recorded architecture with the
+        registry's sampling defaults (steps, guidance, shift).
         """
         cfg = get_config(name)
         path = Path(weights) if weights is not None else weights_path(name)
@@ -67,7 +70,10 @@ class I2VPipeline(nn.Module):
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
             if "config" in meta:
-                cfg = ModelConfig.from_dict(json.loads(meta["config"]))
+                recorded = ModelConfig.from_dict(json.loads(meta["config"]))
+                if weights is None:  # the bundled weights: the registry's sampling defaults
+                    recorded.steps, recorded.guidance, recorded.shift = cfg.steps, cfg.guidance, cfg.shift
+                cfg = recorded
             state = load_file(str(path))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -79,49 +85,113 @@ class I2VPipeline(nn.Module):
 
     def compile_dit(self, **kwargs) -> None:
         """Run the DiT through ``torch.compile`` (the denoising loop's cost)."""
-        self.__dict__["_dit_fn"] = torch.compile(self.dit, **kwargs)
+        self.__dict__["_dit_fn"] = torch.compile(self.dit.predict_motion, **kwargs)
 
     def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         return self.text(prompts)
 
+    def _sample_chunk(self, image: Tensor, context, null_context, frames: int, steps: int, guidance: float,
+                      generator: torch.Generator, decode_chunk: Optional[int], progress, timings: dict):
+        """One chunk at the model's resolution: ``image [3, H, W]`` (the chunk's first frame, at the
+        model's resolution) -> ``(decoded [3, frames, H, W], flow [2, T, h, w], camera [T, 6])``.
+
+        The motion is the DiT's own: the flow (per-pixel part) and camera map of its prompt-conditioned
+        prediction at every sampler step, averaged over the steps (it changes little along the
+        trajectory; guidance is not applied to it, since extrapolating a flow overshoots its size).
+        """
+        cfg = self.cfg
+        device, dtype = self.dit.patch_embed.weight.device, self.dit.patch_embed.weight.dtype
+        start = time.perf_counter()
+        first = self.vae.encode(image[None, :, None].to(device, dtype))         # [1, C, 1, h, w]
+        timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - start
+
+        start = time.perf_counter()
+        T = 1 + (frames - 1) // cfg.vae.temporal_factor
+        h, w = first.shape[-2:]
+        noise = torch.randn(1, cfg.vae.latent_channels, T, h, w, generator=generator).to(device, dtype)
+        cond = image_condition(first, T)
+        motion = {"flow": 0.0, "camera": 0.0, "n": 0}
+        predict = self._dit_fn
+
+        def denoiser(x, t, cond, tokens, kv_lens, pooled):
+            x0, flow, camera = predict(x, t, cond, tokens, kv_lens, pooled)
+            motion["flow"] = motion["flow"] + flow[0].float()      # the prompt-conditioned half is first
+            motion["camera"] = motion["camera"] + camera[0].float()
+            motion["n"] += 1
+            return (x - x0) / t.to(x.dtype).clamp_min(self.dit.min_t).view(-1, 1, 1, 1, 1)
+
+        velocity = guided(denoiser, cond, context, null_context, guidance)
+        times = shifted_timesteps(steps, cfg.shift, device=device).to(dtype)
+        latent = euler_sample(velocity, noise, first, times, progress)
+        timings["denoise"] = timings.get("denoise", 0.0) + time.perf_counter() - start
+
+        start = time.perf_counter()
+        decoded = self.vae.decode(latent, chunk=decode_chunk)[0].float().clamp(-1, 1)
+        timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - start
+        camera = motion["camera"] / motion["n"]
+        residual = motion["flow"] / motion["n"] - affine_flow(camera[None], h, w)[0]
+        return decoded[:, :frames], residual.cpu(), camera.cpu()
+
     @torch.no_grad()
     def generate(self, image: Tensor, prompt: str, *, frames: Optional[int] = None, steps: Optional[int] = None,
                  guidance: Optional[float] = None, seed: int = 0, decode_chunk: Optional[int] = None,
-                 progress: Optional[Callable[[Iterable], Iterable]] = None) -> tuple[Tensor, dict[str, float]]:
-        """``image [3, H, W]`` in ``[-1, 1]`` at :attr:`resolution` -> ``(video [3, frames, H, W], timings)``.
+                 progress: Optional[Callable[[Iterable], Iterable]] = None,
+                 render: bool = True, local_motion: bool = False) -> tuple[Tensor, dict[str, float]]:
+        """``image [3, H, W]`` in ``[-1, 1]`` -> ``(video [3, frames, H, W], timings)``, any ``H, W >= 8``.
 
-        ``timings``: seconds spent in ``encode`` (prompt + image), ``denoise`` and ``decode``. The
-        initial noise comes from a CPU generator seeded with ``seed``, so the video depends on the seed
-        alone, not on the device or on ``use_kernels``.
+        The DiT samples at the model's :attr:`resolution` (the image resized to it); with ``render`` the
+        frames are the full-size ``image`` warped by the sampled motion (:mod:`i2v_model.render`), the
+        VAE-decoded frames filling only what the image does not show. ``render=False`` returns the
+        VAE-decoded frames themselves, at the model's resolution. ``local_motion`` adds the DiT's
+        per-pixel flow to its camera map (off by default: the tiny model's per-pixel part is an uneven
+        field, up to ~0.7 latent pixels, that bends straight edges when applied at full resolution).
+
+        ``frames`` beyond the model's clip length (17 for ``tiny``) are made chunk after chunk, each
+        chunk's first frame the previous chunk's last (its motion composed with the motion so far, so
+        every frame still samples the input image once). ``timings``: seconds spent in ``encode``
+        (prompt + image), ``denoise``, ``decode`` and ``render``. The initial noise comes from a CPU
+        generator seeded with ``seed``, so the video depends on the seed alone, not on the device or on
+        ``use_kernels``.
         """
         cfg = self.cfg
         frames = cfg.frames if frames is None else frames
         steps = cfg.steps if steps is None else steps
         guidance = cfg.guidance if guidance is None else guidance
         self.vae.check_frames(frames)
-        if image.dim() != 3 or image.shape[0] != 3 or tuple(image.shape[1:]) != self.resolution:
-            raise ValueError(f"image must be [3, {cfg.height}, {cfg.width}], got {tuple(image.shape)}")
-        device, dtype = self.dit.patch_embed.weight.device, self.dit.patch_embed.weight.dtype
-        timings = {}
-
+        if image.dim() != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 8:
+            raise ValueError(f"image must be [3, H, W] with H, W >= 8, got {tuple(image.shape)}")
+        if not render and tuple(image.shape[1:]) != self.resolution:
+            raise ValueError(f"image must be [3, {cfg.height}, {cfg.width}] when render=False, got {tuple(image.shape)}")
+        image = image.float().cpu()
+        H, W = image.shape[1:]
+        timings = {"encode": 0.0, "denoise": 0.0, "decode": 0.0, "render": 0.0}
         start = time.perf_counter()
         context = self.encode_prompts([prompt])
         null_context = self.encode_prompts([""])
-        first = self.vae.encode(image[None, :, None].to(device, dtype))         # [1, C, 1, h, w]
-        timings["encode"] = time.perf_counter() - start
+        timings["encode"] += time.perf_counter() - start
+        generator = torch.Generator().manual_seed(seed)
 
-        start = time.perf_counter()
-        T = 1 + (frames - 1) // cfg.vae.temporal_factor
-        h, w = first.shape[-2:]
-        noise = torch.randn(1, cfg.vae.latent_channels, T, h, w, generator=torch.Generator().manual_seed(seed))
-        noise = noise.to(device, dtype)
-        cond = image_condition(first, T)
-        velocity = guided(self._dit_fn, cond, context, null_context, guidance)
-        times = shifted_timesteps(steps, cfg.shift, device=device).to(dtype)
-        latent = euler_sample(velocity, noise, first, times, progress)
-        timings["denoise"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        video = self.vae.decode(latent, chunk=decode_chunk)[0]
-        timings["decode"] = time.perf_counter() - start
-        return video.float().clamp(-1, 1), timings
+        chunk = cfg.frames
+        out = [image[:, None]]
+        grid = identity_grid(H, W, image)[0]   # where the chunk's first frame samples the input
+        first = image
+        done = 1
+        while done < frames:
+            n = min(chunk, frames - done + 1)
+            small = resize(first, *self.resolution)
+            decoded, flow, camera = self._sample_chunk(small, context, null_context, n, steps, guidance, generator,
+                                                       decode_chunk, progress, timings)
+            if not render:
+                out.append(decoded[:, 1:])
+            else:
+                start = time.perf_counter()
+                per_flow, per_camera = frame_motion(flow if local_motion else torch.zeros_like(flow), camera, n,
+                                                    cfg.vae.temporal_factor)
+                grids = compose(grid, source_grid(per_flow[1:], per_camera[1:], H, W))
+                out.append(render_frames(image, grids, decoded[:, 1:]))
+                grid, first = grids[-1], out[-1][:, -1]
+                timings["render"] += time.perf_counter() - start
+            if not render:
+                first = decoded[:, -1]
+            done += n - 1
+        return torch.cat(out, dim=1).clamp(-1, 1), timings

@@ -373,7 +373,8 @@ def test_pipeline_same_video_with_and_without_kernels():
     image = torch.rand(3, 32, 32) * 2 - 1
     va, ta = pa.eval().generate(image, "the camera pans right", seed=3)
     vb, _ = pb.eval().generate(image, "the camera pans right", seed=3)
-    assert va.shape == (3, 9, 32, 32) and set(ta) == {"encode", "denoise", "decode"}
+    assert va.shape == (3, 9, 32, 32) and set(ta) == {"encode", "denoise", "decode", "render"}
+    torch.testing.assert_close(va[:, 0], image)  # the rendered first frame is the input itself
     torch.testing.assert_close(va, vb, atol=1e-4, rtol=1e-4)
     vc, _ = pa.generate(image, "the camera pans right", seed=4)
     assert not torch.allclose(va, vc)
@@ -381,6 +382,18 @@ def test_pipeline_same_video_with_and_without_kernels():
     torch.testing.assert_close(vd, va, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="1 \\+ 4k"):
         pa.generate(image, "x", frames=8)
+    with pytest.raises(ValueError, match="image must be"):
+        pa.generate(image[0], "x")
+    with pytest.raises(ValueError, match="image must be"):
+        pa.generate(image[:, :4], "x")
+    with pytest.raises(ValueError, match="render=False"):
+        pa.generate(torch.zeros(3, 48, 48), "x", render=False)
+    # Any output size: the DiT samples at its own size, the frames are the input's.
+    big = torch.nn.functional.interpolate(image[None], size=(40, 56), mode="bilinear")[0]
+    ve, _ = pa.generate(big, "the camera pans right", seed=3)
+    assert ve.shape == (3, 9, 40, 56) and torch.equal(ve[:, 0], big.clamp(-1, 1))
+    raw, _ = pa.generate(image, "the camera pans right", seed=3, render=False)
+    assert raw.shape == (3, 9, 32, 32) and not torch.allclose(raw[:, 1:], va[:, 1:])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -582,13 +595,20 @@ def test_cli_generate(in_tmp, capsys):
     assert rc == 0, err
     assert sorted(os.listdir(in_tmp)) == ["clip.gif", "clip.mp4"]
     assert "denoise" in out and "decode" in out and str(in_tmp / "clip.mp4") in out
-    assert read_video(in_tmp / "clip.gif").shape == (5, 64, 64, 3)
+    assert read_video(in_tmp / "clip.gif").shape == (5, 256, 256, 3)  # the default size
+    rc, out, err = _run_cli(["generate", "--frames", "5", "--steps", "1", "--out", "wide.gif", "--size", "96x64"],
+                            capsys)
+    assert rc == 0, err
+    assert read_video(in_tmp / "wide.gif").shape == (5, 64, 96, 3)
+    for bad in ("0", "12x", "abc", "100000", "8x8"):
+        rc, _, err = _run_cli(["generate", "--size", bad, "--out", "bad.gif"], capsys)
+        assert rc == 2 and "--size" in err and not (in_tmp / "bad.gif").exists(), (bad, err)
 
 
 def test_cli_eval(small_tiny, capsys):
     rc, out, err = _run_cli(["eval", "--images", "1", "--steps", "1", "--motions", "pan_right,zoom_in"], capsys)
     assert rc == 0, err
-    assert "motion adherence" in out and "VAE reconstruction PSNR" in out and "pan_right" in out
+    assert "motion adherence" in out and "cleanliness" in out and "consistency" in out and "pan_right" in out
     assert "static" not in out
 
 
@@ -716,7 +736,8 @@ def test_bundled_vae_reconstructs_heldout_clips(bundled):
 
 @pytest.mark.slow
 def test_bundled_model_keeps_the_input_as_frame_0(bundled):
-    """A held-out image and the bundled sample: a full-length video whose first frame is the input."""
+    """A held-out image and the bundled sample: a full-length video whose first frame is the input,
+    the VAE's own frames (``render=False``) within 25 dB of it."""
     from i2v_model.data import PROMPTS
     from i2v_model.evaluate import psnr
     from i2v_model.io import load_image
@@ -724,25 +745,171 @@ def test_bundled_model_keeps_the_input_as_frame_0(bundled):
 
     _, images = _heldout_images(1)
     for image, kind in zip(images + [load_image(i2v_model.SAMPLE_IMAGE, 64, 64)], ("pan_right", "zoom_in")):
-        video, timings = bundled.generate(image, PROMPTS[kind][0], seed=3)
+        video, timings = bundled.generate(image, PROMPTS[kind][0], seed=3, steps=4, render=False)
         assert video.shape == (3, 17, 64, 64) and torch.isfinite(video).all()
-        assert set(timings) == {"encode", "denoise", "decode"}
+        assert set(timings) == {"encode", "denoise", "decode", "render"}
         assert psnr(video[:, 0], image) > 25.0
+
+
+def _eval_set(n: int, size: int) -> list:
+    """Held-out pictures as ``i2v eval`` makes them (other seeds than its default)."""
+    from i2v_model.cli import _eval_images
+
+    return [image for _, image in _eval_images(n, 5, size, size)]
 
 
 @pytest.mark.slow
 def test_bundled_model_follows_every_camera_prompt(bundled):
-    """Every camera motion on held-out images (not the ones ``i2v eval`` uses) moves the content as the
-    cinematographer's convention says, measured as ``i2v eval`` measures it, with each prompt's second
-    phrasing: at least 15 of 18 (16 here; a miss is mostly the shift estimate locking onto the frames'
-    8-pixel latent-grid texture, see the README)."""
+    """Every camera motion, on held-out photo-like and procedural pictures in turn, with each prompt's
+    second phrasing, scored as ``i2v eval`` scores it: the accumulated frame-to-frame motion points the
+    prompt's way on at least 8 of 9, and every video is clean and consistent."""
     from i2v_model.data import PROMPTS
+    from i2v_model.evaluate import score_video
 
-    _, images = _heldout_images(2)
+    images = _eval_set(2, 96)
     results = []
-    for kind in CAMERA_MOTIONS:
-        for i, image in enumerate(images):
-            video, _ = bundled.generate(image, PROMPTS[kind][1], seed=i)
-            m = estimate_motion(video)
-            results.append((kind, i, motion_matches(kind, m), str(m)))
-    assert sum(ok for _, _, ok, _ in results) >= 15, [r for r in results if not r[2]]
+    for i, kind in enumerate(CAMERA_MOTIONS):
+        image = images[i % 2]
+        video, _ = bundled.generate(image, PROMPTS[kind][1], seed=i, steps=4)
+        results.append((kind, score_video(video, image, kind)))
+    assert sum(s.matches for _, s in results) >= 8, [(k, str(s.motion)) for k, s in results if not s.matches]
+    assert all(s.clean and s.consistent for _, s in results), [(k, s.hf_ratio, s.consistency) for k, s in results]
+
+
+@pytest.mark.slow
+def test_random_dit_weights_destroy_adherence(bundled):
+    """The motion comes from the DiT: the same pipeline with its DiT weights drawn at random (each tensor
+    from a normal of its trained mean and std; VAE and text encoder kept) no longer follows the prompts
+    that the trained one follows (previous test)."""
+    import copy
+
+    from i2v_model.data import PROMPTS
+    from i2v_model.evaluate import score_video
+
+    image = _eval_set(1, 64)[0]
+    shuffled = copy.deepcopy(bundled)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in shuffled.dit.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * p.std().nan_to_num(0.02) + p.mean())
+    shuffled.__dict__["_dit_fn"] = shuffled.dit.predict_motion
+    moving = [k for k in CAMERA_MOTIONS if k != "static"]
+    found = [score_video(shuffled.generate(image, PROMPTS[k][0], steps=2)[0], image, k) for k in moving]
+    assert sum(s.matches for s in found) <= 2, [str(s.motion) for s in found]
+
+
+@pytest.mark.slow
+def test_long_video_is_made_in_chunks_without_drift(bundled):
+    """65 frames = four 17-frame chunks, each starting from the previous chunk's last frame: the first
+    chunk is the 17-frame video itself, a still shot stays still and as bright, a pan keeps panning.
+
+    (A pan's measured scale does drift over 65 frames, ~1.3 at 96x96: by then the camera has left the
+    picture and the frame is the model's own blurred continuation; see the README.)"""
+    from i2v_model.evaluate import score_video
+
+    image = _eval_set(1, 64)[0]
+    still = bundled.generate(image, "a still shot", frames=65, steps=3)[0]
+    assert still.shape == (3, 65, 64, 64)
+    brightness = still.mean(dim=(0, 2, 3))
+    assert (brightness - brightness[0]).abs().max() < 0.03, brightness
+    s = score_video(still, image, "static")
+    assert s.matches and 0.97 < s.motion.scale < 1.03 and s.clean and s.consistent, str(s.motion)
+    pan17 = bundled.generate(image, "the camera pans left", steps=3)[0]
+    pan65 = bundled.generate(image, "the camera pans left", frames=65, steps=3)[0]
+    torch.testing.assert_close(pan65[:, :17], pan17)
+    first, whole = score_video(pan17, image, "pan_left"), score_video(pan65, image, "pan_left")
+    assert whole.matches and whole.consistent and first.matches
+    assert 2.5 * first.motion.dx < whole.motion.dx < 5 * first.motion.dx, (str(first.motion), str(whole.motion))
+    brightness = pan65.mean(dim=(0, 2, 3))
+    assert (brightness - brightness[0]).abs().max() < 0.1, brightness
+
+
+# --------------------------------------------------------------------------------------------------
+# The renderer and the evaluation's measures (no weights)
+
+
+def _smooth_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 3, h // 4 + 2, w // 4 + 2, generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)[0].clamp(-1, 1)
+
+
+def test_render_pans_the_full_resolution_image():
+    """A camera pan of ``a`` latent pixels moves the full-size image by ``8 a`` pixels exactly (bicubic at
+    whole pixels), frame 0 is the image itself, and the fill shows only past the image's edge."""
+    from i2v_model.render import frame_motion, render, source_grid
+
+    image = _smooth_image(32, 48)
+    camera = torch.zeros(3, 6)
+    camera[:, 2] = torch.tensor([0.0, 1.0, 2.0])      # content found 1, 2 latent pixels to the right
+    flow = torch.zeros(2, 3, 4, 6)
+    per_flow, per_camera = frame_motion(flow, camera, 9, 4)
+    assert torch.allclose(per_camera[:, 2], torch.arange(9) / 4)     # linear between latent frames
+    grid = source_grid(per_flow, per_camera, 32, 48)
+    fill = torch.full((3, 9, 4, 6), 0.5)
+    video = render(image, grid, fill)
+    assert video.shape == (3, 9, 32, 48)
+    torch.testing.assert_close(video[:, 0], image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(video[:, 4, :, :-8], image[:, :, 8:], atol=1e-5, rtol=0)   # 1 latent px = 8 px
+    torch.testing.assert_close(video[:, 8, :, :-16], image[:, :, 16:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(video[:, 8, :, -12:], torch.full((3, 32, 12), 0.5))          # past the edge + feather
+    with pytest.raises(ValueError, match="fill"):
+        render(image, grid, fill[:, :3])
+    with pytest.raises(ValueError, match="grid"):
+        render(image, grid[..., 0], fill)
+    with pytest.raises(ValueError, match="camera"):
+        frame_motion(flow, camera[:2], 9, 4)
+    with pytest.raises(ValueError, match="frames"):
+        frame_motion(flow, camera, 13, 4)
+
+
+def test_render_chunks_compose_into_one_resampling():
+    """Two chunks' pans composed equal the whole pan in one grid; a zoom of the camera head's size is
+    measured by the evaluation's fit as the scale it makes."""
+    from i2v_model.evaluate import fit_similarity, motion_of
+    from i2v_model.render import compose, render, source_grid
+
+    cam = torch.zeros(1, 6)
+    cam[0, 2], cam[0, 5] = 0.75, -0.5
+    one = source_grid(torch.zeros(1, 2, 4, 4), cam, 64, 64)[0]
+    two = compose(one, source_grid(torch.zeros(1, 2, 4, 4), cam, 64, 64))
+    torch.testing.assert_close(two, source_grid(torch.zeros(1, 2, 4, 4), 2 * cam, 64, 64), atol=1e-5, rtol=0)
+    zoom = torch.zeros(1, 6)
+    zoom[0, 0] = zoom[0, 4] = -0.6     # u' = u (1 - 0.6 / 2): the content grows by 1 / 0.7
+    image = _smooth_image(96, 96, seed=1)
+    frame = render(image, source_grid(torch.zeros(1, 2, 4, 4), zoom, 96, 96), torch.zeros(3, 1, 4, 4))[:, 0]
+    m = motion_of(fit_similarity(image, frame))
+    assert abs(m.scale - 1 / 0.7) < 0.02 and abs(m.dx) < 0.5 and abs(m.angle) < 0.5, str(m)
+
+
+def test_video_scores_on_known_motion_and_on_noise():
+    """Clips filmed with a known camera motion score right on motion and consistency; a texture that stays put
+    scores 0% adherence on every moving prompt; frames of fresh noise are not tracked, noise added to
+    later frames fails cleanliness, and a flicker fails consistency."""
+    from i2v_model.evaluate import score_video
+
+    canvas = torch.from_numpy(ClipSource(3, 17, 96, split="heldout").image(0)).permute(2, 0, 1).float() / 127.5 - 1
+    truth = {"pan_right": ("dx", -24.0), "pan_left": ("dx", 24.0), "tilt_up": ("dy", 24.0), "tilt_down": ("dy", -24.0),
+             "zoom_in": ("scale", 1.5), "zoom_out": ("scale", 1 / 1.5), "rotate_cw": ("angle", 20.0),
+             "rotate_ccw": ("angle", -20.0), "static": ("dx", 0.0)}
+    for kind, (field, value) in truth.items():
+        clip = render_clip(canvas, Motion(kind, speed=3.0, zoom=1.5, angle=20.0), 9, 96)
+        s = score_video(clip, clip[:, 0], kind)
+        # (Not s.clean: real footage can bring busier texture into view, and a zoom out shrinks it.)
+        assert s.matches and s.consistent and s.first_psnr == float("inf"), (kind, str(s.motion))
+        assert abs(getattr(s.motion, field) - value) < 0.03 * max(abs(value), 1) + 0.3, (kind, str(s.motion))
+    g = torch.Generator().manual_seed(0)
+    still_noise = (torch.rand(3, 1, 96, 96, generator=g) * 2 - 1).expand(3, 9, 96, 96)
+    moving = [k for k in CAMERA_MOTIONS if k != "static"]
+    assert sum(score_video(still_noise, still_noise[:, 0], k).matches for k in moving) == 0
+    fresh = torch.rand(3, 9, 96, 96, generator=g) * 2 - 1
+    assert not score_video(fresh, fresh[:, 0], "static").tracked
+    clip = render_clip(canvas, Motion("pan_left", speed=3.0), 9, 96)
+    noisy = torch.cat([clip[:, :1], clip[:, 1:] + 0.1 * torch.randn(3, 8, 96, 96, generator=g)], dim=1)
+    assert not score_video(noisy, clip[:, 0], "pan_left").clean
+    flicker = clip * torch.tensor([1.0, 0.6] * 4 + [1.0]).view(1, 9, 1, 1)
+    assert not score_video(flicker, clip[:, 0], "pan_left").consistent
+    with pytest.raises(ValueError, match="video"):
+        score_video(clip[:, :1], clip[:, 0], "pan_left")
+    with pytest.raises(ValueError, match="image"):
+        score_video(clip, clip[:, 0, :8], "pan_left")
