@@ -85,15 +85,22 @@ def _row_poison(x):
 
 
 @triton.jit
-def _masked_values(v, keep, poison, DOT_DTYPE: tl.constexpr):
-    """``v`` [N, D] with NaN/inf zeroed, and ``poison`` [M, D] counting, per output, the non-finite
-    values among the keys its row keeps (``keep`` [M, N]). Only a tile holding one pays for the count."""
+def _finite_values(v):
+    """``v`` [..., D] with NaN/inf zeroed, and where they were (a value tile of a causal problem: a
+    future key's value is loaded with the tile but must not leak through ``0 * NaN``)."""
     vf = v.to(tl.float32)
     bad = (vf != vf) | (tl.abs(vf) == float("inf"))
+    return tl.where(bad, tl.zeros_like(v), v), bad
+
+
+@triton.jit
+def _poison_values(out, keep, bad, DOT_DTYPE: tl.constexpr):
+    """``out`` [..., M, D] with NaN where its row keeps (``keep`` [..., M, N]) a key whose value was
+    non-finite (``bad`` [..., N, D]). Only a tile that holds one pays for the count (one ``tl.dot``)."""
     if tl.max(tl.ravel(bad.to(tl.int32)), axis=0) > 0:
-        poison += tl.dot(keep.to(DOT_DTYPE), bad.to(DOT_DTYPE), out_dtype=tl.float32)
-        v = tl.where(bad, tl.zeros_like(v), v)
-    return v, poison
+        seen = tl.dot(keep.to(DOT_DTYPE), bad.to(DOT_DTYPE), out_dtype=tl.float32)
+        out = tl.where(seen > 0, float("nan"), out)
+    return out
 
 
 @triton.jit
@@ -143,7 +150,6 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    v_poison = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # causal: rows that see a NaN/inf value
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         n_mask = cols < kv_len
@@ -163,12 +169,11 @@ def _attn_fwd_kernel(
         v = tl.load(v_base + cols.to(tl.int64)[:, None] * svs + offs_d[None, :],
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         if CAUSAL:  # a future key's value is loaded but must not leak through 0 * NaN into earlier rows
-            v, v_poison = _masked_values(v, keep, v_poison, DOT_DTYPE)
+            v, bad = _finite_values(v)
+            acc = _poison_values(acc, keep, bad, DOT_DTYPE)  # NaN stays NaN through the rescaling
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE))
         m_i = m_new
     out = acc / l_i[:, None]
-    if CAUSAL:
-        out = tl.where(v_poison > 0, float("nan"), out)
     tl.store(o_base + offs_m.to(tl.int64)[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
     if STORE_LSE:  # log2-domain log-sum-exp of the scaled scores, for the backward
@@ -330,15 +335,14 @@ def _temporal_fwd_kernel(
     keep = tk < T
     if CAUSAL:
         keep = keep & (tk <= tq)
-        v_poison = tl.zeros([BLOCK_H, BLOCK_T, BLOCK_D], dtype=tl.float32)
-        v, v_poison = _masked_values(tl.reshape(v, (BLOCK_H, BLOCK_T, BLOCK_D)),
-                                     tl.broadcast_to(keep, (BLOCK_H, BLOCK_T, BLOCK_T)), v_poison, DOT_DTYPE)
+        v, bad = _finite_values(v)
     v = tl.reshape(v.to(DOT_DTYPE), (BLOCK_H, BLOCK_T, BLOCK_D))
     scores = tl.where(keep, scores, float("-inf"))
     p = tl.math.exp2(scores - tl.max(scores, axis=2)[:, :, None])
     out = tl.dot(p.to(V.dtype.element_ty).to(DOT_DTYPE), v) / tl.sum(p, axis=2)[:, :, None]  # [BLOCK_H, T, BLOCK_D]
     if CAUSAL:
-        out = tl.where(v_poison > 0, float("nan"), out)
+        out = _poison_values(out, tl.broadcast_to(keep, (BLOCK_H, BLOCK_T, BLOCK_T)),
+                             tl.reshape(bad, (BLOCK_H, BLOCK_T, BLOCK_D)), DOT_DTYPE)
     out = tl.reshape(out, (BLOCK_H * BLOCK_T, BLOCK_D))
     tl.store(O + b * sob + s * sos + (h * soh + t * sot)[:, None] + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=mask)
