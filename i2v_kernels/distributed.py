@@ -341,6 +341,10 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, scale: Option
         kv_sizes = _all_sizes(k.shape[1], group, k.device)
     starts = [sum(kv_sizes[:j]) for j in range(world)]
     B, N, H, _ = q.shape
+    if kv_lens is not None and not isinstance(kv_lens, torch._subclasses.FakeTensor) and kv_lens.numel() and (
+            int(kv_lens.min()) < 1 or int(kv_lens.max()) > sum(kv_sizes)):
+        raise ValueError(f"ring_attention: kv_lens values must be in [1, M={sum(kv_sizes)}] (the whole key sequence), "
+                         f"got [{int(kv_lens.min())}, {int(kv_lens.max())}]")
     kv = torch.stack((k, v))  # one message a step
     out = lse = None
     for step in range(world):

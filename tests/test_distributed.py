@@ -122,6 +122,8 @@ def _check_dense(world):
         lens = torch.tensor([2, 6])
         _compare(lambda *t: i2v_kernels.attention(*t, kv_lens=lens),
                  lambda *t: sp.attention(*t, kv_sharded=False, kv_lens=lens), [q, ctx_k, ctx_v], [1, None, None], 1, 43)
+    with pytest.raises(ValueError, match="kv_lens values"):  # checked against the whole key sequence
+        sp.ring_attention(q, q, q, kv_lens=torch.tensor([0, N]))
     with pytest.raises(ValueError, match="must divide"):
         sp.ulysses_attention(*(_randn(B, 2, world + 1, D, seed=1) for _ in range(3)))
 
