@@ -32,7 +32,15 @@ def _bad(t: Tensor) -> Tensor:
 def finite_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, kv_lens: Optional[Tensor]):
     """``(q, k, v, poisoned)`` for ``[..., Sq, D]`` / ``[..., Sk, D]`` inputs (batch dim 0 indexes
     ``kv_lens``): the inputs with every NaN/infinity replaced by 0, and the bool ``[..., Sq, D]`` mask
-    of the outputs the rule above makes NaN."""
+    of the outputs the rule above makes NaN (None, and the inputs untouched, when all are finite).
+
+    The common case costs one sum per input: a tensor holding a NaN or an infinity sums to a
+    non-finite number (a finite one only when its fp32 sum overflows, which just takes the full path).
+    Only such a call -- or one inside CUDA-graph capture, where the check cannot read the result --
+    takes the full path."""
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in (q, k, v)])).all()):
+        return q, k, v, None
     q_row = _bad(q).any(-1)  # [..., Sq]
     k_row = _bad(k).any(-1)  # [..., Sk]
     v_bad = _bad(v)  # [..., Sk, D]
@@ -53,8 +61,8 @@ def finite_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, kv_lens: Option
 
 
 def poison(out: Tensor, poisoned: Tensor) -> Tensor:
-    """``out`` with NaN where ``poisoned`` (broadcast to ``out``)."""
-    return out.masked_fill(poisoned, float("nan"))
+    """``out`` with NaN where ``poisoned`` (broadcast to ``out``; None: nothing to write)."""
+    return out if poisoned is None else out.masked_fill(poisoned, float("nan"))
 
 
 def zero_scale(q: Tensor, scale: float):
