@@ -360,3 +360,29 @@ def test_nccl_world_size_one_smoke():
             torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("native", torch.float32),
+                                           ("triton", torch.float16)])
+def test_return_lse_non_finite_inputs_follow_the_nan_rule(backend, dtype):
+    """out is what attention() gives (docs/SEMANTICS.md); lse is NaN exactly on the rows a non-finite
+    query or seen key poisons, and a non-finite key behind kv_lens changes nothing."""
+    skip_unless_usable(backend)
+    (q, k, v), _ = _lse_case(dtype, False, False)
+    lens = torch.tensor([5, 13])
+    q[0, 2, 1, 3] = float("nan")     # row (0, head 1, query 2)
+    k[1, 4, 0, 0] = float("inf")     # seen by every query of sample 1, head 0
+    k[0, 7, 2, 5] = float("nan")     # behind kv_lens (sample 0 sees 5 keys): no effect
+    v[0, 1, 2, 6] = float("nan")     # seen: column 6 of sample 0, head 2 is NaN, lse is not
+    with i2v_kernels.use_backend(backend):
+        out, lse = i2v_kernels.attention(q, k, v, kv_lens=lens, return_lse=True)
+        plain = i2v_kernels.attention(q, k, v, kv_lens=lens)
+    assert torch.equal(out.isnan(), plain.isnan())
+    expected = torch.zeros(2, 3, 9, dtype=torch.bool)
+    expected[0, 1, 2] = True
+    expected[1, 0, :] = True
+    assert torch.equal(lse.isnan(), expected)
+    finite = ~expected
+    _, ref_lse = reference.attention_lse(*(torch.nan_to_num(t.double(), nan=0.0, posinf=0.0) for t in (q, k, v)),
+                                         kv_lens=lens)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=2e-3, rtol=2e-3)

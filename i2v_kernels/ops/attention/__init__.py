@@ -481,7 +481,8 @@ def _triton_lse(q, k, v, kwargs):
     lse = torch.empty(B * H, N, dtype=torch.float32, device=q.device)
     attn_triton.attention_fwd(*(_five_d(DENSE, t) for t in (_unit_d(q), _unit_d(k), _unit_d(v), out)),
                               scale=kwargs["scale"], kv_lens=kwargs["kv_lens"], lse=lse)
-    return out, (lse * math.log(2.0)).view(B, H, N)
+    nan_rows = reference.lse_nan_rows(q.transpose(1, 2), k.transpose(1, 2), kwargs["kv_lens"])
+    return out, (lse * math.log(2.0)).view(B, H, N).masked_fill(nan_rows, float("nan"))
 
 
 @torch.library.custom_op("i2v_kernels::attention_lse", mutates_args=())

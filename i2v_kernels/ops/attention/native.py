@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from i2v_kernels.ops.attention import semantics
-from i2v_kernels.ops.attention.reference import rotate
+from i2v_kernels.ops.attention.reference import lse_nan_rows, rotate
 
 SPATIAL, TEMPORAL, DENSE = 0, 1, 2
 
@@ -160,6 +160,8 @@ def sdpa_lse(q, k, v, scale: float, kv_lens: Optional[Tensor], qk_norm, qw, qb, 
     q, k = prologue_pair(q, k, qk_norm, qw, qb, kw, kb, eps, cos, sin, rope_style)
     (B, N, H, _), M = q.shape, k.shape[1]
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    nan_rows = lse_nan_rows(qh, kh, kv_lens)
+    qh, kh, vh, poisoned = semantics.finite_inputs(qh, kh, vh, False, kv_lens)  # the NaN rule, as sdpa()
     bias = None
     if kv_lens is not None:
         width = -(-M // 16) * 16 if q.is_cuda else M
@@ -172,7 +174,8 @@ def sdpa_lse(q, k, v, scale: float, kv_lens: Optional[Tensor], qk_norm, qw, qb, 
         lse = lse[..., :N]
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, attn_mask=bias, scale=scale)
-    return out.transpose(1, 2).contiguous(), (lse if lse.dtype == torch.float64 else lse.float()).contiguous()
+    lse = (lse if lse.dtype == torch.float64 else lse.float()).masked_fill(nan_rows, float("nan"))
+    return semantics.poison(out, poisoned).transpose(1, 2).contiguous(), lse.contiguous()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -132,16 +132,29 @@ def attention_lse(q, k, v, *, scale=None, kv_lens=None, qk_norm=None, q_norm_wei
     """:func:`attention` and its log-sum-exp: ``(out [B, N, H, D], lse [B, H, N])`` with
     ``lse = log sum_j exp(scale q_i . k_j)`` over the kept keys, in fp32 (fp64 for fp64 inputs). Two
     partial results over disjoint key sets merge exactly: ``lse = logaddexp(lse1, lse2)``,
-    ``out = exp(lse1 - lse) out1 + exp(lse2 - lse) out2`` (ring attention)."""
+    ``out = exp(lse1 - lse) out1 + exp(lse2 - lse) out2`` (ring attention). Non-finite inputs follow
+    :mod:`~i2v_kernels.ops.attention.semantics`; ``lse`` is NaN on the rows it makes all-NaN
+    (:func:`lse_nan_rows`)."""
     qp = prologue(q, qk_norm, q_norm_weight, q_norm_bias, norm_eps, rope, rope_style).transpose(1, 2)
     kp = prologue(k, qk_norm, k_norm_weight, k_norm_bias, norm_eps, rope, rope_style).transpose(1, 2)
+    nan_rows = lse_nan_rows(qp, kp, kv_lens)
+    qp, kp, vh, poisoned = semantics.finite_inputs(qp, kp, v.to(qp.dtype).transpose(1, 2), False, kv_lens)
     scores = torch.matmul(qp, kp.transpose(-1, -2)) * _default_scale(q, scale)  # [B, H, N, M]
     keep = _mask(scores.shape[-2], scores.shape[-1], False, kv_lens, scores.dim(), q.device)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     lse = scores.logsumexp(dim=-1)
-    out = torch.matmul((scores - lse.unsqueeze(-1)).exp(), v.to(qp.dtype).transpose(1, 2))
-    return out.transpose(1, 2).to(q.dtype).contiguous(), lse
+    out = semantics.poison(torch.matmul((scores - lse.unsqueeze(-1)).exp(), vh), poisoned)
+    return out.transpose(1, 2).to(q.dtype).contiguous(), lse.masked_fill(nan_rows, float("nan"))
+
+
+def lse_nan_rows(q: Tensor, k: Tensor, kv_lens: Optional[Tensor]) -> Tensor:
+    """``[B, H, N]`` rows of ``q, k [B, H, N | M, D]`` (after the prologue) whose log-sum-exp is NaN: a
+    non-finite query, or a non-finite key the row sees (semantics.py's rule for an all-NaN row)."""
+    k_bad = ~torch.isfinite(k).all(-1)  # [B, H, M]
+    if kv_lens is not None:
+        k_bad = k_bad & (torch.arange(k.shape[-2], device=k.device) < kv_lens.reshape(-1, 1, 1))
+    return ~torch.isfinite(q).all(-1) | k_bad.any(-1, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------------------
