@@ -263,6 +263,7 @@ def _qkv(d: Draw, q_shape, kv_shape, dtype, p_bad: float, packed_dim: int):
 def attention_case(op: str, seed: int) -> Case:
     d = Draw(seed)
     dtype = d.choice((torch.float16, torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    big = False
     H = d.choice((1, 2, 3))
     D = d.choice((8, 16, 16, 18, 32, 72)) if d.chance(0.9) else d.choice((1, 2, 6))
     p_bad = 0.3
@@ -305,6 +306,11 @@ def attention_case(op: str, seed: int) -> Case:
         S = d.choice((1, 3, 7, 17)) if d.chance(0.95) else 0
         if op == "temporal_attention" and d.chance(0.1):
             T = d.choice((33, 130))  # past the packed kernel's T
+        if d.chance(0.03):  # more problems (B*T*H or B*S*H) than a CUDA grid's y/z dims take
+            big = True
+            B, H, D = 1, 1, 8
+            T, S = (BIG_ROWS, 2) if op == "spatial_attention" else (2, BIG_ROWS)
+            d.note("70,000 problems")
         shape = (B, T, S, H, D)
         (q, k, v), views = _qkv(d, shape, shape, dtype, p_bad, packed_dim=3)
         if op == "temporal_attention":
@@ -322,7 +328,7 @@ def attention_case(op: str, seed: int) -> Case:
                                            **_oracle_prologue({k_: v_ for k_, v_ in kwargs.items()
                                                                if k_ not in ("scale", "causal")}))
         shape_note = f"{shape}" + (" causal" if kwargs.get("causal") else "")
-    return Case(op, seed, views, kwargs, expected, dtype, f"{shape_note} {dtype} " + " ".join(d.notes))
+    return Case(op, seed, views, kwargs, expected, dtype, f"{shape_note} {dtype} " + " ".join(d.notes), big)
 
 
 def _rebuild(views, values):
@@ -338,7 +344,7 @@ def _rebuild(views, values):
 def qk_norm_rope_case(op: str, seed: int) -> Case:
     d = Draw(seed)
     dtype = d.choice((torch.float32, torch.float16, torch.bfloat16, torch.float64))
-    lead, _ = _lead_shape(d, big_ok=False)
+    lead, big = _lead_shape(d, big_ok=True)
     lead = lead[:3] or [2]
     H = d.choice((1, 2, 3))
     D = d.choice((2, 8, 16, 18, 64)) if d.chance(0.9) else d.choice((1, 3))
@@ -349,7 +355,7 @@ def qk_norm_rope_case(op: str, seed: int) -> Case:
     kwargs = _prologue_kwargs(d, D, dtype, rope_shapes, 0.2)
     expected = oracle.qk_norm_rope(q, k, **_oracle_prologue(kwargs))
     return Case(op, seed, (relayout(d, q, "q"), relayout(d, k, "k")), kwargs, expected, dtype,
-                f"{tuple(shape)} {dtype} " + " ".join(d.notes))
+                f"{tuple(shape)} {dtype} " + " ".join(d.notes), big)
 
 
 # --------------------------------------------------------------------------------------------------
