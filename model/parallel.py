@@ -23,6 +23,7 @@ import atexit
 import contextlib
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,7 +37,9 @@ __all__ = ["Launch", "ParallelError", "SequenceParallel", "block_activation_byte
 
 TIMEOUT_ENV = "I2V_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
-FAULT_ENV = "I2V_DIST_FAULT_RANK"  # tests: this rank dies (os._exit) at its first collective
+# Fault injection for the tests: "R" makes rank R die (os._exit) at its first collective, "R:hang" makes
+# it stop answering there (sleep), as a crashed or wedged rank would.
+FAULT_ENV = "I2V_DIST_FAULT_RANK"
 
 
 class SequenceParallel:
@@ -84,8 +87,11 @@ class _Call:
 
 
 def _maybe_fail(rank: int) -> None:
-    if os.environ.get(FAULT_ENV, "") == str(rank):
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault == str(rank):
         os._exit(3)  # a crash: no cleanup, no message, the peers see a closed connection
+    if fault == f"{rank}:hang":
+        time.sleep(3600)  # alive but silent: only the peers' collective timeout ends them
 
 
 # --------------------------------------------------------------------------------------------------

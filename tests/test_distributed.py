@@ -234,23 +234,28 @@ def test_torchrun_generate_matches_single_process(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.gif", "two.gif"]
 
 
-def test_rank_crash_ends_the_others_without_output(tmp_path):
-    """Rank 1 dies at its first collective. Launched with the environment torchrun would set but no
-    agent to stop the others, rank 0's collective fails at once and it says so in one line, leaving no
-    file. (Under torchrun the agent also stops the remaining ranks when one fails.)"""
-    env = _env(I2V_DIST_FAULT_RANK="1", I2V_DIST_TIMEOUT="60", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               WORLD_SIZE="2")
+@pytest.mark.parametrize("fault,timeout", [("1", "60"), ("1:hang", "5")], ids=["crash", "hang"])
+def test_rank_crash_ends_the_others_without_output(tmp_path, fault, timeout):
+    """Rank 1 dies (or stops answering) at its first collective. Launched with the environment torchrun
+    would set but no agent to stop the others, rank 0's collective fails (at once; after the
+    I2V_DIST_TIMEOUT seconds for the silent rank) and it says so in one line, leaving no file. (Under
+    torchrun the agent also stops the remaining ranks when one fails.)"""
+    env = _env(I2V_DIST_FAULT_RANK=fault, I2V_DIST_TIMEOUT=timeout, MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
     procs = [subprocess.Popen([sys.executable, "-m", "i2v_model"] + GENERATE + ["--out", "crash.gif"], cwd=tmp_path,
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     try:
         out0 = procs[0].communicate(timeout=90)
-        procs[1].communicate(timeout=30)
+        if fault == "1":
+            procs[1].communicate(timeout=30)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert procs[1].returncode == 3  # the injected crash
+                p.communicate()
+    if fault == "1":
+        assert procs[1].returncode == 3  # the injected crash
     assert procs[0].returncode == 2
     lines = out0[1].strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("i2v: error: rank 0 of 2: a collective failed"), out0[1]
