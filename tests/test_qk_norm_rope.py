@@ -246,10 +246,14 @@ def test_non_finite_reaches_its_row_only(backend, norm):
     """docs/SEMANTICS.md: under a norm a NaN/inf NaNs its whole row (head vector); without one, RoPE
     spreads it to its pair partner alone."""
     skip_unless_usable(backend)
-    q, k = _packed((2, 4), 3, 16, torch.float32)
+    _non_finite_check(backend, norm, "cpu")
+
+
+def _non_finite_check(backend, norm, device):
+    q, k = _packed((2, 4), 3, 16, torch.float32, device=device)
     q, k = q.clone(), k.clone()
     q[1, 2, 0, 5], k[0, 3, 2, 10] = float("nan"), float("inf")
-    cos, sin = torch.randn(4, 16), torch.randn(4, 16)
+    cos, sin = torch.randn(4, 16, device=device), torch.randn(4, 16, device=device)
     qo, ko = _run(backend, q, k, qk_norm=norm, rope=(cos, sin), rope_style="interleaved")
     for out, (b, n, h, d) in ((qo, (1, 2, 0, 5)), (ko, (0, 3, 2, 10))):
         bad = ~torch.isfinite(out)
@@ -515,6 +519,58 @@ def test_gpu_wan_rms_and_autograd():
         qo, ko = i2v_kernels.qk_norm_rope(q, k, **kw_)
     (qo.float().sum() + ko.float().square().sum()).backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("offset,pad", [(0, 0), (1, 0), (2, 2), (4, 4)])
+def test_gpu_cuda_access_widths(dtype, style, offset, pad):
+    """The CUDA kernel's 16-, 8-, 4-byte and scalar accesses on rows that allow each, D = 40 and 72,
+    with same-dtype and fp32 side tensors (a wrong width faults or reads across rows)."""
+    skip_unless_usable("cuda", "cuda")
+    tol = GPU_TOL.get(dtype, TOL[dtype])
+    for D in (40, 72):
+        for table_dtype in dict.fromkeys((dtype, torch.float32)):
+            _aligned_case_check("cuda", dtype, D, style, offset, pad, table_dtype, device="cuda", tol=tol)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("norm", [None, "layer", "rms"])
+def test_gpu_non_finite_reaches_its_row_only(backend, norm):
+    """The NaN rules under nvcc's --use_fast_math (the kernel's `ss * 0` must survive it)."""
+    skip_unless_usable(backend, "cuda")
+    _non_finite_check(backend, norm, "cuda")
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("D", [33, 7, 1])
+def test_gpu_cuda_odd_head_dims_without_rope(D):
+    """Odd D (no RoPE): scalar accesses, the last pair's missing half masked."""
+    skip_unless_usable("cuda", "cuda")
+    q, k = _packed((3, 37), 5, D, torch.float16, device="cuda")
+    w = torch.randn(D, device="cuda")
+    kw_ = dict(qk_norm="layer", q_norm_weight=w, k_norm_bias=w, rope_style="interleaved")
+    _gpu_check("cuda", q, k, kw_, torch.float16)
+
+
+@pytest.mark.needs_cuda
+def test_gpu_cuda_matches_cpu_kernel():
+    """The CUDA kernel and its CPU twin (one row routine) agree on a CogVideoX-like call."""
+    skip_unless_usable("cuda", "cuda")
+    skip_unless_usable("cpu")
+    q, k = _packed((2, 300), 6, 64, torch.bfloat16, device="cuda")
+    cos, sin = (torch.randn(300, 64, device="cuda") for _ in range(2))
+    w = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    kw_ = dict(qk_norm="layer", q_norm_weight=w[0], q_norm_bias=w[1], k_norm_weight=w[2], k_norm_bias=w[3],
+               rope=(cos, sin), rope_style="interleaved")
+    gpu = _run("cuda", q, k, **kw_)
+    cpu_kw = {n: (tuple(t.cpu() for t in v) if isinstance(v, tuple) else v.cpu() if torch.is_tensor(v) else v)
+              for n, v in kw_.items()}
+    cpu = _run("cpu", q.cpu(), k.cpu(), **cpu_kw)
+    for g, c in zip(gpu, cpu):
+        torch.testing.assert_close(g.cpu(), c, **GPU_TOL[torch.bfloat16])
 
 
 def test_alignment_promised_to_the_compiler():
