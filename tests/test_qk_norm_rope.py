@@ -175,6 +175,18 @@ def test_cos_sin_of_different_broadcast_shapes(backend):
     _check_outputs(_run(backend, q, k, **kw_), q, k, kw_, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cos_sin_strides_differ_on_a_size_one_dim(backend):
+    """Found by the fuzzing: cos and sin whose size-1 dim has different (unused) strides are one table
+    layout all the same; the C++ op compared every stride and refused."""
+    skip_unless_usable(backend)
+    q, k = _packed((1, 4), 2, 8, torch.float32)
+    cos = torch.randn(1, 4, 8)                      # strides (32, 8, 1)
+    sin = torch.randn(4, 1, 8).transpose(0, 1)      # shape (1, 4, 8), strides (8, 8, 1)
+    kw_ = dict(qk_norm="layer", rope=(cos, sin), rope_style="half")
+    _check_outputs(_run(backend, q, k, **kw_), q, k, kw_, _tol(backend, torch.float32))
+
+
 def test_numel_zero():
     q = torch.randn(2, 0, 3, 8)
     qo, ko = i2v_kernels.qk_norm_rope(q, q.clone(), qk_norm="layer")

@@ -96,8 +96,12 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_prepare(
     }
   }
   if (rope) {
-    TORCH_CHECK(cos->strides() == sin->strides(), kOp, ": cos and sin must have the same strides (one table "
-                "layout), got ", cos->strides(), " and ", sin->strides());
+    // One table layout; the stride of a size-1 dim is never used (and may differ).
+    for (int64_t d = 0; d < q.dim(); ++d) {
+      TORCH_CHECK(q.size(d) == 1 || cos->stride(d) == sin->stride(d), kOp,
+                  ": cos and sin must have the same strides (one table layout), got ", cos->strides(), " and ",
+                  sin->strides());
+    }
   }
 
   at::Tensor q_out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));

@@ -221,7 +221,7 @@ I2V_HOST_DEVICE void norm_rope_values(const QkNormRopeParams& p, const S* weight
     I2V_UNROLL
     for (int it = 0; it < ITERS; ++it) {
       const int u = lane + it * lanes;
-      float wa[U::P], wb[U::P], ba[U::P], bb[U::P];
+      float wa[U::P] = {}, wb[U::P] = {}, ba[U::P] = {}, bb[U::P] = {};  // set where used
       if (have[it] && weight != nullptr) {
         load_unit<S, VEC, HALF, Ops>(weight, u, D, wa, wb);
       }
