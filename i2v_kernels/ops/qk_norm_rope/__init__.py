@@ -22,7 +22,7 @@ and ``torch`` (the fp32 reference); ``auto`` runs the fastest measured. Autocast
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -120,9 +120,9 @@ def _cpp_views(q, k, qw, qb, kw, kb, cos, sin):
     return _unit_d(q), _unit_d(k), qw, qb, kw, kb, cos, sin
 
 
-def _cpp_why_not(backend: str, views) -> Optional[str]:
-    """Why the C++ kernel of ``backend`` (cuda or cpu) cannot take these views, or None."""
-    q = views[0]
+def _cpp_why_not(backend: str, q: Tensor, views: Callable[[], tuple]) -> Optional[str]:
+    """Why the C++ kernel of ``backend`` (cuda or cpu) cannot take this call, or None; ``views()``
+    makes the kernel's views (only once the cheap checks pass)."""
     key = backend.upper()
     if not hasattr(torch.ops.i2v_kernels, "_qk_norm_rope_fwd") or not _backend._has_kernel("_qk_norm_rope_fwd", key):
         return f"i2v_kernels._C was built without the {backend} qk_norm_rope kernel (rebuild the extension)"
@@ -130,7 +130,8 @@ def _cpp_why_not(backend: str, views) -> Optional[str]:
         return f"the {backend} kernel supports float32/float16/bfloat16, not {q.dtype}"
     if q.shape[-1] > CPP_MAX_D:
         return f"head dim D = {q.shape[-1]} exceeds the {backend} kernel's {CPP_MAX_D}"
-    return _row_dims_why_not(backend, [views[0], views[1], views[6]], CPP_MAX_ROW_DIMS)
+    v = views()
+    return _row_dims_why_not(backend, [v[0], v[1], v[6]], CPP_MAX_ROW_DIMS)
 
 
 def _cpp_forward(views, qk_norm, eps, rope_style):
@@ -187,7 +188,7 @@ def _forward(q, k, qk_norm, qw, qb, kw, kb, eps, cos, sin, rope_style):
 
             return kernels.why_not(_unit_d(q), _unit_d(k), cos if cos is None else torch.broadcast_tensors(cos, sin)[0])
         if backend in ("cuda", "cpu"):
-            return _cpp_why_not(backend, cpp_views())
+            return _cpp_why_not(backend, q, cpp_views)
         return None
 
     def run(backend: str):
