@@ -6,7 +6,9 @@ once, both outputs written once (the RoPE table and the norm weights are negligi
 
 Providers: ``torch`` (eager, as diffusers' CogVideoX / Wan attention processors write it: transpose
 to ``[B, H, N, D]``, ``nn.LayerNorm``/RMSNorm, then RoPE with fp32 tables), ``compile`` (torch.compile
-of that), our ``triton`` and ``native`` backends, and ``auto`` (the measured dispatch).
+of that), our ``triton``, ``cuda`` (CUDA C++; GPU rows only), ``cpu`` (its row routine compiled for
+the CPU; CPU rows only) and ``native`` backends, and ``auto`` (the measured dispatch). Each row prints
+GB/s and its fraction of the copy bandwidth measured on the same device.
 
 Shapes: CogVideoX-5B (LayerNorm + interleaved RoPE, 48 heads of 64, 17,776 tokens, B 2), a
 Wan2.1-14B-sized call (40 heads of 128, 32,760 tokens; per-head RMSNorm + interleaved RoPE -- Wan 2.1
@@ -30,8 +32,8 @@ from benchmarks.utils import Case, Provider, Session
 FAMILY = "qk_norm_rope"
 EPS = 1e-6
 OPS = ("qk_norm_rope",)
-PROVIDERS = ("torch", "compile", "triton", "native", utils.AUTO)
-OUR = ("triton", "native")
+PROVIDERS = ("torch", "compile", *utils.OUR_BACKENDS, utils.AUTO)
+OUR = utils.OUR_BACKENDS  # triton, cuda, cpu, native: each skipped (with its reason) where it cannot run
 QUICK_BUDGET_S = 30
 
 
@@ -173,7 +175,9 @@ GPU_LEGEND = (
     "GPU, bf16: `bw>=85%` at least 85% of the copy bandwidth measured on the card (q and k read once, both "
     "written once); `compile>=1.0x` at least as fast as torch.compile of eager.",
 )
-CPU_LEGEND = ("CPU: no targets (the Triton kernel runs on GPUs; `native` is eager PyTorch in the input dtype).",)
+CPU_LEGEND = ("CPU: no targets (the Triton and CUDA kernels run on GPUs; `cpu` is the CUDA kernel's row routine "
+              "compiled for the CPU, a correctness twin rather than a tuned CPU kernel; `native` is eager PyTorch "
+              "in the input dtype).",)
 
 
 def targets(row: dict, case: Case, session: Session) -> dict:

@@ -26,6 +26,17 @@ TORCH_LIBRARY(i2v_kernels, m) {
   m.def(
       "_adaln_fwd(Tensor x, Tensor? y, Tensor? gate, Tensor? shift, Tensor? scale, Tensor? weight, "
       "Tensor? bias, int norm, float eps) -> (Tensor out, Tensor residual)");
+  // QK-norm + RoPE forward (CPU and CUDA), one head vector of D elements a row (q, k: [..., D]):
+  //   y = rope(affine(norm(x)))  for x = q (with q_weight, q_bias) and x = k (k_weight, k_bias)
+  // norm 0 none, 1 LayerNorm, 2 RMSNorm over D; affine(n) = n * weight + bias, each when given;
+  // rope(n) = n * cos + rotate(n) * sin when cos/sin are given, pairs (x[2i], x[2i + 1]) or, with
+  // half_style, (x[i], x[i + D/2]); rotate = (-b, a) per pair. q, k (one shape and dtype, unit stride
+  // on D, any other strides) and cos/sin (q's shape: the table expanded over heads, stride-0 views,
+  // one set of strides) are row-strided; weights/biases are [D]. The side tensors share one dtype,
+  // q's or float32. Math in fp32; outputs contiguous in q's dtype. D <= 256.
+  m.def(
+      "_qk_norm_rope_fwd(Tensor q, Tensor k, Tensor? q_weight, Tensor? q_bias, Tensor? k_weight, Tensor? k_bias, "
+      "Tensor? cos, Tensor? sin, int norm, float eps, bool half_style) -> (Tensor q_out, Tensor k_out)");
   // Temporal attention (CUDA only): q, k, v [B, T, S, H, D] with unit stride on D, any other strides;
   // each (b, s, h) attends across its T frames; softmax(q k^T * scale) v in fp32; out contiguous.
   m.def("_temporal_attention_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal) -> Tensor");

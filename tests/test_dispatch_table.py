@@ -3,6 +3,7 @@
 import json
 import runpy
 
+import pytest
 import torch
 
 from benchmarks import make_dispatch_table
@@ -121,3 +122,26 @@ def test_without_measured_rows_the_table_is_the_fallback(tmp_path):
     make_dispatch_table.main(["--results", str(results), "--out", str(out)])
     table = runpy.run_path(str(out))["TABLE"]
     assert sorted(table) == sorted(make_dispatch_table.FALLBACK)
+
+
+def test_static_cuda_temporal_only_in_its_measured_range():
+    """The shipped table's one cuda entry (temporal, Latte-XL: T 16, D 72) reaches T = 8 or 13 at D = 64
+    by the nearest-entry rule, where the kernel measured 2-6x slower than Triton: the static pick of
+    cuda holds only for T 14..20, D 65..127 (attention.CUDA_TEMPORAL_STATIC_*)."""
+    from i2v_kernels import _static_table
+
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    table_has_cuda = any(e[0] == "temporal_attention" and e[5] == "cuda" for e in _static_table.TABLE)
+    if not table_has_cuda:
+        pytest.skip("the shipped static table has no cuda temporal entry")
+    flags, _ = attention.dispatch_features(1, (2, 16, 256, 16, 72), None, False, False, None, False, "interleaved")
+    choice = lambda sizes: attention._static_choice("temporal_attention", cuda, torch.bfloat16, flags, sizes)  # noqa: E731
+    assert choice((8192, 16, 16, 72)) == "cuda"
+    assert choice((4096, 18, 18, 80)) == "cuda"
+    raw = lambda sizes: _dispatch.nearest_static(_static_table.TABLE, "temporal_attention", cuda,  # noqa: E731
+                                                 torch.bfloat16, flags, sizes)
+    for sizes in ((8192, 8, 8, 64), (16384, 13, 13, 64), (8192, 32, 32, 72), (8192, 16, 16, 64)):
+        if raw(sizes) == "cuda":  # the nearest-entry rule alone would run the kernel here
+            assert choice(sizes) != "cuda", sizes
+        else:
+            assert choice(sizes) == raw(sizes), sizes

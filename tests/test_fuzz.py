@@ -260,8 +260,7 @@ def test_zero_size_dims_give_empty_results(backend):
             x = torch.randn(shape)
             assert i2v_kernels.adaln_modulate(x, x[..., :1, :] if x.dim() > 2 else None, None).shape == shape
             assert i2v_kernels.rms_norm(x).shape == shape
-            if backend != "cpu":  # no C++ kernel for it
-                assert qk_norm_rope(x, x, qk_norm="rms")[0].shape == shape
+            assert qk_norm_rope(x, x, qk_norm="rms")[0].shape == shape
 
 
 @pytest.mark.parametrize("backend", _backends("torch", "native", "triton"))
@@ -308,8 +307,6 @@ def test_rms_norm_row_with_an_infinity_is_nan(backend):
     with use_backend(backend):
         out = i2v_kernels.rms_norm(x, torch.rand(17) + 0.5)
         assert out[0, 1].isnan().all() and torch.isfinite(out[[1, 2]]).all() and torch.isfinite(out[0, 0]).all()
-        if backend == "cpu":
-            return  # no C++ kernel for qk_norm_rope
         q = torch.randn(2, 3, 2, 16)
         q[1, 2, 0, 7] = -float("inf")
         qo, ko = qk_norm_rope(q, q.clone(), qk_norm="rms")

@@ -15,7 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_OPS = {"adaln_modulate", "gated_residual", "gated_residual_adaln", "rms_norm", "spatial_attention",
-              "temporal_attention", "attention", "causal_conv3d", "spatial_attention.backward",
+              "temporal_attention", "attention", "causal_conv3d", "qk_norm_rope", "spatial_attention.backward",
               "temporal_attention.backward", "attention.backward"}
 
 
@@ -48,10 +48,11 @@ def test_smoke_dry_run_runs_every_op_on_the_cpu(tmp_path):
     assert {op for op, _ in ok} == PUBLIC_OPS, "every public op (and the attention backward) ran somewhere"
     # the interpreter ran every op's Triton kernel; the C++ CPU kernels ran the families that have one
     assert {op for op, b in ok if b == "triton"} == PUBLIC_OPS
-    assert {"adaln_modulate", "gated_residual_adaln", "rms_norm", "causal_conv3d"} <= {op for op, b in ok if b == "cpu"}
+    assert {"adaln_modulate", "gated_residual_adaln", "rms_norm", "causal_conv3d", "qk_norm_rope"} <= {
+        op for op, b in ok if b == "cpu"}
     big = [r for r in records if r["big"]]
     assert {r["op"] for r in big} == {"gated_residual_adaln", "spatial_attention", "temporal_attention", "attention",
-                                      "causal_conv3d"}
+                                      "causal_conv3d", "qk_norm_rope"}
     assert all(r["status"] == "skip" and "interpreter" in r["reason"] for r in big if r["backend"] == "triton")
     assert any(r["status"] == "ok" for r in big if r["backend"] == "cpu"), "a big case ran on the C++ CPU kernels"
     assert "skipped" in proc.stdout and "there is no cpu kernel for spatial_attention" in proc.stdout

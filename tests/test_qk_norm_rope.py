@@ -1,5 +1,7 @@
 """qk_norm_rope: every backend that can run here against the fp32 reference (attention.reference.prologue)."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from i2v_kernels.ops.attention import reference as ref
 from _util import TOL, skip_unless_usable
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-CPU_BACKENDS = ["triton", "native", "torch"]
+CPU_BACKENDS = ["triton", "cpu", "native", "torch"]
 # native rounds every intermediate to the input dtype (as eager PyTorch does): a looser bound
 NATIVE_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2),
               torch.bfloat16: dict(atol=6e-2, rtol=6e-2)}
@@ -164,12 +166,25 @@ def test_only_q_has_weight(backend):
     _check_outputs(_run(backend, q, k, **kw_), q, k, kw_, _tol(backend, torch.float32))
 
 
-def test_cos_sin_of_different_broadcast_shapes():
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_cos_sin_of_different_broadcast_shapes(backend):
     q, k = _packed((2, 4), 2, 8, torch.float32)
     cos, sin = torch.randn(4, 8), torch.randn(2, 1, 8)  # [N, D] and per-sample [B, 1, D]
     kw_ = dict(qk_norm="rms", rope=(cos, sin), rope_style="interleaved")
-    skip_unless_usable("triton")
-    _check_outputs(_run("triton", q, k, **kw_), q, k, kw_, TOL[torch.float32])
+    skip_unless_usable(backend)
+    _check_outputs(_run(backend, q, k, **kw_), q, k, kw_, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cos_sin_strides_differ_on_a_size_one_dim(backend):
+    """Found by the fuzzing: cos and sin whose size-1 dim has different (unused) strides are one table
+    layout all the same; the C++ op compared every stride and refused."""
+    skip_unless_usable(backend)
+    q, k = _packed((1, 4), 2, 8, torch.float32)
+    cos = torch.randn(1, 4, 8)                      # strides (32, 8, 1)
+    sin = torch.randn(4, 1, 8).transpose(0, 1)      # shape (1, 4, 8), strides (8, 8, 1)
+    kw_ = dict(qk_norm="layer", rope=(cos, sin), rope_style="half")
+    _check_outputs(_run(backend, q, k, **kw_), q, k, kw_, _tol(backend, torch.float32))
 
 
 def test_numel_zero():
@@ -185,18 +200,128 @@ def test_fp64_runs_the_reference_in_fp64():
     _check_outputs(i2v_kernels.qk_norm_rope(q, k, **kw_), q, k, kw_, TOL[torch.float64])
 
 
-def test_triton_rejects_fp64_when_forced():
-    skip_unless_usable("triton")
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_kernels_reject_fp64_when_forced(backend):
+    skip_unless_usable(backend)
     q = torch.randn(2, 3, 2, 8, dtype=torch.float64)
     with pytest.raises(i2v_kernels.BackendUnavailableError, match="float64"):
-        _run("triton", q, q, qk_norm="rms")
+        _run(backend, q, q, qk_norm="rms")
 
 
-def test_triton_rejects_wide_heads():
-    skip_unless_usable("triton")
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_kernels_reject_wide_heads(backend):
+    skip_unless_usable(backend)
     q = torch.randn(1, 2, 1, 512)
     with pytest.raises(i2v_kernels.BackendUnavailableError, match="exceeds"):
-        _run("triton", q, q, qk_norm="rms")
+        _run(backend, q, q, qk_norm="rms")
+
+
+# --------------------------------------------------------------------------------------------------
+# The C++ kernels (csrc/qk_norm_rope): the cpu backend runs the CUDA kernel's row routine with the same
+# access-width choice (16, 8, 4 bytes or scalar) and checks, on every access, the alignment a GPU's
+# vector access needs
+
+
+def _offset_views(lead, D, dtype, offset, pad, device="cpu"):
+    """q, k of ``[*lead, D]`` whose rows start ``offset`` elements into rows of ``D + pad + offset``:
+    row starts aligned to 16, 8, 4, 2 bytes or one element, depending on offset and pad."""
+    buf = torch.randn(2, *lead, D + pad + offset, device=device).to(dtype)
+    return buf[0, ..., offset:offset + D], buf[1, ..., offset:offset + D]
+
+
+def _aligned_case_check(backend, dtype, D, style, offset, pad, table_dtype, device="cpu", tol=None):
+    q, k = _offset_views((2, 5, 3), D, dtype, offset, pad, device)
+    table = torch.randn(2, 5, D + offset, device=device).to(table_dtype)[..., offset:]  # offset rows too
+    w = torch.randn(4, D, device=device).to(table_dtype)
+    kw_ = dict(qk_norm="layer", q_norm_weight=w[0], q_norm_bias=w[1], k_norm_weight=w[2], k_norm_bias=w[3],
+               rope=(table[0], table[1]), rope_style=style)
+    outs = _run(backend, q, k, **kw_)
+    for out, exp in zip(outs, _expected(q, k, kw_)):
+        assert out.is_contiguous() and out.dtype == dtype
+        torch.testing.assert_close(out, exp, **(tol or TOL[dtype]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("offset,pad", [(0, 0), (1, 0), (2, 2), (4, 4), (0, 2), (8, 8)])
+def test_cpp_access_widths(dtype, style, offset, pad):
+    """Every access width on views whose rows are 16-, 8-, 4-byte or element aligned; D = 40 (D/2 = 20:
+    at most 8-byte accesses for the half style of 16-bit inputs), fp32 and same-dtype tables."""
+    skip_unless_usable("cpu")
+    for table_dtype in dict.fromkeys((dtype, torch.float32)):
+        _aligned_case_check("cpu", dtype, 40, style, offset, pad, table_dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("norm", [None, "layer", "rms"])
+def test_non_finite_reaches_its_row_only(backend, norm):
+    """docs/SEMANTICS.md: under a norm a NaN/inf NaNs its whole row (head vector); without one, RoPE
+    spreads it to its pair partner alone."""
+    skip_unless_usable(backend)
+    _non_finite_check(backend, norm, "cpu")
+
+
+def _non_finite_check(backend, norm, device):
+    q, k = _packed((2, 4), 3, 16, torch.float32, device=device)
+    q, k = q.clone(), k.clone()
+    q[1, 2, 0, 5], k[0, 3, 2, 10] = float("nan"), float("inf")
+    cos, sin = torch.randn(4, 16, device=device), torch.randn(4, 16, device=device)
+    qo, ko = _run(backend, q, k, qk_norm=norm, rope=(cos, sin), rope_style="interleaved")
+    for out, (b, n, h, d) in ((qo, (1, 2, 0, 5)), (ko, (0, 3, 2, 10))):
+        bad = ~torch.isfinite(out)
+        want = torch.zeros_like(bad)
+        if norm is None:
+            want[b, n, h, d - d % 2:d - d % 2 + 2] = True  # the interleaved pair
+        else:
+            want[b, n, h] = True
+        assert torch.equal(bad, want)
+        if norm is not None:
+            assert out[b, n, h].isnan().all()
+
+
+def test_cpp_many_leading_dims_fall_back():
+    """Strides that coalesce to more than 8 leading dims: the C++ kernels decline (auto runs another
+    backend, a forced one raises saying why)."""
+    skip_unless_usable("cpu")
+    q = torch.randn([2] * 10 + [8]).permute(*reversed(range(10)), 10)  # 10 dims that cannot merge
+    with pytest.raises(i2v_kernels.BackendUnavailableError, match="coalesced leading dims"):
+        _run("cpu", q, q, qk_norm="rms")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one-time fallback notice (may have fired already)
+        qo, ko = i2v_kernels.qk_norm_rope(q, q, qk_norm="rms")
+    _check_outputs((qo, ko), q, q, dict(qk_norm="rms", rope_style="interleaved"), TOL[torch.float32])
+
+
+CPP_BAD = {
+    "wide-D": (dict(q=(1, 2, 300)), "head dim D"),
+    "cos-sin-strides": (dict(rope="strides"), "same strides"),
+    "side-dtypes": (dict(rope="bf16", weight="fp32"), "share one dtype"),
+    "half-without-rope": (dict(half=True), "half_style needs"),
+    "weight-without-norm": (dict(weight="fp32", norm=0), "without a norm"),
+    "odd-D-rope": (dict(q=(1, 2, 7), rope="bf16"), "even head dim"),
+    "k-shape": (dict(k=(1, 3, 8)), "k must have q's shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(CPP_BAD))
+def test_cpp_op_bad_input(case):
+    """The C++ op's own checks (the public function validates first; these guard direct calls)."""
+    skip_unless_usable("cpu")
+    spec, match = CPP_BAD[case]
+    q = torch.randn(spec.get("q", (1, 2, 8)), dtype=torch.bfloat16)
+    k = torch.randn(spec.get("k", q.shape), dtype=torch.bfloat16)
+    D = q.shape[-1]
+    cos = sin = w = None
+    if spec.get("rope") == "strides":
+        cos, sin = torch.randn(q.shape, dtype=torch.bfloat16), torch.randn(q.shape[-1:], dtype=torch.bfloat16)
+        sin = sin.expand(q.shape)
+    elif spec.get("rope") == "bf16":
+        cos = sin = torch.randn(q.shape, dtype=torch.bfloat16)
+    if spec.get("weight") == "fp32":
+        w = torch.randn(D)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.i2v_kernels._qk_norm_rope_fwd(q, k, w, None, None, None, cos, sin, spec.get("norm", 1), 1e-6,
+                                                spec.get("half", False))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,7 +393,7 @@ def _op_args(q, k, kw_):
             kw_.get("k_norm_bias"), 1e-6, cos, sin, kw_["rope_style"])
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 def test_opcheck(backend, norm):
     skip_unless_usable(backend)
@@ -340,7 +465,7 @@ def test_bad_input(case):
 # GPU (every tensor built on the device)
 
 
-GPU_BACKENDS = ["triton", "native"]
+GPU_BACKENDS = ["cuda", "triton", "native"]
 GPU_TOL = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
@@ -406,6 +531,58 @@ def test_gpu_wan_rms_and_autograd():
         qo, ko = i2v_kernels.qk_norm_rope(q, k, **kw_)
     (qo.float().sum() + ko.float().square().sum()).backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("offset,pad", [(0, 0), (1, 0), (2, 2), (4, 4)])
+def test_gpu_cuda_access_widths(dtype, style, offset, pad):
+    """The CUDA kernel's 16-, 8-, 4-byte and scalar accesses on rows that allow each, D = 40 and 72,
+    with same-dtype and fp32 side tensors (a wrong width faults or reads across rows)."""
+    skip_unless_usable("cuda", "cuda")
+    tol = GPU_TOL.get(dtype, TOL[dtype])
+    for D in (40, 72):
+        for table_dtype in dict.fromkeys((dtype, torch.float32)):
+            _aligned_case_check("cuda", dtype, D, style, offset, pad, table_dtype, device="cuda", tol=tol)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("norm", [None, "layer", "rms"])
+def test_gpu_non_finite_reaches_its_row_only(backend, norm):
+    """The NaN rules under nvcc's --use_fast_math (the kernel's `ss * 0` must survive it)."""
+    skip_unless_usable(backend, "cuda")
+    _non_finite_check(backend, norm, "cuda")
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("D", [33, 7, 1])
+def test_gpu_cuda_odd_head_dims_without_rope(D):
+    """Odd D (no RoPE): scalar accesses, the last pair's missing half masked."""
+    skip_unless_usable("cuda", "cuda")
+    q, k = _packed((3, 37), 5, D, torch.float16, device="cuda")
+    w = torch.randn(D, device="cuda")
+    kw_ = dict(qk_norm="layer", q_norm_weight=w, k_norm_bias=w, rope_style="interleaved")
+    _gpu_check("cuda", q, k, kw_, torch.float16)
+
+
+@pytest.mark.needs_cuda
+def test_gpu_cuda_matches_cpu_kernel():
+    """The CUDA kernel and its CPU twin (one row routine) agree on a CogVideoX-like call."""
+    skip_unless_usable("cuda", "cuda")
+    skip_unless_usable("cpu")
+    q, k = _packed((2, 300), 6, 64, torch.bfloat16, device="cuda")
+    cos, sin = (torch.randn(300, 64, device="cuda") for _ in range(2))
+    w = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    kw_ = dict(qk_norm="layer", q_norm_weight=w[0], q_norm_bias=w[1], k_norm_weight=w[2], k_norm_bias=w[3],
+               rope=(cos, sin), rope_style="interleaved")
+    gpu = _run("cuda", q, k, **kw_)
+    cpu_kw = {n: (tuple(t.cpu() for t in v) if isinstance(v, tuple) else v.cpu() if torch.is_tensor(v) else v)
+              for n, v in kw_.items()}
+    cpu = _run("cpu", q.cpu(), k.cpu(), **cpu_kw)
+    for g, c in zip(gpu, cpu):
+        torch.testing.assert_close(g.cpu(), c, **GPU_TOL[torch.bfloat16])
 
 
 def test_alignment_promised_to_the_compiler():

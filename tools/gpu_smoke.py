@@ -305,8 +305,54 @@ def conv3d_cases() -> list[Case]:
     ]
 
 
+def qk_norm_rope_cases() -> list[Case]:
+    """The CUDA kernel's access widths (16-byte, 8-byte, scalar), both RoPE styles, odd D, fp32 and
+    same-dtype side tensors, an empty input and a grid of more than 65,535 blocks."""
+    import i2v_kernels as k
+
+    def packed(seed, dtype, lead, H, D, side=None, offset=0, table=None):
+        def build(device):
+            import torch
+
+            dt = lambda shape: (shape, getattr(torch, side)) if side else shape  # noqa: E731
+            shapes = {"qkv": list(lead) + [3 * H * D + offset], "w": dt([4, D])}
+            if table is not None:
+                shapes["table"] = dt([2] + list(table) + [D])
+            t = _tensors(device, dtype, seed, shapes)
+            qkv = t["qkv"][..., offset:].unflatten(-1, (3, H, D))  # offset: rows off the 16-byte grid
+            return dict(t, q=qkv[..., 0, :, :], k=qkv[..., 1, :, :])
+        return build
+
+    def call(norm, style="interleaved", affine=True):
+        def run(t):
+            w = t["w"]
+            extra = dict(q_norm_weight=w[0], k_norm_weight=w[2]) if affine and norm else {}
+            if affine and norm == "layer":
+                extra.update(q_norm_bias=w[1], k_norm_bias=w[3])
+            rope = (t["table"][0], t["table"][1]) if "table" in t else None
+            return k.qk_norm_rope(t["q"], t["k"], qk_norm=norm, rope=rope, rope_style=style, **extra)
+        return run
+
+    return [
+        Case("qk_norm_rope", "CogVideoX-like packed QKV, D=64, fp32 table: 16-byte accesses", "bfloat16",
+             packed(70, "bfloat16", (2, 33), 3, 64, side="float32", table=(33,)), call("layer")),
+        Case("qk_norm_rope", "half RoPE, D=40 (8-byte accesses), same-dtype table", "float16",
+             packed(71, "float16", (2, 3, 7), 2, 40, table=(3, 7)), call("rms", "half")),
+        Case("qk_norm_rope", "rows 1 element off alignment, D=72: scalar accesses", "bfloat16",
+             packed(72, "bfloat16", (2, 9), 2, 72, offset=1, table=(9,)), call("layer", "half")),
+        Case("qk_norm_rope", "odd D=33, no RoPE", "float32", packed(73, "float32", (3, 5), 3, 33), call("rms")),
+        Case("qk_norm_rope", "D=256, interleaved", "float32", packed(74, "float32", (2, 5), 2, 256, table=(5,)),
+             call("layer")),
+        Case("qk_norm_rope", "empty q [2, 0, 3, 16]", "bfloat16", packed(75, "bfloat16", (2, 0), 3, 16, table=(0,)),
+             call("rms")),
+        Case("qk_norm_rope", f"16.8 M rows of D=2: grid > {BIG_GRID:,}", "float16",
+             packed(76, "float16", (65_536 * 256 + 3,), 1, 2, table=(1,)), call("rms", affine=False),
+             big=True),
+    ]
+
+
 def all_cases() -> list[Case]:
-    return adaln_cases() + attention_cases() + conv3d_cases()
+    return adaln_cases() + attention_cases() + qk_norm_rope_cases() + conv3d_cases()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 """Static resource report of every GPU kernel, made without a GPU.
 
     python -m i2v_kernels.tools.static_report [--archs sm80,sm90a,sm120a] [--out benchmarks/results]
-                                              [--jobs N] [--full]
+                                              [--jobs N] [--full] [--cuda-only]
 
 Compiles the Triton kernels ahead of time (:mod:`i2v_kernels.tools.triton_aot`), reads the CUDA C++
 kernels of the built extension (``cuobjdump`` on ``i2v_kernels/_C*.so``), and writes one table per
 target, ``static_<arch>.md``: registers, spills, local memory, shared memory and estimated occupancy of
 every compile, so a later GPU run can compare. Exits non-zero, listing them, on compile errors and on
-shared memory above a required target's per-block limit.
+shared memory above a required target's per-block limit. ``--cuda-only`` compiles nothing: it rewrites
+the CUDA C++ section of the existing tables from the built extension (after a change in ``csrc/``).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def render(report: Report, arch: str) -> str:
             lines.append(f"{head} {u.regs} | {u.spill_stores}/{u.spill_loads} | {u.local_bytes} | {_kib(smem)}{flag} | "
                          f"{warps} ({binding}) |")
         lines.append("")
-    lines += ["## CUDA C++ kernels (i2v_kernels/_C)", ""]
+    lines += [_CUDA_HEADING, ""]
     cubin = _EXTENSION_CUBIN[arch]
     usage = [u for u in report.extension or () if u.arch == cubin]
     if report.extension is None:
@@ -201,6 +202,31 @@ def render(report: Report, arch: str) -> str:
     return "\n".join(lines)
 
 
+_CUDA_HEADING = "## CUDA C++ kernels (i2v_kernels/_C)"
+
+
+def rewrite_cuda_sections(archs: Sequence[str], out: str) -> list[str]:
+    """Replace the CUDA C++ section of each existing ``static_<arch>.md`` in ``out`` with the built
+    extension's; the Triton tables stay as they were. Returns the files rewritten."""
+    report = Report(tuple(archs), [], [], 0.0, 0, out)
+    report.extension, report.extension_note = extension_usage()
+    written = []
+    for arch in archs:
+        path = os.path.join(out, f"static_{arch}.md")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            old = f.read()
+        head, found, _ = old.partition(_CUDA_HEADING)
+        if not found:
+            continue
+        section = render(report, arch)
+        with open(path, "w") as f:
+            f.write(head + section[section.index(_CUDA_HEADING):])
+        written.append(path)
+    return written
+
+
 def _why_legend(arch: str) -> str:
     launches, strength = triton_aot.DEPTH[arch]
     if launches != "cover":
@@ -221,11 +247,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: one per CPU)")
     parser.add_argument("--full", action="store_true",
                         help="compile every point of every space instead of the covering plan (hours)")
+    parser.add_argument("--cuda-only", action="store_true",
+                        help="compile nothing; rewrite only the CUDA C++ section of the existing tables")
     args = parser.parse_args(argv)
     archs = tuple(a for a in args.archs.split(",") if a)
     unknown = [a for a in archs if a not in triton_aot.CAPABILITIES]
     if unknown:
         parser.error(f"unknown target(s) {unknown}; choose from {sorted(triton_aot.CAPABILITIES)}")
+    if args.cuda_only:
+        written = rewrite_cuda_sections(archs, args.out)
+        print(f"CUDA C++ sections rewritten: {', '.join(written) or 'none (no tables in ' + args.out + ')'}")
+        return 0
     report = build(archs, out=args.out, jobs=args.jobs, full=args.full)
     print(report.summary())
     for line in report.warnings:

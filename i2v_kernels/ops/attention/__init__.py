@@ -191,10 +191,26 @@ def dispatch_features(mode, q_shape, k_shape, causal: bool, has_kv_lens: bool, q
     return flags, sizes
 
 
+# The CUDA C++ temporal kernel measured fastest at one shape, Latte-XL's (T = 16, D = 72, B*S*H = 8192,
+# bf16; H200 2026-12-04: 0.197 ms vs Triton 0.299), and slower than Triton at every other measured one
+# (T = 8, 13, 32 at D = 64; T = 21 at D = 128; T = 128). The static table's nearest-entry rule would
+# stretch its Latte entry to such shapes (T = 8 or 13 at D = 64 lie within its reach), so a static
+# pick of ``cuda`` holds only strictly between those measurements, T 14..20 and D 65..127; elsewhere
+# the nearest entry of another backend decides. Measured dispatch (tuning on) is not limited.
+CUDA_TEMPORAL_STATIC_T = (14, 20)
+CUDA_TEMPORAL_STATIC_D = (65, 127)
+
+
 def _static_choice(op, device, dtype, flags, sizes):
     from i2v_kernels import _static_table
 
-    return _dispatch.nearest_static(_static_table.TABLE, op, device, dtype, flags, sizes)
+    table = _static_table.TABLE
+    choice = _dispatch.nearest_static(table, op, device, dtype, flags, sizes)
+    T, D = sizes[1], sizes[3]
+    if choice == "cuda" and not (CUDA_TEMPORAL_STATIC_T[0] <= T <= CUDA_TEMPORAL_STATIC_T[1]
+                                 and CUDA_TEMPORAL_STATIC_D[0] <= D <= CUDA_TEMPORAL_STATIC_D[1]):
+        choice = _dispatch.nearest_static([e for e in table if e[5] != "cuda"], op, device, dtype, flags, sizes)
+    return choice
 
 
 def _forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style):

@@ -13,27 +13,35 @@ with the formula of the attention family's prologue (``attention.reference.prolo
 
 q and k are read through their strides (unit stride on D), so ``qkv.view(B, N, 3, H, D).unbind(2)``
 goes in without copies; the outputs are contiguous, same shape, in the input dtype. Math in fp32
-(fp64 for fp64 inputs on the ``torch`` backend). Backends: ``triton`` (one launch for q and k),
-``native`` (eager ``F.layer_norm``/``F.rms_norm`` + multiply-add in the input dtype) and ``torch`` (the
-fp32 reference); ``auto`` runs the fastest measured. Autocast: inputs are not cast.
+(fp64 for fp64 inputs on the ``torch`` backend). Backends: ``cuda`` (CUDA C++, ``csrc/qk_norm_rope``:
+a group of lanes per row of q and k, 16-byte accesses where D and the strides allow), ``triton`` (one
+launch for q and k), ``cpu`` (the CUDA kernel's row routine compiled for the CPU: tests its arithmetic
+without a GPU), ``native`` (eager ``F.layer_norm``/``F.rms_norm`` + multiply-add in the input dtype)
+and ``torch`` (the fp32 reference); ``auto`` runs the fastest measured. Autocast: inputs are not cast.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from i2v_kernels import _backend, _dispatch, _static_table
 from i2v_kernels.ops._checks import check_float_tensor
-from i2v_kernels.ops.adaln import _check_eps
+from i2v_kernels.ops.adaln import CPP_MAX_ROW_DIMS, _check_eps, _row_dims_why_not
 from i2v_kernels.ops.attention import check_prologue, native, reference
 
 __all__ = ["qk_norm_rope"]
 
 OP = "qk_norm_rope"
-_IMPLEMENTED = ("triton", "native", "torch")
+_IMPLEMENTED = ("cuda", "triton", "cpu", "native", "torch")
+# The C++ kernels (csrc/qk_norm_rope): dtypes, widest head dim (qk_norm_rope_params.h kMaxD), norm codes.
+_CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPP_MAX_D = 256
+_CPP_NORM = {None: 0, "layer": 1, "rms": 2}
+
+_backend.load_extension()  # registers the C++ schemas before the Python op joins the namespace
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,6 +108,38 @@ def _triton_forward(q, k, qk_norm, qw, qb, kw, kb, eps, cos, sin, rope_style):
                                     sin, cos is not None and rope_style == "half")
 
 
+def _cpp_views(q, k, qw, qb, kw, kb, cos, sin):
+    """What the C++ kernels take: q, k with unit stride on D; the weights, biases and RoPE table in one
+    dtype (q's, else fp32), contiguous; cos/sin broadcast against each other, then expanded over q's
+    heads as stride-0 views of q's shape (the table itself is never expanded in memory)."""
+    if cos is not None:
+        cos, sin = torch.broadcast_tensors(cos, sin)
+    qw, qb, kw, kb, cos, sin = _common((qw, qb, kw, kb, cos, sin), q)
+    if cos is not None:
+        cos, sin = (t.unsqueeze(-2).expand(q.shape) for t in (cos, sin))
+    return _unit_d(q), _unit_d(k), qw, qb, kw, kb, cos, sin
+
+
+def _cpp_why_not(backend: str, q: Tensor, views: Callable[[], tuple]) -> Optional[str]:
+    """Why the C++ kernel of ``backend`` (cuda or cpu) cannot take this call, or None; ``views()``
+    makes the kernel's views (only once the cheap checks pass)."""
+    key = backend.upper()
+    if not hasattr(torch.ops.i2v_kernels, "_qk_norm_rope_fwd") or not _backend._has_kernel("_qk_norm_rope_fwd", key):
+        return f"i2v_kernels._C was built without the {backend} qk_norm_rope kernel (rebuild the extension)"
+    if q.dtype not in _CPP_DTYPES:
+        return f"the {backend} kernel supports float32/float16/bfloat16, not {q.dtype}"
+    if q.shape[-1] > CPP_MAX_D:
+        return f"head dim D = {q.shape[-1]} exceeds the {backend} kernel's {CPP_MAX_D}"
+    v = views()
+    return _row_dims_why_not(backend, [v[0], v[1], v[6]], CPP_MAX_ROW_DIMS)
+
+
+def _cpp_forward(views, qk_norm, eps, rope_style):
+    q, k, qw, qb, kw, kb, cos, sin = views
+    return torch.ops.i2v_kernels._qk_norm_rope_fwd(q, k, qw, qb, kw, kb, cos, sin, _CPP_NORM[qk_norm], eps,
+                                                   cos is not None and rope_style == "half")
+
+
 def _fresh(y: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
     """``y`` in ``dtype``, contiguous, and never ``x`` itself (an op's output may not alias its input:
     with neither norm nor RoPE the formula is the identity)."""
@@ -134,15 +174,26 @@ def _forward(q, k, qk_norm, qw, qb, kw, kb, eps, cos, sin, rope_style):
     args = (q, k, qk_norm, qw, qb, kw, kb, eps, cos, sin, rope_style)
     if q.numel() == 0:
         return _reference_forward(*args)
+    views = None
+
+    def cpp_views():
+        nonlocal views
+        if views is None:
+            views = _cpp_views(q, k, qw, qb, kw, kb, cos, sin)
+        return views
 
     def why_not(backend: str) -> Optional[str]:
         if backend == "triton":
             from i2v_kernels.ops.qk_norm_rope import triton as kernels
 
             return kernels.why_not(_unit_d(q), _unit_d(k), cos if cos is None else torch.broadcast_tensors(cos, sin)[0])
+        if backend in ("cuda", "cpu"):
+            return _cpp_why_not(backend, q, cpp_views)
         return None
 
     def run(backend: str):
+        if backend in ("cuda", "cpu"):
+            return _cpp_forward(cpp_views(), qk_norm, eps, rope_style)
         if backend == "triton":
             return _triton_forward(*args)
         if backend == "native":
