@@ -10,12 +10,14 @@ the model's default steps, scored by :func:`i2v_model.evaluate.measure_drift`:
 * brightness drift: the mean gray of what a frame shows of frame 0's content against frame 0 moved
   onto it, and the same against the frame one chunk earlier (which also covers ground the fill brought
   into view then), the largest difference over the video, in the [-1, 1] units of the frames;
-* the seams: the largest change across a seam (mean |frame t+1 - frame t|) over the median change of
-  the other consecutive pairs, and the worst motion-compensated PSNR of a seam pair against that of
-  the other pairs.
+* the seams: the largest change across a seam (mean |frame t+1 - frame t|) over the mean change of
+  the four pairs around it, and the worst motion-compensated PSNR of a seam pair against that
+  of the other pairs.
 
 ``--save DIR`` also keeps the videos (``.pt``); ``--load DIR`` scores videos saved so by an earlier
-run (e.g. of an older version of the generator: then there is no sampled map to compare with).
+run (with the sampled maps when that run saved them; videos of an older version of the generator have
+none to compare with). On a shared CPU run it with ``OMP_NUM_THREADS=1`` (small tensors: a second
+thread mostly waits).
 """
 
 from __future__ import annotations
@@ -55,13 +57,16 @@ def main(argv=None) -> int:
         for name, image in images:
             key = f"{kind}-{name}"
             if args.load:
-                video, asked = torch.load(args.load / f"{key}.pt"), None
+                video, maps = torch.load(args.load / f"{key}.pt"), args.load / f"{key}.maps.pt"
+                maps = torch.load(maps) if maps.exists() else None
             else:
                 video, _ = pipe.generate(image, PROMPTS[kind][0], frames=args.frames, steps=args.steps, seed=0)
-                asked = matrix_motion(pipe.camera_maps[-1], args.size, args.size)
+                maps = pipe.camera_maps
                 if args.save:
                     args.save.mkdir(parents=True, exist_ok=True)
                     torch.save(video, args.save / f"{key}.pt")
+                    torch.save(maps, args.save / f"{key}.maps.pt")
+            asked = None if maps is None else matrix_motion(maps[-1], args.size, args.size)
             d = measure_drift(video, chunk=16)
             ratio = "-" if asked is None else f"{d.motion.scale / asked.scale:.3f}"
             rows.append([kind, name, "-" if asked is None else str(asked), str(d.motion), ratio,
@@ -69,7 +74,7 @@ def main(argv=None) -> int:
                          f"{d.seam_psnr:.1f} / {d.other_psnr:.1f}"])
             print(" | ".join(rows[-1]), flush=True)
     header = ["motion", "picture", f"sampled motion (frame {args.frames - 1})", "measured (accumulated)",
-              "scale measured / sampled", "brightness vs frame 0", "vs one chunk back", "seam change / median",
+              "scale measured / sampled", "brightness vs frame 0", "vs one chunk back", "seam change / neighbours",
               "PSNR seam / other pairs (min, dB)"]
     seconds = time.perf_counter() - started
     text = (f"# Long-video drift ({args.frames} frames at {args.size}x{args.size}, bundled weights, seed 0, "

@@ -342,7 +342,7 @@ class DriftScore:
     motion: MotionEstimate   # accumulated frame-to-frame content motion over the whole video (measured)
     brightness: float        # max |mean gray of frame t - of frame 0 moved onto it|, on what both show ([-1, 1] units)
     brightness_chunk: float  # the same against the frame ``chunk`` frames earlier (content the fill brought in too)
-    seam_change: float       # the largest seam pair's mean |frame t+1 - frame t| over the median of the other pairs'
+    seam_change: float       # the largest seam pair's mean |frame t+1 - frame t| over its 4 neighbouring pairs' mean
     seam_psnr: float         # the worst motion-compensated PSNR of a seam pair, dB
     other_psnr: float        # the worst motion-compensated PSNR of the other pairs, dB
 
@@ -352,7 +352,8 @@ def measure_drift(video: Tensor, chunk: int = 16) -> DriftScore:
     ``chunk, 2 chunk, ...``), measured as :func:`score_video` measures motion (frame-to-frame fits,
     composed, at most 128 pixels a side): the accumulated motion, how the brightness of content that
     stays in view changes (against frame 0 and against one chunk earlier), and whether the pairs of
-    frames across a seam change more than the others."""
+    frames across a seam change more than the pairs next to them (mean absolute difference) or match
+    worse after motion compensation than the other pairs."""
     if video.dim() != 4 or video.shape[0] != 3 or video.shape[1] < chunk + 2:
         raise ValueError(f"video must be [3, T > chunk + 1, H, W], got {tuple(video.shape)} (chunk {chunk})")
     small = analysis_size(video)
@@ -374,10 +375,14 @@ def measure_drift(video: Tensor, chunk: int = 16) -> DriftScore:
                 else:
                     drift_chunk = max(drift_chunk, abs(shown - moved))
     seams = list(range(chunk, len(change), chunk))     # pair t: frames t and t + 1
-    others = [c for t, c in enumerate(change) if t not in seams]
+
+    def around(t: int) -> float:   # the pairs on either side (how much the frames change there anyway)
+        near = [change[u] for u in (t - 2, t - 1, t + 1, t + 2) if 0 <= u < len(change)]
+        return max(float(np.mean(near)), 1e-9)
+
     m = motion_of(totals[-1])
     return DriftScore(motion=MotionEstimate(m.dx * factor, m.dy * factor, m.scale, m.angle), brightness=drift,
                       brightness_chunk=drift_chunk,
-                      seam_change=max(change[t] for t in seams) / max(float(np.median(others)), 1e-9) if seams else 1.0,
+                      seam_change=max(change[t] / around(t) for t in seams) if seams else 1.0,
                       seam_psnr=min(pair_psnr[t] for t in seams) if seams else float("inf"),
                       other_psnr=min(p for t, p in enumerate(pair_psnr) if t not in seams))
