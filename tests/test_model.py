@@ -1,6 +1,7 @@
 """The reference image-to-video model (i2v_model): kernels vs plain parity, streaming VAE, sampler,
-I/O, the CLI's bad-input handling and a training smoke test. Tiny shapes: the whole file runs in
-well under a minute on 2 CPU cores."""
+I/O, the CLI's bad-input handling, a training smoke test, and the bundled weights (prompts, chunked
+long videos). Small shapes, one intra-op thread: the whole file took 121-243 s on the shared 2-core CPU at
+load 10-12 (656 s at load ~11 before the thread fixture below)."""
 
 import json
 import os
