@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CONSISTENCY_DB", "HF_BOUND", "TRACKED_DB", "MotionEstimate", "VideoScore", "estimate_motion",
-           "fit_similarity", "high_frequency_energy", "motion_matches", "phase_correlation", "psnr", "score_video"]
+__all__ = ["CONSISTENCY_DB", "HF_BOUND", "TRACKED_DB", "DriftScore", "MotionEstimate", "VideoScore", "estimate_motion",
+           "fit_similarity", "high_frequency_energy", "matrix_motion", "measure_drift", "motion_matches",
+           "phase_correlation", "psnr", "score_video"]
 
 HF_BOUND = 1.25        # (c): a later frame's high-frequency energy at most this times frame 0's
 CONSISTENCY_DB = 28.0  # (d): every motion-compensated pair of consecutive frames at least this PSNR
@@ -307,3 +308,81 @@ def score_video(video: Tensor, image: Tensor, kind: str) -> VideoScore:
     return VideoScore(first_psnr=psnr(video[:, 0], image), motion=m, tracked=tracked,
                       matches=tracked and motion_matches(kind, m, video.shape[-1]), hf_ratio=hf,
                       consistency=min(pair_psnr), consistency_mean=mean([min(p, 100.0) for p in pair_psnr]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Long videos: drift in brightness and scale, and the seams between chunks
+
+
+def matrix_motion(matrix: Tensor, height: int, width: int) -> MotionEstimate:
+    """The content motion of a frame whose pixels sample the first frame at ``matrix [3, 3]`` (normalized
+    coordinates, :func:`i2v_model.render.camera_matrix`), in pixels of a ``height x width`` frame: what
+    the renderer was asked to show, in :func:`motion_of`'s terms."""
+    D = torch.diag(torch.tensor([width / 2, height / 2, 1.0], dtype=torch.float64))
+    return motion_of(torch.linalg.inv(D @ matrix.double().cpu() @ torch.linalg.inv(D)))
+
+
+def _moved_mean(a: Tensor, b: Tensor, S: Tensor) -> tuple[float, float]:
+    """Mean gray of ``b`` and of ``a`` moved by the content motion ``S``, over the pixels of ``b`` that
+    show ``a``'s content (away from its edges); ``(nan, nan)`` when none do."""
+    H, W = a.shape[-2:]
+    Y, X = torch.meshgrid(_centred(H), _centred(W), indexing="ij")
+    inv = torch.linalg.inv(S)
+    sx = inv[0, 0] * X + inv[0, 1] * Y + inv[0, 2]
+    sy = inv[1, 0] * X + inv[1, 1] * Y + inv[1, 2]
+    mask = (sx.abs() < W / 2 - 2) & (sy.abs() < H / 2 - 2)
+    if not mask.any():
+        return float("nan"), float("nan")
+    moved = _sample(_gray(a)[None, None], sx, sy)[0, 0]
+    return float(_gray(b)[mask].mean()), float(moved[mask].mean())
+
+
+@dataclass
+class DriftScore:
+    motion: MotionEstimate   # accumulated frame-to-frame content motion over the whole video (measured)
+    brightness: float        # max |mean gray of frame t - of frame 0 moved onto it|, on what both show ([-1, 1] units)
+    brightness_chunk: float  # the same against the frame ``chunk`` frames earlier (content the fill brought in too)
+    seam_change: float       # the largest seam pair's mean |frame t+1 - frame t| over its 4 neighbouring pairs' mean
+    seam_psnr: float         # the worst motion-compensated PSNR of a seam pair, dB
+    other_psnr: float        # the worst motion-compensated PSNR of the other pairs, dB
+
+
+def measure_drift(video: Tensor, chunk: int = 16) -> DriftScore:
+    """Drift of a long ``video [3, T, H, W]`` made in chunks of ``chunk`` new frames (seams after frames
+    ``chunk, 2 chunk, ...``), measured as :func:`score_video` measures motion (frame-to-frame fits,
+    composed, at most 128 pixels a side): the accumulated motion, how the brightness of content that
+    stays in view changes (against frame 0 and against one chunk earlier), and whether the pairs of
+    frames across a seam change more than the pairs next to them (mean absolute difference) or match
+    worse after motion compensation than the other pairs."""
+    if video.dim() != 4 or video.shape[0] != 3 or video.shape[1] < chunk + 2:
+        raise ValueError(f"video must be [3, T > chunk + 1, H, W], got {tuple(video.shape)} (chunk {chunk})")
+    small = analysis_size(video)
+    factor = video.shape[-1] / small.shape[-1]
+    totals = [torch.eye(3, dtype=torch.float64)]
+    pair_psnr, change = [], []
+    for t in range(small.shape[1] - 1):
+        S = fit_similarity(small[:, t], small[:, t + 1])
+        pair_psnr.append(compensated_psnr(small[:, t], small[:, t + 1], S))
+        change.append(float((small[:, t + 1] - small[:, t]).abs().mean()))
+        totals.append(S @ totals[-1])
+    drift, drift_chunk = 0.0, 0.0
+    for t in range(1, small.shape[1]):
+        for ref, worst in ((0, "frame0"), (max(0, t - chunk), "chunk")):
+            shown, moved = _moved_mean(small[:, ref], small[:, t], totals[t] @ torch.linalg.inv(totals[ref]))
+            if math.isfinite(shown):
+                if worst == "frame0":
+                    drift = max(drift, abs(shown - moved))
+                else:
+                    drift_chunk = max(drift_chunk, abs(shown - moved))
+    seams = list(range(chunk, len(change), chunk))     # pair t: frames t and t + 1
+
+    def around(t: int) -> float:   # the pairs on either side (how much the frames change there anyway)
+        near = [change[u] for u in (t - 2, t - 1, t + 1, t + 2) if 0 <= u < len(change)]
+        return max(float(np.mean(near)), 1e-9)
+
+    m = motion_of(totals[-1])
+    return DriftScore(motion=MotionEstimate(m.dx * factor, m.dy * factor, m.scale, m.angle), brightness=drift,
+                      brightness_chunk=drift_chunk,
+                      seam_change=max(change[t] / around(t) for t in seams) if seams else 1.0,
+                      seam_psnr=min(pair_psnr[t] for t in seams) if seams else float("inf"),
+                      other_psnr=min(p for t, p in enumerate(pair_psnr) if t not in seams))

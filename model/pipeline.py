@@ -19,7 +19,10 @@ from torch import Tensor, nn
 
 from i2v_model.config import ModelConfig, get_config
 from i2v_model.dit import VideoDiT, affine_flow
-from i2v_model.render import compose, frame_motion, identity_grid, render as render_frames, resize, source_grid
+from i2v_kernels.nn import ConvCache
+
+from i2v_model.render import (FillCanvas, camera_matrix, compose, frame_motion, matrix_grid, render as render_frames,
+                               resize, source_grid)
 from i2v_model.sampler import euler_sample, guided, image_condition, shifted_timesteps
 from i2v_model.text import TextEncoder
 from i2v_model.vae import CausalVAE
@@ -43,6 +46,7 @@ class I2VPipeline(nn.Module):
         self.text = TextEncoder(cfg.text, use_kernels)
         self.dit = VideoDiT(cfg.dit, cfg.vae.latent_channels, cfg.text.out_dim, use_kernels)
         self.pretrained = False
+        self.camera_maps: Optional[Tensor] = None   # generate(): each frame's camera map to the input
         # (x0, flow, camera) of the DiT: a plain attribute, not a second copy in the state_dict.
         self.__dict__["_dit_fn"] = self.dit.predict_motion
 
@@ -90,21 +94,17 @@ class I2VPipeline(nn.Module):
     def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         return self.text(prompts)
 
-    def _sample_chunk(self, image: Tensor, context, null_context, frames: int, steps: int, guidance: float,
-                      generator: torch.Generator, decode_chunk: Optional[int], progress, timings: dict):
-        """One chunk at the model's resolution: ``image [3, H, W]`` (the chunk's first frame, at the
-        model's resolution) -> ``(decoded [3, frames, H, W], flow [2, T, h, w], camera [T, 6])``.
+    def _sample_chunk(self, first: Tensor, context, null_context, frames: int, steps: int, guidance: float,
+                      generator: torch.Generator, progress, timings: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """One chunk at the model's resolution from the latent of its first frame ``first [1, C, 1, h, w]``
+        -> ``(latent [1, C, T, h, w], flow [2, T, h, w], camera [T, 6])``, ``latent``'s frame 0 being ``first``.
 
         The motion is the DiT's own: the flow (per-pixel part) and camera map of its prompt-conditioned
         prediction at every sampler step, averaged over the steps (it changes little along the
         trajectory; guidance is not applied to it, since extrapolating a flow overshoots its size).
         """
         cfg = self.cfg
-        device, dtype = self.dit.patch_embed.weight.device, self.dit.patch_embed.weight.dtype
-        start = time.perf_counter()
-        first = self.vae.encode(image[None, :, None].to(device, dtype))         # [1, C, 1, h, w]
-        timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - start
-
+        device, dtype = first.device, first.dtype
         start = time.perf_counter()
         T = 1 + (frames - 1) // cfg.vae.temporal_factor
         h, w = first.shape[-2:]
@@ -124,13 +124,9 @@ class I2VPipeline(nn.Module):
         times = shifted_timesteps(steps, cfg.shift, device=device).to(dtype)
         latent = euler_sample(velocity, noise, first, times, progress)
         timings["denoise"] = timings.get("denoise", 0.0) + time.perf_counter() - start
-
-        start = time.perf_counter()
-        decoded = self.vae.decode(latent, chunk=decode_chunk)[0].float().clamp(-1, 1)
-        timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - start
         camera = motion["camera"] / motion["n"]
         residual = motion["flow"] / motion["n"] - affine_flow(camera[None], h, w)[0]
-        return decoded[:, :frames], residual.cpu(), camera.cpu()
+        return latent, residual.cpu(), camera.cpu()
 
     @torch.no_grad()
     def generate(self, image: Tensor, prompt: str, *, frames: Optional[int] = None, steps: Optional[int] = None,
@@ -146,12 +142,17 @@ class I2VPipeline(nn.Module):
         per-pixel flow to its camera map (off by default: the tiny model's per-pixel part is an uneven
         field, up to ~0.7 latent pixels, that bends straight edges when applied at full resolution).
 
-        ``frames`` beyond the model's clip length (17 for ``tiny``) are made chunk after chunk, each
-        chunk's first frame the previous chunk's last (its motion composed with the motion so far, so
-        every frame still samples the input image once). ``timings``: seconds spent in ``encode``
-        (prompt + image), ``denoise``, ``decode`` and ``render``. The initial noise comes from a CPU
-        generator seeded with ``seed``, so the video depends on the seed alone, not on the device or on
-        ``use_kernels``.
+        ``frames`` beyond the model's clip length (17 for ``tiny``) are made chunk after chunk. Each
+        chunk starts from the previous chunk's last *latent* frame (the sampled latent itself, not a
+        decoded frame encoded again) as its first-frame condition; the VAE decodes the chunks' latents as
+        one stream through its convolutions' frame caches (the same frames as decoding the whole long
+        latent at once); the renderer composes each chunk's camera maps with the map so far, so every
+        frame still samples the input image once, and keeps what the fill showed past the image's edge
+        in a :class:`~i2v_model.render.FillCanvas`, so it moves with the camera from chunk to chunk.
+        ``timings``: seconds spent in ``encode`` (prompt + image), ``denoise``, ``decode`` and
+        ``render``. Afterwards :attr:`camera_maps` ``[frames, 3, 3]`` holds each frame's sampled camera
+        map to the input (:func:`~i2v_model.render.camera_matrix`, composed; identity on frame 0). The initial noise comes from a CPU generator seeded with ``seed``, so the video
+        depends on the seed alone, not on the device or on ``use_kernels``.
         """
         cfg = self.cfg
         frames = cfg.frames if frames is None else frames
@@ -171,27 +172,42 @@ class I2VPipeline(nn.Module):
         timings["encode"] += time.perf_counter() - start
         generator = torch.Generator().manual_seed(seed)
 
-        chunk = cfg.frames
-        out = [image[:, None]]
-        grid = identity_grid(H, W, image)[0]   # where the chunk's first frame samples the input
-        first = image
+        device, dtype = self.dit.patch_embed.weight.device, self.dit.patch_embed.weight.dtype
+        start = time.perf_counter()
+        first = self.vae.encode(resize(image, *self.resolution)[None, :, None].to(device, dtype))   # [1, C, 1, h, w]
+        timings["encode"] += time.perf_counter() - start
+        h, w = first.shape[-2:]
+        stream = ConvCache()   # the decoder's frame caches: the chunks' latents decode as one latent video
+        canvas = FillCanvas(*self.resolution) if render else None
+        so_far = torch.eye(3, dtype=torch.float64)   # the last frame so far -> the input (camera, affine)
+        residual = None                               # and its per-pixel part (local_motion)
+        out, maps = [image[:, None]], [so_far[None]]
         done = 1
         while done < frames:
-            n = min(chunk, frames - done + 1)
-            small = resize(first, *self.resolution)
-            decoded, flow, camera = self._sample_chunk(small, context, null_context, n, steps, guidance, generator,
-                                                       decode_chunk, progress, timings)
+            n = min(cfg.frames, frames - done + 1)
+            latent, flow, camera = self._sample_chunk(first, context, null_context, n, steps, guidance, generator,
+                                                      progress, timings)
+            start = time.perf_counter()
+            # A later chunk's frame 0 is the previous chunk's last latent frame, decoded already: the
+            # decoder goes on from its caches as if the latents were one video.
+            decoded = self.vae.decode(latent if done == 1 else latent[:, :, 1:], chunk=decode_chunk, state=stream)
+            decoded = decoded[0].float().clamp(-1, 1)[:, 1:] if done == 1 else decoded[0].float().clamp(-1, 1)
+            timings["decode"] += time.perf_counter() - start
+            first = latent[:, :, -1:]     # the latent cache: the next chunk starts from this chunk's last latent
+            per_flow, per_camera = frame_motion(flow if local_motion else torch.zeros_like(flow), camera, n,
+                                                cfg.vae.temporal_factor)
+            matrices = so_far @ camera_matrix(per_camera[1:], h, w)
+            maps.append(matrices)
             if not render:
-                out.append(decoded[:, 1:])
+                out.append(decoded.cpu())
             else:
                 start = time.perf_counter()
-                per_flow, per_camera = frame_motion(flow if local_motion else torch.zeros_like(flow), camera, n,
-                                                    cfg.vae.temporal_factor)
-                grids = compose(grid, source_grid(per_flow[1:], per_camera[1:], H, W))
-                out.append(render_frames(image, grids, decoded[:, 1:]))
-                grid, first = grids[-1], out[-1][:, -1]
+                grids = compose(so_far, source_grid(per_flow[1:], per_camera[1:], H, W), residual)
+                out.append(render_frames(image, grids, decoded.cpu(), canvas=canvas, matrix=matrices))
+                if local_motion:
+                    residual = grids[-1] - matrix_grid(matrices[-1:], H, W)[0]
                 timings["render"] += time.perf_counter() - start
-            if not render:
-                first = decoded[:, -1]
+            so_far = matrices[-1]
             done += n - 1
+        self.camera_maps = torch.cat(maps)
         return torch.cat(out, dim=1).clamp(-1, 1), timings

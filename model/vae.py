@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import i2v_kernels
-from i2v_kernels.nn import CausalConv3d, decode_in_chunks
+from i2v_kernels.nn import CausalConv3d, ConvCache, decode_in_chunks, streaming
 from i2v_kernels.ops.adaln import reference as adaln_ref
 
 from i2v_model.config import VAEConfig
@@ -250,28 +250,39 @@ class CausalVAE(nn.Module):
             z = mean + torch.exp(0.5 * logvar) * noise
         return (z - self.latent_mean) / self.latent_std
 
-    def decode(self, z: Tensor, chunk: Union[None, int, Sequence[int]] = None) -> Tensor:
+    def decode(self, z: Tensor, chunk: Union[None, int, Sequence[int]] = None,
+               state: Optional[ConvCache] = None) -> Tensor:
         """Normalized latent ``[B, C_lat, T, h, w]`` -> video ``[B, 3, 1 + 4 (T - 1), H, W]``.
 
         ``chunk``: decode ``chunk`` latent frames at a time (after the first frame, which goes alone)
         through the convolutions' frame caches; the result equals the whole decode.
+
+        ``state``: a :class:`~i2v_kernels.nn.ConvCache` that carries the decoder's frame caches from one
+        call to the next (a streaming decode). Empty, ``z`` starts the video as above; after an earlier
+        call, ``z``'s frames continue the latent decoded then and give ``4 T`` frames: decoding a long
+        latent piece by piece through one state equals decoding it whole.
         """
         z = z * self.latent_std + self.latent_mean
         T, f = z.shape[2], self.cfg.temporal_factor
-        if chunk is None:
+        first = state is None or len(state) == 0
+        total = 1 + f * (T - 1) if first else f * T
+        if chunk is None and state is None:
             return self.decoder(z, first=True)
-        if isinstance(chunk, int):
-            sizes = [1] + [min(chunk, T - 1 - s) for s in range(0, T - 1, chunk)]
+        if chunk is None:
+            sizes = [T]
+        elif isinstance(chunk, int):
+            sizes = ([1] if first else []) + [min(chunk, T - s) for s in range(1 if first else 0, T, chunk)]
         else:
             sizes = list(chunk)
-        state = {"first": True}
+        flags = {"first": first}
 
         def step(zc: Tensor) -> Tensor:
-            y = self.decoder(zc, first=state["first"])
-            state["first"] = False
+            y = self.decoder(zc, first=flags["first"])
+            flags["first"] = False
             return y
 
-        return decode_in_chunks(step, z, sizes, model=self.decoder, total_frames=1 + f * (T - 1))
+        with streaming(self.decoder, state):
+            return decode_in_chunks(step, z, sizes, total_frames=total)
 
     def forward(self, x: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
         """Training pass: ``(reconstruction, mean, logvar)`` with a sampled latent."""
