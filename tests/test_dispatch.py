@@ -275,3 +275,38 @@ def test_gpu_auto_measures_every_op_and_stays_correct(monkeypatch, tmp_path):
         assert op in measured, sorted(measured)
         assert len(measured[op]["times_ms"]) >= 2 and measured[op]["backend"] in measured[op]["times_ms"]
     _dispatch.clear()
+
+
+def test_cpu_candidates_are_timed_in_turns(monkeypatch, tmp_path):
+    """Without an injected timer a CPU key is measured with the candidates taking turns (one call
+    each per round, the order reversed every other round), so a load change on a shared machine hits
+    them alike; the fastest wins, a candidate that raises is ruled out, and one whose first call is
+    hopeless (> ABORT_RATIO x the best first call) is not called again."""
+    monkeypatch.setenv(_dispatch.TUNE_ENV, "1")
+    monkeypatch.setenv(_dispatch.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(_dispatch, "_timer", None)
+    monkeypatch.setattr(_dispatch, "ABORT_RATIO", 20.0)  # wide margins: sleeps overshoot on a loaded CPU
+    _dispatch.clear()
+    delays = {"native": 0.006, "native_packed": 0.002, "hopeless": 0.3}
+    calls = []
+
+    def run(backend):
+        calls.append(backend)
+        if backend == "broken":
+            raise RuntimeError("cannot take this input")
+        import time
+        time.sleep(delays[backend])
+
+    cands = ["native", "native_packed", "broken", "hopeless"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        key = _dispatch.make_key("toy", torch.device("cpu"), torch.float32, (1,))
+        best = _dispatch.choose("toy", key, torch.device("cpu"), cands, run, lambda: None)
+    assert best == "native_packed"
+    (d,) = [d for d in _dispatch.decisions() if d["op"] == "toy"]
+    assert set(d["failed"]) == {"broken"} and set(d["times_ms"]) == {"native", "native_packed", "hopeless"}
+    assert calls.count("hopeless") == _dispatch.WARMUP and calls.count("broken") == 1
+    rounds = calls[len(cands) * _dispatch.WARMUP:]
+    assert len(rounds) == 2 * _dispatch.HOST_ROUNDS
+    assert rounds[:4] == ["native", "native_packed", "native_packed", "native"]  # in turns, reversed
+    _dispatch.clear()
