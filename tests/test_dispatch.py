@@ -310,3 +310,29 @@ def test_cpu_candidates_are_timed_in_turns(monkeypatch, tmp_path):
     assert len(rounds) == 2 * _dispatch.HOST_ROUNDS
     assert rounds[:4] == ["native", "native_packed", "native_packed", "native"]  # in turns, reversed
     _dispatch.clear()
+
+
+def test_nested_measuring_is_not_counted_against_a_candidate(monkeypatch, tmp_path):
+    """A patched module's first call measures the ops inside it; its warm-up is repeated until a call
+    measures nothing more, so that time (seconds of inner measuring) does not rule it out as hopeless."""
+    import time
+
+    monkeypatch.setenv(_dispatch.TUNE_ENV, "1")
+    monkeypatch.setenv(_dispatch.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(_dispatch, "_timer", None)
+    _dispatch.clear()
+    cpu = torch.device("cpu")
+    inner_key = _dispatch.make_key("inner", cpu, torch.float32, (1,))
+    outer_key = _dispatch.make_key("outer", cpu, torch.float32, (1,))
+
+    def inner():
+        return _dispatch.choose("inner", inner_key, cpu, ["native", "native_packed"],
+                                lambda b: time.sleep(0.02), lambda: None)
+
+    def outer(backend):  # "ours" runs the inner op (measured on its first call); "theirs" is 3x slower
+        inner() if backend == "ours" else time.sleep(0.06)
+
+    assert _dispatch.choose("outer", outer_key, cpu, ["ours", "theirs"], outer, lambda: None) == "ours"
+    (d,) = [d for d in _dispatch.decisions() if d["op"] == "outer"]
+    assert d["times_ms"]["ours"] < d["times_ms"]["theirs"]
+    _dispatch.clear()
