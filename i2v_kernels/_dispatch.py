@@ -48,6 +48,7 @@ _lock = threading.RLock()
 _decisions: dict[str, dict] = {}  # key -> {"backend", "times_ms", "failed", "source": measured|disk, "op"}
 _static_used: dict[str, dict] = {}  # keys answered without measuring (shown by info(); measured later if allowed)
 _disk_loaded = False
+_generation = 0  # bumped when decisions are forgotten: memos of decisions kept elsewhere check it
 _warned: set[str] = set()
 # Tests inject a timer ``(backend, fn, device) -> ms``; by default CUDA events or the wall clock.
 _timer: Optional[Callable[[str, Callable[[], object], torch.device], float]] = None
@@ -227,9 +228,10 @@ def _save_disk() -> None:
 
 def clear(memory: bool = True, disk: bool = False) -> None:
     """Forget decisions (in memory and/or this environment's cache file)."""
-    global _disk_loaded
+    global _disk_loaded, _generation
     with _lock:
         if memory:
+            _generation += 1
             _decisions.clear()
             _static_used.clear()
             _disk_loaded = False
