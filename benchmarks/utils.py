@@ -446,7 +446,8 @@ def time_cpu_in_turns(fns: Sequence[Callable[[], Any]], quick: bool) -> list[tup
     round budget (``min_s`` per provider) is spent. On a CPU shared with other work the load drifts
     within seconds; timed one after another, two providers running the same code differed by 30% here,
     while in turns each sees the same mix of quiet and busy moments, so their ratio holds."""
-    warmup, min_reps, max_reps, min_s = (1, 3, 50, 0.2) if quick else (2, 7, 200, 1.0)
+    # at least 15 rounds in a full run: a median over fewer calls still moved by 10-20% at load ~10
+    warmup, min_reps, max_reps, min_s = (1, 3, 50, 0.2) if quick else (2, 15, 200, 1.0)
     for fn in fns:
         for _ in range(warmup):
             fn()

@@ -269,10 +269,13 @@ def _time_cuda(fn: Callable[[], object], device: torch.device, give_up_ms: float
 
 
 # Host (CPU) measurement: the candidates take turns, one call each per round, for this many rounds;
-# each keeps its fastest call. On a CPU shared with other work the load changes within a second, so
-# candidates timed one after another were judged under different loads (a 30% error between two
-# backends running the same convolution); in turns they see the same moments.
-HOST_ROUNDS = 5
+# each is judged by its median call. On a CPU shared with other work the load changes within a second,
+# so candidates timed one after another were judged under different loads (a 30% error between two
+# backends running the same convolution); in turns they see the same moments. The median, not the
+# fastest call: a backend whose calls are sometimes fast and mostly slow (fresh memory paid in page
+# faults under load: native_packed temporal attention ran 1.7 ms once and 18 ms typically) lost by
+# its median but had won by its minimum.
+HOST_ROUNDS = 7
 
 # A candidate whose first run takes this many times the best time so far is not timed further (a
 # bf16 conv3d through PyTorch on a CPU can take 20x our kernel's time: seconds per call).
@@ -332,7 +335,7 @@ def _measure_host(op: str, run: Callable[[str], object], order: Sequence[str]) -
                 times.pop(backend, None)
     for backend, ms in samples.items():
         if backend not in failed:
-            times[backend] = min(ms)  # on a shared CPU the minimum is the least disturbed call
+            times[backend] = statistics.median(ms)
     return {"times_ms": times, "failed": failed}
 
 
