@@ -77,6 +77,25 @@ def test_picks_the_fastest_and_caches_it(tuner, fast):
 
 
 @needs_cpp
+@pytest.mark.parametrize("fast", ["cpu", "native"])
+def test_conv3d_auto_runs_the_measured_fastest(tuner, fast):
+    """causal_conv3d on the CPU: native (eager's padded NCDHW conv) and the C++ op are both
+    candidates; auto runs the one the timer says is faster, and either matches the reference."""
+    from i2v_kernels.ops.conv3d import reference as conv_ref
+
+    tuner.times = {"cpu": 1.0 if fast == "cpu" else 3.0, "native": 1.0 if fast == "native" else 3.0}
+    x, w = torch.randn(1, 4, 3, 5, 6), torch.randn(6, 4, 3, 3, 3) * 0.2
+    cache = torch.randn(1, 4, 2, 5, 6)
+    i2v_kernels.causal_conv3d(x, w, cache=cache)  # measured in the first call
+    tuner.calls.clear()
+    y = i2v_kernels.causal_conv3d(x, w, cache=cache)
+    assert tuner.calls == []
+    (d,) = _decision("causal_conv3d")
+    assert d["backend"] == fast and set(d["times_ms"]) == {"cpu", "native"}
+    torch.testing.assert_close(y, conv_ref.causal_conv3d(x, w, cache=cache), **TOL[x.dtype])
+
+
+@needs_cpp
 def test_the_chosen_backend_runs(tuner, monkeypatch):
     """After the decision, calls run the chosen backend only (the profiler sees the C++ op or not)."""
     tuner.times = {"cpu": 5.0, "native": 1.0}
