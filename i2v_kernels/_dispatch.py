@@ -381,9 +381,22 @@ def cached(key: str, device: torch.device) -> Optional[str]:
     return None
 
 
+# A candidate named ``prefer`` (the user's own code, e.g. a patched module's original forward) is kept
+# unless another measured at least this much faster: a measured tie keeps what runs without us.
+PREFER_MARGIN = 0.03
+
+
+def _fastest(times: dict, prefer: Optional[str]) -> str:
+    best = min(times, key=times.get)
+    if prefer in times and best != prefer and times[best] > (1.0 - PREFER_MARGIN) * times[prefer]:
+        return prefer
+    return best
+
+
 def choose(op: str, key: str, device: torch.device, candidates: Sequence[str], run: Callable[[str], object],
-           static: Callable[[], Optional[str]]) -> str:
-    """The backend ``auto`` runs for ``key`` among the eligible ``candidates`` (at least one)."""
+           static: Callable[[], Optional[str]], prefer: Optional[str] = None) -> str:
+    """The backend ``auto`` runs for ``key`` among the eligible ``candidates`` (at least one); ``prefer``
+    wins measured ties (:data:`PREFER_MARGIN`)."""
     if len(candidates) == 1:
         if key not in _static_used:
             with _lock:
@@ -401,7 +414,7 @@ def choose(op: str, key: str, device: torch.device, candidates: Sequence[str], r
         if forbidden is None:
             result = _measure(op, device, run, candidates)
             if result["times_ms"]:
-                best = min(result["times_ms"], key=result["times_ms"].get)
+                best = _fastest(result["times_ms"], prefer)
                 rec = {"backend": best, "source": "measured", "op": op, **result}
                 _decisions[key] = rec
                 _save_disk()

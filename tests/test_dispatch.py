@@ -355,3 +355,13 @@ def test_nested_measuring_is_not_counted_against_a_candidate(monkeypatch, tmp_pa
     (d,) = [d for d in _dispatch.decisions() if d["op"] == "outer"]
     assert d["times_ms"]["ours"] < d["times_ms"]["theirs"]
     _dispatch.clear()
+
+
+@pytest.mark.parametrize("ours_ms, expected", [(0.99, "theirs"), (0.9, "ours"), (1.2, "theirs")])
+def test_preferred_candidate_wins_measured_ties(tuner, ours_ms, expected):
+    """``prefer`` (a patched module's own code) is kept unless another is PREFER_MARGIN faster."""
+    tuner.times = {"ours": ours_ms, "theirs": 1.0}
+    cpu = torch.device("cpu")
+    key = _dispatch.make_key("tie", cpu, torch.float32, (ours_ms,))
+    assert _dispatch.choose("tie", key, cpu, ["ours", "theirs"], lambda b: None, lambda: None,
+                            prefer="theirs") == expected

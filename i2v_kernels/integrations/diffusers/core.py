@@ -234,7 +234,7 @@ def _measured_call(label: str, module: nn.Module, args: tuple, kwargs: dict, our
     op = f"diffusers:{label}"
     key = _dispatch.make_key(op, first.device, first.dtype, features)
     choice = _dispatch.choose(op, key, first.device, (OURS, DIFFUSERS), lambda b: ours() if b == OURS else theirs(),
-                              lambda: OURS)
+                              lambda: OURS, prefer=DIFFUSERS)  # a measured tie keeps diffusers' own code
     if key in _dispatch._decisions:  # measured or loaded: final (a static choice may be measured later)
         module.__dict__.setdefault(_CHOICE, {})[label] = (signature, choice == OURS)
     return ours() if choice == OURS else theirs()
