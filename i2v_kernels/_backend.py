@@ -320,7 +320,8 @@ def dispatch(op: str, device: torch.device, dtype: torch.dtype, why_not: Callabl
             _GENERIC[known](device) is None and why_not(known) is None:
         return run(known)  # the common case: one eligibility check instead of every backend's
     candidates = eligible(op, device, why_not, implemented)
-    backend = _dispatch.choose(op, key, device, candidates, run, static or (lambda: None))
+    # a measured tie keeps native: stock PyTorch, what the caller would run without us
+    backend = _dispatch.choose(op, key, device, candidates, run, static or (lambda: None), prefer="native")
     return run(backend)
 
 

@@ -365,3 +365,12 @@ def test_preferred_candidate_wins_measured_ties(tuner, ours_ms, expected):
     key = _dispatch.make_key("tie", cpu, torch.float32, (ours_ms,))
     assert _dispatch.choose("tie", key, cpu, ["ours", "theirs"], lambda b: None, lambda: None,
                             prefer="theirs") == expected
+
+
+@needs_cpp
+def test_op_ties_keep_native(tuner):
+    """An op whose kernel measures within PREFER_MARGIN of native runs native (stock PyTorch)."""
+    tuner.times = {"cpu": 0.99, "native": 1.0}
+    i2v_kernels.adaln_modulate(*_adaln_inputs())
+    (d,) = _decision("adaln_modulate")
+    assert d["backend"] == "native"
