@@ -324,8 +324,8 @@ def test_cpu_candidates_are_timed_in_turns(monkeypatch, tmp_path):
     assert best == "native_packed"
     (d,) = [d for d in _dispatch.decisions() if d["op"] == "toy"]
     assert set(d["failed"]) == {"broken"} and set(d["times_ms"]) == {"native", "native_packed", "hopeless"}
-    assert calls.count("hopeless") == _dispatch.WARMUP and calls.count("broken") == 1
-    rounds = calls[len(cands) * _dispatch.WARMUP:]
+    assert calls.count("hopeless") == _dispatch.WARMUP + 1 and calls.count("broken") == 1
+    rounds = calls[1 + 3 * (_dispatch.WARMUP + 1):]  # broken: 1 call; the others: warm-up + the judged call
     assert len(rounds) == 2 * _dispatch.HOST_ROUNDS
     assert rounds[:4] == ["native", "native_packed", "native_packed", "native"]  # in turns, reversed
     _dispatch.clear()
