@@ -467,6 +467,7 @@ def run_generate_case(session: Session, spec: GenerateSpec, dtype: torch.dtype) 
                 ("kernels-compile", "ours", lambda: copy_of(True, compiled=True), why_kc, None)]
         eps = MODEL_EPS.get(dtype, 1e-5)
         own_err = None
+        timed = []  # (row, run_once, load seconds) of the checked providers, timed below
         for name, kind, make, why_not, force in plan:
             if not session.wants(name):
                 continue
@@ -505,23 +506,32 @@ def run_generate_case(session: Session, spec: GenerateSpec, dtype: torch.dtype) 
                 rows.append(row(name, kind, "wrong", note=problem, correct=False, max_err=err, tol=[tol, 0.0],
                                 first_call_s=first_s, auto=is_auto, dispatch=decisions))
                 continue
-            totals, stages = [], []
-            for _ in range(reps):
-                _, st, total = run_once()
-                totals.append(total)
-                stages.append(st)
+            r = row(name, kind, "ok", reps=reps, correct=True, max_err=err, tol=[tol, 0.0], first_call_s=first_s,
+                    auto=is_auto, dispatch=decisions,
+                    note=f"reference: the eager fp32 pipeline (same weights, seed and image); {weights}")
+            rows.append(r)
+            timed.append((r, run_once, load_s))
+
+        # The checked providers generate in turns (one call each per round, the order reversed every
+        # other round), as utils.time_cpu_in_turns does for ops: a load change hits them alike.
+        totals: list[list[float]] = [[] for _ in timed]
+        stages: list[list[dict]] = [[] for _ in timed]
+        for i in range(reps):
+            for j in (range(len(timed)) if i % 2 == 0 else reversed(range(len(timed)))):
+                _, st, total = timed[j][1]()
+                totals[j].append(total)
+                stages[j].append(st)
+        for (r, run_once, load_s), tot, st in zip(timed, totals, stages):
             peak = utils.cuda_peak_mb(lambda: run_once()[0], device) if device.type == "cuda" else None
-            median = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
-            total = statistics.median(totals)
+            median = {k: statistics.median(s[k] for s in st) for k in st[0]}
+            total = statistics.median(tot)
             median["other"] = max(0.0, total - sum(median.values()))
             median["load"] = load_s
-            r = row(name, kind, "ok", ms=total * 1e3, ms_min=min(totals) * 1e3, reps=reps, correct=True, max_err=err,
-                    tol=[tol, 0.0], peak_mem_mb=peak, first_call_s=first_s, auto=is_auto, dispatch=decisions,
-                    note=f"reference: the eager fp32 pipeline (same weights, seed and image); {weights}")
-            r["stages"] = median
-            rows.append(r)
-            print(f"   {name:<14} {total:8.3f} s  (min {min(totals):.3f}, {reps} reps; "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in median.items()) + f"; max err {err:.2e})", flush=True)
+            r.update(ms=total * 1e3, ms_min=min(tot) * 1e3, peak_mem_mb=peak, stages=median)
+            print(f"   {r['provider']:<14} {total:8.3f} s  (min {min(tot):.3f}, {reps} reps; "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in median.items()) + f"; max err {r['max_err']:.2e})",
+                  flush=True)
+        del timed
 
     session.finish_case(case, rows, generate_targets)
     utils.print_speedups(rows)

@@ -16,8 +16,10 @@ For every case the harness
 2. times ``x.clone()`` as the copy reference (``copy`` row),
 3. runs each provider once and checks it against the reference *before* timing it -- a wrong or
    crashing provider is recorded (``correct: false``) and makes the run exit non-zero,
-4. times it: CUDA -> ``triton.testing.do_bench`` (CUDA events, L2 flushed before every rep, warm-up
-   excluded), CPU -> ``time.perf_counter`` around each call after warm-up; median and min,
+4. times the checked providers: CUDA -> ``triton.testing.do_bench`` per provider (CUDA events, L2
+   flushed before every rep, warm-up excluded), CPU -> ``time.perf_counter`` around each call after
+   warm-up, all providers of the case in turns (one call each per round, so a load change on a shared
+   machine hits them alike); median and min,
 5. reports GB/s (minimal bytes / time), TFLOP/s where the case has FLOPs, the fraction of the
    measured roofline, speedups over eager and compile, and peak CUDA memory.
 
@@ -80,7 +82,8 @@ METHOD = (
     "fp32 reference before it is timed. CUDA: median (and min) of `triton.testing.do_bench` -- CUDA "
     "events, L2 flushed before every rep, warm-up excluded -- with all baselines on the same card in the "
     "same run. CPU: wall clock (`time.perf_counter`) around each call after warm-up, median and min of "
-    "many reps; CPU figures are ratios within one run, absolute times only mean something on a GPU. "
+    "many reps, the providers of a case taking turns (one call each per round) so that all of them see "
+    "the same load; CPU figures are ratios within one run, absolute times only mean something on a GPU. "
     "Memory-bound ops are reported as minimal bytes / time (GB/s); the roofline is the copy bandwidth "
     "measured in this run (GPU: a large `copy_`, bytes read + written; CPU: `x.clone()` of the case's own "
     "input), and compute-bound ops use a large bf16 matmul measured on the card. `x eager` and "
@@ -437,6 +440,31 @@ def time_cpu(fn: Callable[[], Any], quick: bool) -> tuple[float, float, int]:
     return statistics.median(times), min(times), len(times)
 
 
+def time_cpu_in_turns(fns: Sequence[Callable[[], Any]], quick: bool) -> list[tuple[float, float, int]]:
+    """``time_cpu`` for all providers of one case at once, taking turns: each round calls every
+    provider once (the order reversed every other round), until each has ``min_reps`` calls and the
+    round budget (``min_s`` per provider) is spent. On a CPU shared with other work the load drifts
+    within seconds; timed one after another, two providers running the same code differed by 30% here,
+    while in turns each sees the same mix of quiet and busy moments, so their ratio holds."""
+    # at least 15 rounds in a full run: a median over fewer calls still moved by 10-20% at load ~10
+    warmup, min_reps, max_reps, min_s = (1, 3, 50, 0.2) if quick else (2, 15, 200, 1.0)
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    budget = min_s * len(fns)
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_reps or (rounds < max_reps and time.perf_counter() - start < budget):
+        for i in (order if rounds % 2 == 0 else order[::-1]):
+            t0 = time.perf_counter()
+            fns[i]()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return [(statistics.median(t), min(t), len(t)) for t in times]
+
+
 def cuda_peak_mb(fn: Callable[[], Any], device: torch.device) -> float:
     """Peak CUDA memory one call allocates beyond what was live before it (outputs included), MiB."""
     torch.cuda.synchronize(device)
@@ -587,6 +615,26 @@ class Session:
             return time_cuda(fn, self.quick)
         return time_cpu(fn, self.quick)
 
+    def time_all(self, fns: Sequence[Callable[[], Any]]) -> list[tuple[float, float, int]]:
+        """``time`` for every checked provider of a case: on a GPU one after another (CUDA events see
+        the card alone), on the CPU in turns (:func:`time_cpu_in_turns`)."""
+        if self.device.type == "cuda":
+            return [time_cuda(fn, self.quick) for fn in fns]
+        return time_cpu_in_turns(fns, self.quick) if fns else []
+
+    def time_checked(self, checked: Sequence[tuple[dict, Optional[Callable[[], Any]]]]) -> list[dict]:
+        """Time the rows that passed their check (``(row, call)``; call None: not timed) and fill in
+        ``ms``, ``ms_min``, ``reps`` and the CUDA peak memory; returns the rows in order."""
+        pending = [(r, call) for r, call in checked if call is not None]
+        for (r, call), (ms, ms_min, reps) in zip(pending, self.time_all([call for _, call in pending])):
+            r.update(ms=ms, ms_min=ms_min, reps=reps)
+            if self.device.type == "cuda":
+                r["peak_mem_mb"] = cuda_peak_mb(call, self.device)
+            print(f"   {r['provider']:<14} {ms:10.4f} ms  (min {ms_min:.4f}, {reps} reps, max err {r['max_err']:.2e}"
+                  + (f", peak {r['peak_mem_mb']:,.0f} MiB" if r.get("peak_mem_mb") is not None else "") + ")",
+                  flush=True)
+        return [r for r, _ in checked]
+
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -692,10 +740,9 @@ class Session:
         rows.append(copy_row)
         print(f"   {'copy':<8} {ms:10.4f} ms  ({copy_gbps:,.1f} GB/s; {note})", flush=True)
 
-        for p in providers(case, self):
-            if not self.wants(p.name):
-                continue
-            rows.append(self._run_provider(case, p, inputs, ref, n_bytes))
+        checked = [self._run_provider(case, p, inputs, ref, n_bytes) for p in providers(case, self)
+                   if self.wants(p.name)]
+        rows += self.time_checked(checked)
 
         # Derived columns, once every provider of the case is measured.
         for r in rows:
@@ -729,13 +776,16 @@ class Session:
                     f.write(json.dumps(_finite(r), default=_json_default, allow_nan=False) + "\n")
         return rows
 
-    def _run_provider(self, case: Case, p: Provider, inputs: tuple, ref: Any, n_bytes: int) -> dict:
+    def _run_provider(self, case: Case, p: Provider, inputs: tuple, ref: Any,
+                      n_bytes: int) -> tuple[dict, Optional[Callable[[], Any]]]:
+        """Run provider ``p`` once and check it: ``(row, call)``, ``call`` set when the row is to be
+        timed (:meth:`time_checked`, once every provider of the case is checked)."""
         def row(status, **kw):
             return self._row(case, p.name, kind=p.kind, status=status, bytes_=n_bytes, flops=case.flops, **kw)
 
         if p.why_not is not None:
             print(f"   {p.name:<8} skipped: {p.why_not}", flush=True)
-            return row("skipped", note=p.why_not)
+            return row("skipped", note=p.why_not), None
         import i2v_kernels
 
         call = lambda: p.fn(*inputs)  # noqa: E731
@@ -747,14 +797,14 @@ class Session:
             self.sync()
         except i2v_kernels.BackendUnavailableError as e:
             print(f"   {p.name:<8} skipped: {e}", flush=True)
-            return row("skipped", note=str(e))
+            return row("skipped", note=str(e)), None
         except Exception as e:  # noqa: BLE001 -- any failure of the provider is recorded in its row
             msg = f"{type(e).__name__}: {e}".strip().splitlines()[0][:500]
             if p.skip_on_failure:
                 print(f"   {p.name:<8} skipped: failed on its first call ({msg})", flush=True)
-                return row("skipped", note=f"failed on its first call: {msg}")
+                return row("skipped", note=f"failed on its first call: {msg}"), None
             print(f"   {p.name:<8} ERROR: {msg}", flush=True)
-            return row("error", note=msg, correct=False)
+            return row("error", note=msg, correct=False), None
         first_call_s = time.perf_counter() - t0
         decisions = note_dispatch(p) if p.auto else None
         strict = p.kind == "ours" and not p.loose
@@ -764,13 +814,9 @@ class Session:
         if not ok:
             print(f"   {p.name:<8} WRONG: {problem} (max abs error {max_err:.3g})", flush=True)
             r = row("wrong", note=problem, correct=False, max_err=max_err, tol=[atol, rtol], first_call_s=first_call_s)
-        else:
-            ms, ms_min, reps = self.time(call)
-            peak = cuda_peak_mb(call, self.device) if self.device.type == "cuda" else None
-            print(f"   {p.name:<8} {ms:10.4f} ms  (min {ms_min:.4f}, {reps} reps, max err {max_err:.2e})", flush=True)
-            r = row("ok", ms=ms, ms_min=ms_min, reps=reps, correct=True, max_err=max_err, tol=[atol, rtol],
-                    peak_mem_mb=peak, first_call_s=first_call_s)
-        return mark_auto(r, p, decisions)
+            return mark_auto(r, p, decisions), None
+        r = row("ok", correct=True, max_err=max_err, tol=[atol, rtol], first_call_s=first_call_s)
+        return mark_auto(r, p, decisions), call
 
     def _row(self, case: Case, provider: str, *, kind: str, status: str, bytes_: int, flops: int,
              ms=None, ms_min=None, reps=None, correct=None, max_err=None, tol=None, peak_mem_mb=None,

@@ -79,10 +79,33 @@ def requested_backend() -> str:
     name = _forced.get()
     if name is not None:
         return name
-    env = os.environ.get(ENV_VAR, "").strip().lower()
+    env = _getenv(ENV_VAR).strip().lower()
     if not env:
         return "auto"
     return _check_name(env, f"environment variable {ENV_VAR}")
+
+
+def _environ_lookup() -> Callable[[str], str]:
+    """``os.environ.get(name, "")`` without its cost for an unset name (a raised and caught KeyError,
+    ~1.5 us): every op call asks for the forced backend. CPython keeps the environment in
+    ``os.environ._data`` under encoded keys; elsewhere the plain lookup."""
+    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+    decode = getattr(os.environ, "decodevalue", None)
+    if not isinstance(data, dict) or encode is None or decode is None:
+        return lambda name: os.environ.get(name, "")
+    keys: dict[str, object] = {}
+
+    def get(name: str) -> str:
+        key = keys.get(name)
+        if key is None:
+            key = keys[name] = encode(name)
+        value = data.get(key)
+        return "" if value is None else decode(value)
+
+    return get
+
+
+_getenv = _environ_lookup()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,7 +320,8 @@ def dispatch(op: str, device: torch.device, dtype: torch.dtype, why_not: Callabl
             _GENERIC[known](device) is None and why_not(known) is None:
         return run(known)  # the common case: one eligibility check instead of every backend's
     candidates = eligible(op, device, why_not, implemented)
-    backend = _dispatch.choose(op, key, device, candidates, run, static or (lambda: None))
+    # a measured tie keeps native: stock PyTorch, what the caller would run without us
+    backend = _dispatch.choose(op, key, device, candidates, run, static or (lambda: None), prefer="native")
     return run(backend)
 
 

@@ -77,6 +77,25 @@ def test_picks_the_fastest_and_caches_it(tuner, fast):
 
 
 @needs_cpp
+@pytest.mark.parametrize("fast", ["cpu", "native"])
+def test_conv3d_auto_runs_the_measured_fastest(tuner, fast):
+    """causal_conv3d on the CPU: native (eager's padded NCDHW conv) and the C++ op are both
+    candidates; auto runs the one the timer says is faster, and either matches the reference."""
+    from i2v_kernels.ops.conv3d import reference as conv_ref
+
+    tuner.times = {"cpu": 1.0 if fast == "cpu" else 3.0, "native": 1.0 if fast == "native" else 3.0}
+    x, w = torch.randn(1, 4, 3, 5, 6), torch.randn(6, 4, 3, 3, 3) * 0.2
+    cache = torch.randn(1, 4, 2, 5, 6)
+    i2v_kernels.causal_conv3d(x, w, cache=cache)  # measured in the first call
+    tuner.calls.clear()
+    y = i2v_kernels.causal_conv3d(x, w, cache=cache)
+    assert tuner.calls == []
+    (d,) = _decision("causal_conv3d")
+    assert d["backend"] == fast and set(d["times_ms"]) == {"cpu", "native"}
+    torch.testing.assert_close(y, conv_ref.causal_conv3d(x, w, cache=cache), **TOL[x.dtype])
+
+
+@needs_cpp
 def test_the_chosen_backend_runs(tuner, monkeypatch):
     """After the decision, calls run the chosen backend only (the profiler sees the C++ op or not)."""
     tuner.times = {"cpu": 5.0, "native": 1.0}
@@ -275,3 +294,83 @@ def test_gpu_auto_measures_every_op_and_stays_correct(monkeypatch, tmp_path):
         assert op in measured, sorted(measured)
         assert len(measured[op]["times_ms"]) >= 2 and measured[op]["backend"] in measured[op]["times_ms"]
     _dispatch.clear()
+
+
+def test_cpu_candidates_are_timed_in_turns(monkeypatch, tmp_path):
+    """Without an injected timer a CPU key is measured with the candidates taking turns (one call
+    each per round, the order reversed every other round), so a load change on a shared machine hits
+    them alike; the fastest wins, a candidate that raises is ruled out, and one whose first call is
+    hopeless (> ABORT_RATIO x the best first call) is not called again."""
+    monkeypatch.setenv(_dispatch.TUNE_ENV, "1")
+    monkeypatch.setenv(_dispatch.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(_dispatch, "_timer", None)
+    monkeypatch.setattr(_dispatch, "ABORT_RATIO", 20.0)  # wide margins: sleeps overshoot on a loaded CPU
+    _dispatch.clear()
+    delays = {"native": 0.006, "native_packed": 0.002, "hopeless": 0.3}
+    calls = []
+
+    def run(backend):
+        calls.append(backend)
+        if backend == "broken":
+            raise RuntimeError("cannot take this input")
+        import time
+        time.sleep(delays[backend])
+
+    cands = ["native", "native_packed", "broken", "hopeless"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        key = _dispatch.make_key("toy", torch.device("cpu"), torch.float32, (1,))
+        best = _dispatch.choose("toy", key, torch.device("cpu"), cands, run, lambda: None)
+    assert best == "native_packed"
+    (d,) = [d for d in _dispatch.decisions() if d["op"] == "toy"]
+    assert set(d["failed"]) == {"broken"} and set(d["times_ms"]) == {"native", "native_packed", "hopeless"}
+    assert calls.count("hopeless") == _dispatch.WARMUP + 1 and calls.count("broken") == 1
+    rounds = calls[1 + 3 * (_dispatch.WARMUP + 1):]  # broken: 1 call; the others: warm-up + the judged call
+    assert len(rounds) == 2 * _dispatch.HOST_ROUNDS
+    assert rounds[:4] == ["native", "native_packed", "native_packed", "native"]  # in turns, reversed
+    _dispatch.clear()
+
+
+def test_nested_measuring_is_not_counted_against_a_candidate(monkeypatch, tmp_path):
+    """A patched module's first call measures the ops inside it; its warm-up is repeated until a call
+    measures nothing more, so that time (seconds of inner measuring) does not rule it out as hopeless."""
+    import time
+
+    monkeypatch.setenv(_dispatch.TUNE_ENV, "1")
+    monkeypatch.setenv(_dispatch.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(_dispatch, "_timer", None)
+    _dispatch.clear()
+    cpu = torch.device("cpu")
+    inner_key = _dispatch.make_key("inner", cpu, torch.float32, (1,))
+    outer_key = _dispatch.make_key("outer", cpu, torch.float32, (1,))
+
+    def inner():
+        return _dispatch.choose("inner", inner_key, cpu, ["native", "native_packed"],
+                                lambda b: time.sleep(0.02), lambda: None)
+
+    def outer(backend):  # "ours" runs the inner op (measured on its first call); "theirs" is 3x slower
+        inner() if backend == "ours" else time.sleep(0.06)
+
+    assert _dispatch.choose("outer", outer_key, cpu, ["ours", "theirs"], outer, lambda: None) == "ours"
+    (d,) = [d for d in _dispatch.decisions() if d["op"] == "outer"]
+    assert d["times_ms"]["ours"] < d["times_ms"]["theirs"]
+    _dispatch.clear()
+
+
+@pytest.mark.parametrize("ours_ms, expected", [(0.99, "theirs"), (0.9, "ours"), (1.2, "theirs")])
+def test_preferred_candidate_wins_measured_ties(tuner, ours_ms, expected):
+    """``prefer`` (a patched module's own code) is kept unless another is PREFER_MARGIN faster."""
+    tuner.times = {"ours": ours_ms, "theirs": 1.0}
+    cpu = torch.device("cpu")
+    key = _dispatch.make_key("tie", cpu, torch.float32, (ours_ms,))
+    assert _dispatch.choose("tie", key, cpu, ["ours", "theirs"], lambda b: None, lambda: None,
+                            prefer="theirs") == expected
+
+
+@needs_cpp
+def test_op_ties_keep_native(tuner):
+    """An op whose kernel measures within PREFER_MARGIN of native runs native (stock PyTorch)."""
+    tuner.times = {"cpu": 0.99, "native": 1.0}
+    i2v_kernels.adaln_modulate(*_adaln_inputs())
+    (d,) = _decision("adaln_modulate")
+    assert d["backend"] == "native"

@@ -225,6 +225,23 @@ def test_causal_conv3d(dtype, case):
     assert y.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+@pytest.mark.parametrize("time_pad", ["replicate", "zeros", "cache"])
+def test_causal_conv3d_channels_last_input(time_pad):
+    """The CPU path builds its padded NCDHW input from any layout (the bench and decoders hand it
+    channels_last_3d tensors), dilated spatial padding included; output channels_last_3d."""
+    B, Cin, Cout, T, H, W = 1, 5, 4, 3, 6, 7
+    x = torch.randn(B, Cin, T, H, W).contiguous(memory_format=torch.channels_last_3d)
+    w, b = torch.randn(Cout, Cin, 3, 3, 3) * 0.2, torch.randn(Cout)
+    cache = torch.randn(B, Cin, 2, H, W).contiguous(memory_format=torch.channels_last_3d) if time_pad == "cache" else None
+    pad = "zeros" if time_pad == "cache" else time_pad
+    kw = dict(dilation=(1, 2, 1), time_pad=pad, cache=cache)
+    expected = conv_ref.causal_conv3d(x, w, b, **kw)
+    residual = torch.randn(expected.shape)
+    y = _native(i2v_kernels.causal_conv3d, x, w, b, residual=residual, **kw)
+    _close(y, expected + residual, torch.float32)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def test_native_is_an_auto_candidate_everywhere():
     """native runs on any device and is never ruled out for a valid call; torch is not a candidate."""
     x = torch.randn(2, 4, 8)
