@@ -17,8 +17,10 @@ configurations" below); the interpreter runs one heuristic config, timing nothin
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
+import os
 
 import torch
 import triton
@@ -420,10 +422,17 @@ def _flash_fits(resources, config, block_d: int, smem_limit: int) -> bool:
     return _fits(resources, tiles, block_d, config.num_warps, config.num_stages, smem_limit)
 
 
+#: ``I2V_KERNELS_AUTOTUNE=0`` runs the heuristic configs everywhere: no config is compiled or timed
+#: beyond them (a first call per key otherwise compiles and times every kept config: about a minute).
+AUTOTUNE_ENV = "I2V_KERNELS_AUTOTUNE"
+
+
 def _timing_allowed(t: torch.Tensor) -> bool:
     """Whether the autotuner may time configs for a call on ``t``: a GPU tensor, not interpreted, no
-    CUDA graph being captured (a tuned entry made before the capture is used inside it)."""
-    return t.device.type == "cuda" and not triton_interpreted() and not torch.cuda.is_current_stream_capturing()
+    CUDA graph being captured (a tuned entry made before the capture is used inside it), tuning not
+    switched off by AUTOTUNE_ENV."""
+    return (t.device.type == "cuda" and not triton_interpreted() and os.environ.get(AUTOTUNE_ENV, "1") != "0"
+            and not torch.cuda.is_current_stream_capturing())
 
 
 def _smem_limit(device: torch.device) -> int:
@@ -474,16 +483,18 @@ def _pruner(resources, heuristic):
     return prune
 
 
+def _autotuned(kernel, configs, key, prune):
+    """``triton.autotune`` of ``kernel``; the timings are kept in Triton's on-disk cache where this
+    Triton can (``cache_results``), so another process on the machine does not time the key again."""
+    extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, **extra)(kernel)
+
+
 _FLASH_KEY = ["q_bucket", "k_bucket", "D", "CAUSAL", "HAS_KV_LENS"]
-_attn_fwd = triton.autotune(
-    FWD_CONFIGS, key=_FLASH_KEY + ["NORM", "ROPE", "STORE_LSE"],
-    prune_configs_by={"early_config_prune": _pruner(_fwd_resources, _fwd_heuristic)})(_attn_fwd_kernel)
-_attn_bwd_dkdv = triton.autotune(
-    DKDV_CONFIGS, key=_FLASH_KEY,
-    prune_configs_by={"early_config_prune": _pruner(_dkdv_resources, _bwd_heuristic)})(_attn_bwd_dkdv_kernel)
-_attn_bwd_dq = triton.autotune(
-    DQ_CONFIGS, key=_FLASH_KEY,
-    prune_configs_by={"early_config_prune": _pruner(_dq_resources, _bwd_heuristic)})(_attn_bwd_dq_kernel)
+_attn_fwd = _autotuned(_attn_fwd_kernel, FWD_CONFIGS, _FLASH_KEY + ["NORM", "ROPE", "STORE_LSE"],
+                       _pruner(_fwd_resources, _fwd_heuristic))
+_attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, DKDV_CONFIGS, _FLASH_KEY, _pruner(_dkdv_resources, _bwd_heuristic))
+_attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, DQ_CONFIGS, _FLASH_KEY, _pruner(_dq_resources, _bwd_heuristic))
 
 
 def _buckets(Sq: int, Sk: int) -> tuple[int, int]:
@@ -609,8 +620,8 @@ def _temporal_prune(configs, named_args, **kwargs):
     return _temporal_candidates(configs, T, H, D, _smem_limit(named_args["Q"].device)) or [fallback]
 
 
-_temporal_fwd = triton.autotune(TEMPORAL_CONFIGS, key=["T", "H", "D", "CAUSAL", "NORM", "ROPE"],
-                                prune_configs_by={"early_config_prune": _temporal_prune})(_temporal_fwd_kernel)
+_temporal_fwd = _autotuned(_temporal_fwd_kernel, TEMPORAL_CONFIGS, ["T", "H", "D", "CAUSAL", "NORM", "ROPE"],
+                           _temporal_prune)
 
 
 def packed_temporal(T: int, D: int) -> bool:
@@ -771,7 +782,10 @@ _FWD_PLAIN = [{**m, **_NO_PROLOGUE, "STORE_LSE": lse, **({"LSE": "*fp32"} if lse
 _TEMPORAL_FALLBACK, _TEMPORAL_TUNED = _temporal_launches()
 _TYPICAL_TEMPORAL = _temporal_tiles(13, 30, 64)  # CogVideoX-2B, 49 frames
 _BWD_FALLBACK = _heuristic_launches(_bwd_heuristic)
-_TYPICAL_BWD = _launch(_bwd_heuristic(4096, 4096, 128), BLOCK_D=128)
+# The tuned spaces' typical launches are at head dim 64 (CogVideoX, and the sweeps' D 64), where every
+# config is compiled that fits there (triton_aot._config_points): the compile check's time stays in
+# bounds while each config meets both targets' compilers; larger head tiles are compiled by value.
+_TYPICAL_BWD = _launch(_bwd_heuristic(4096, 4096, 64), BLOCK_D=64)
 
 COMPILE_SPACES = [
     # Heuristic (untimed) launches with every flag: the interpreter, CUDA-graph capture, fused prologues.
@@ -788,7 +802,7 @@ COMPILE_SPACES = [
     ),
     # Autotuned launches: every config where it fits the target, timed without a fused prologue.
     _tuned_space(_attn_fwd_kernel, _flash_launches(FWD_CONFIGS, _fwd_resources), _fwd_resources, _FWD_PLAIN,
-                 Launch.of(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128), floats=("qk_scale", "eps")),
+                 Launch.of(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64), floats=("qk_scale", "eps")),
     _tuned_space(_temporal_fwd_kernel, _TEMPORAL_TUNED, _temporal_resources,
                  [dict(CAUSAL=c, **_NO_PROLOGUE) for c in (True, False)],
                  Launch.of(4, 1, BLOCK_H=8, BLOCK_T=16, BLOCK_D=64), tiles=("BLOCK_H", "BLOCK_T"),
