@@ -13,7 +13,8 @@ kernel it launches, in a module-level ``COMPILE_SPACES``. A space says
 * ``fits`` (optional): whether a launch can run on a target (``"sm80"``): an autotuner prunes its
   configs by the device's shared memory, so a config may be launched on one target and not another;
 * ``tuned`` (optional): the launch constexprs an autotuner picks (with ``num_warps`` and
-  ``num_stages``), so that the plan compiles every config it can time, not only every value;
+  ``num_stages``), so that the plan compiles every config it can time, not only every value, with the
+  flags ``config_feature`` (default: the heaviest, the first of ``features``);
 * ``features``: every reachable combination of the remaining constexprs (flags, modes, conv
   geometry), heaviest first; an entry may also name a pointer argument whose type differs from the
   dtype case (``{"HAS_KV_LENS": True, "KV_LENS": "*i32"}``).
@@ -83,6 +84,7 @@ class KernelSpace:
     typical: Optional[Callable[[Dtypes], Launch]] = None
     fits: Optional[Callable[[str, Launch], bool]] = None
     tuned: Sequence[str] = ()
+    config_feature: Optional[Mapping[str, Any]] = None
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def launches_of(self, case: Dtypes) -> list[Launch]:

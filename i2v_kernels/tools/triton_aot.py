@@ -15,7 +15,7 @@ covering subset instead (``full=True`` for all of it), as deep as ``DEPTH`` says
   largest launch (the most shared memory) and the typical one among them;
 * for an autotuned kernel, every config its autotuner can time on the target (the space's ``fits``:
   its shared-memory pruning at the target's limit), at the typical head tile where the config fits
-  there, else at the largest launch holding it;
+  there, else at the largest launch holding it, with the space's ``config_feature`` flags;
 * every pair (sm_90a) or every value (sm_80) of the feature values found in reachable combinations
   (a covering set chosen greedily from those combinations), at the smallest launch;
 * the heaviest combination once more with every integer argument as ``i64``, as the JIT passes sizes
@@ -325,8 +325,9 @@ def _config_points(space, points) -> list[int]:
 
 def plan(space, arch: str, *, full: bool = False) -> list[Variant]:
     """The compiles that check ``space`` on ``arch``: with ``DEPTH[arch]``'s ``"cover"``, every launch
-    value, the largest and the typical launch, and for an autotuned space (``space.tuned``) every config
-    (at the typical head tile where it fits, :func:`_config_points`), all with the heaviest flags; with strength ``s > 0``, every ``s``-tuple of
+    value, the largest and the typical launch, all with the heaviest flags, and for an autotuned space
+    (``space.tuned``) every config (at the typical head tile where it fits, :func:`_config_points`; with
+    ``space.config_feature``'s flags); with strength ``s > 0``, every ``s``-tuple of
     flag values (at the smallest launch) and the ``i64`` compile. ``full``: the whole space. Only the
     launches that can run on ``arch`` (``space.fits``) are compiled for it."""
     cases = list(space.dtypes)
@@ -345,7 +346,8 @@ def plan(space, arch: str, *, full: bool = False) -> list[Variant]:
         variants += [make_variant(space, arch, *points[i], heavy, "launch") for i in chosen]
         variants.append(make_variant(space, arch, cases[0], space.typical_of(cases[0]), heavy, "typical"))
         if space.tuned:
-            variants += [make_variant(space, arch, *points[i], heavy, "config") for i in _config_points(space, points)]
+            flags = dict(space.config_feature or heavy)
+            variants += [make_variant(space, arch, *points[i], flags, "config") for i in _config_points(space, points)]
     if strength:
         # Flags change which code exists, not how big its tiles are: the smallest launch compiles fastest.
         for n, i in enumerate(cover(space.features, strength, start=[0])):

@@ -582,14 +582,17 @@ def attention_bwd(q5, k5, v5, do5, dq5, dk5, dv5, *, scale: float, causal: bool 
 #: BLOCK_H heads a program (several (b, s, h) problems at short T) and 2-8 warps; pruned per shape to
 #: the tiles a thread's registers and the block's shared memory hold.
 TEMPORAL_CONFIGS = [triton.Config({"BLOCK_H": h}, num_warps=w, num_stages=1)
-                    for h in (1, 2, 4, 8, 16) for w in (2, 4, 8)]
+                    for h in (1, 2, 4, 8, 16) for w in (2, 4, 8)
+                    if h < 16 or w > 2]  # 16 heads of the smallest tile (16 x 16) are more than 2 warps hold
 
 
 def _temporal_resources(block_h: int, block_t: int, d: int, stages: int) -> tuple[int, int]:
-    """The fp32 output and the scores and 16-bit probabilities of BLOCK_H heads; the q, k, v tiles and
-    the probabilities in shared memory (no loop: nothing is buffered)."""
+    """The q, k, v and output tiles of BLOCK_H heads live at once (fp32 where the prologue and the
+    NaN rules work on them: counted as three), the scores and 16-bit probabilities; the q, k, v tiles
+    and the probabilities in shared memory (no loop: nothing is buffered). Compiled, 128 tile elements
+    a thread spill 3.5-25 KB on sm_80 / sm_90a; the budget stops at about 64."""
     tile, scores = block_h * block_t * d, block_h * block_t * block_t
-    return tile + 3 * scores // 2, _ELT * (3 * tile + scores)
+    return 3 * tile + 3 * scores // 2, _ELT * (3 * tile + scores)
 
 
 def _temporal_tiles(T: int, H: int, D: int) -> tuple[int, int, int, int]:
@@ -741,7 +744,8 @@ def _tuned_space(kernel, launches, resources, features, typical, tiles=("BLOCK_M
                  **kw) -> KernelSpace:
     """The configs an autotuner times, each at every head tile where it fits the target (``fits``: the
     pruning at the target's shared-memory limit; ``fallback`` launches run on every target), with the
-    flags they are timed with."""
+    flags they are timed with; each config is compiled with the plain flags of spatial attention
+    (``config_feature``), the heavier ones at the largest launch and flag by flag."""
 
     def arch_fits(arch: str, launch: Launch) -> bool:
         t = launch.as_dict()
@@ -750,7 +754,9 @@ def _tuned_space(kernel, launches, resources, features, typical, tiles=("BLOCK_M
 
     return KernelSpace(kernel, kw.pop("dtypes", None) or _dtype_cases(), launches=lambda case: launches,
                        features=features, fits=arch_fits, tuned=tiles[:1] if tiles[0] == "BLOCK_H" else tiles,
-                       typical=lambda case: typical, **kw)
+                       typical=lambda case: typical, config_feature=next(f for f in features if not f["CAUSAL"]
+                                                                         and not f.get("HAS_KV_LENS")
+                                                                         and not f.get("STORE_LSE")), **kw)
 
 
 def _flash_launches(configs, resources) -> list[Launch]:
