@@ -674,3 +674,19 @@ def test_temporal_autotune_candidates():
         for D in (16, 40, 64, 72, 128, 256):
             if attn_triton.packed_temporal(T, D):
                 assert attn_triton._temporal_candidates(configs, T, 16, D, 163 * 1024), (T, D)
+
+
+def test_autotune_times_only_where_the_dispatch_may_measure(monkeypatch):
+    """On a GPU the autotuners time configs only where the dispatch may measure: not under
+    ``I2V_KERNELS_TUNE=0`` (nor during CUDA-graph capture or torch.compile tracing, the same check)."""
+    import types
+
+    from i2v_kernels.ops.attention import triton as attn_triton
+
+    monkeypatch.setattr(attn_triton, "triton_interpreted", lambda: False)
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0))  # no GPU is touched: only .device is read
+    monkeypatch.setenv("I2V_KERNELS_TUNE", "0")
+    assert not attn_triton._timing_allowed(on_gpu)
+    monkeypatch.setattr(attn_triton._dispatch, "_measuring_forbidden", lambda device: None)
+    assert attn_triton._timing_allowed(on_gpu)
+    assert not attn_triton._timing_allowed(types.SimpleNamespace(device=torch.device("cpu")))

@@ -20,12 +20,12 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from i2v_kernels import _dispatch
 from i2v_kernels._backend import triton_interpreted
 from i2v_kernels.ops._compile_space import Dtypes, KernelSpace, Launch, distinct_launches, pointers, powers_of_two
 from i2v_kernels.ops._triton_utils import TL_DTYPES, dot_dtype
@@ -369,8 +369,9 @@ def why_not(q: torch.Tensor) -> str | None:
 # pruned per call to what the device's shared memory and a thread's registers can hold; the tuning is
 # keyed by power-of-two sequence buckets, the head dim, the flags and (Triton adds them) the dtypes.
 # The pruning returns one heuristic config instead, so that nothing is timed, under the interpreter,
-# while a CUDA graph is being captured (timing would break the capture; the autotuner then keeps that
-# config for the key, so tune by one eager call before capturing), and for a call with a fused
+# where the dispatch may not measure (I2V_KERNELS_TUNE=0, CUDA-graph capture: timing would break the
+# capture; the autotuner then keeps that config for the key, so tune by one eager call before
+# capturing, or with i2v_kernels.tune), and for a call with a fused
 # QK-norm / RoPE prologue: it is recomputed for every k tile, a different and much heavier loop than
 # the plain one the configs are meant for (the ops run the prologue first where that measures faster).
 
@@ -422,17 +423,13 @@ def _flash_fits(resources, config, block_d: int, smem_limit: int) -> bool:
     return _fits(resources, tiles, block_d, config.num_warps, config.num_stages, smem_limit)
 
 
-#: ``I2V_KERNELS_AUTOTUNE=0`` runs the heuristic configs everywhere: no config is compiled or timed
-#: beyond them (a first call per key otherwise compiles and times every kept config: about a minute).
-AUTOTUNE_ENV = "I2V_KERNELS_AUTOTUNE"
-
-
 def _timing_allowed(t: torch.Tensor) -> bool:
-    """Whether the autotuner may time configs for a call on ``t``: a GPU tensor, not interpreted, no
-    CUDA graph being captured (a tuned entry made before the capture is used inside it), tuning not
-    switched off by AUTOTUNE_ENV."""
-    return (t.device.type == "cuda" and not triton_interpreted() and os.environ.get(AUTOTUNE_ENV, "1") != "0"
-            and not torch.cuda.is_current_stream_capturing())
+    """Whether the autotuner may time configs for a call on ``t``: a GPU tensor, not interpreted, and
+    measuring allowed as for the dispatch (not under ``I2V_KERNELS_TUNE=0``, ``torch.compile`` tracing
+    or CUDA-graph capture; a tuned entry made before is used then). Else the heuristic config runs:
+    nothing beyond it is compiled or timed (a first call per key otherwise compiles and times every
+    kept config)."""
+    return t.device.type == "cuda" and not triton_interpreted() and _dispatch._measuring_forbidden(t.device) is None
 
 
 def _smem_limit(device: torch.device) -> int:
