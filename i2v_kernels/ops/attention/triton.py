@@ -737,12 +737,13 @@ _BLOCK_DS = sorted({_block_d(d) for d in _HEAD_DIMS})
 _BWD_POINTERS = ("DQ", "DK", "DV", "LSE", "DELTA")
 
 
-def _tuned_space(kernel, launches, resources, features, typical, tiles=("BLOCK_M", "BLOCK_N"), fallback=(),
-                 **kw) -> KernelSpace:
+def _tuned_space(kernel, launches, resources, features, typical, tiles=("BLOCK_M", "BLOCK_N"), tuned=None,
+                 fallback=(), **kw) -> KernelSpace:
     """The configs an autotuner times, each at every head tile where it fits the target (``fits``: the
     pruning at the target's shared-memory limit; ``fallback`` launches run on every target), with the
     flags they are timed with; each config is compiled with the plain flags of spatial attention
-    (``config_feature``), the heavier ones at the largest launch and flag by flag."""
+    (``config_feature``), the heavier ones at the largest launch and flag by flag. ``tiles``: the
+    resource model's tile constexprs; ``tuned``: those a config sets (default: ``tiles``)."""
 
     def arch_fits(arch: str, launch: Launch) -> bool:
         t = launch.as_dict()
@@ -750,7 +751,7 @@ def _tuned_space(kernel, launches, resources, features, typical, tiles=("BLOCK_M
                                           launch.num_stages, _smem_per_block(arch))
 
     return KernelSpace(kernel, kw.pop("dtypes", None) or _dtype_cases(), launches=lambda case: launches,
-                       features=features, fits=arch_fits, tuned=tiles[:1] if tiles[0] == "BLOCK_H" else tiles,
+                       features=features, fits=arch_fits, tuned=tuned or tiles,
                        typical=lambda case: typical, config_feature=next(f for f in features if not f["CAUSAL"]
                                                                          and not f.get("HAS_KV_LENS")
                                                                          and not f.get("STORE_LSE")), **kw)
@@ -808,7 +809,7 @@ COMPILE_SPACES = [
                  Launch.of(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64), floats=("qk_scale", "eps")),
     _tuned_space(_temporal_fwd_kernel, _TEMPORAL_TUNED, _temporal_resources,
                  [dict(CAUSAL=c, **_NO_PROLOGUE) for c in (True, False)],
-                 Launch.of(4, 1, BLOCK_H=8, BLOCK_T=16, BLOCK_D=64), tiles=("BLOCK_H", "BLOCK_T"),
+                 Launch.of(4, 1, BLOCK_H=8, BLOCK_T=16, BLOCK_D=64), tiles=("BLOCK_H", "BLOCK_T"), tuned=("BLOCK_H",),
                  floats=("qk_scale", "eps")),
     # The backward has no prologue: its heuristic launches and every config, one space each.
     *[_tuned_space(kernel, list(dict.fromkeys(_BWD_FALLBACK + _flash_launches(configs, fit))), fit, _masks(),
