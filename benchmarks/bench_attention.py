@@ -324,6 +324,34 @@ def targets(row: dict, case: Case, session: Session) -> dict:
     return {}
 
 
+#: What every row of ours is compared with in the per-shape table: eager, each SDPA backend, native.
+RATIO_BASELINES = ("torch", *(f"sdpa-{b}" for b in SDPA_BACKENDS), "native")
+
+
+def shape_table(session: Session) -> list[str]:
+    """Per shape, each of our providers: TFLOP/s (GB/s where the case is memory-bound: temporal), the
+    fraction of the measured roofline, and its speedup over each baseline of RATIO_BASELINES timed in
+    the same case."""
+    cases: dict[tuple, dict] = {}
+    for r in session.rows:
+        if r["status"] == "ok" and r["ms"]:
+            cases.setdefault((r["op"], r["shape"]["label"], r["dtype"]), {})[r["provider"]] = r
+    header = ("| op | shape | dtype | provider | TFLOP/s or GB/s | % roofline | "
+              + " | ".join(f"x {b}" for b in RATIO_BASELINES) + " |")
+    lines = ["", "## Ours per shape: throughput, roofline, speedup over each SDPA backend and `native`", "",
+             "`x <baseline>`: the baseline's time / the row's (> 1: ours is faster); `-`: not timed in this case.",
+             "", header, "|" + "---|" * (header.count("|") - 1)]
+    for (op, label, dtype), by in cases.items():
+        for name, r in by.items():
+            if r["kind"] != "ours":
+                continue
+            speed = f"{r['tflops']:.3g} TFLOP/s" if r["tflops"] else f"{r['gbps']:.3g} GB/s"
+            ratios = ["-" if b == name or b not in by else f"{by[b]['ms'] / r['ms']:.2f}x" for b in RATIO_BASELINES]
+            frac = "-" if r["frac_roofline"] is None else f"{r['frac_roofline']:.0%}"
+            lines.append(f"| {op} | {label} | {dtype} | {name} | {speed} | {frac} | " + " | ".join(ratios) + " |")
+    return lines
+
+
 def _best_sdpa_ms(case: Case, session: Session) -> Optional[float]:
     """Fastest SDPA provider measured for this case (the rows are collected before targets run)."""
     label = case.label
@@ -335,7 +363,9 @@ def _best_sdpa_ms(case: Case, session: Session) -> Optional[float]:
 def main(argv: Optional[list[str]] = None) -> int:
     session = utils.start_session(FAMILY, "Benchmark of attention variants", PROVIDERS, OPS, argv, QUICK_BUDGET_S)
     utils.run_cases(session, build_cases(session), providers, targets)
-    return session.finish("Attention variants: spatial, temporal, dense 3D, factorized, cross", LEGEND)
+    status = session.finish("Attention variants: spatial, temporal, dense 3D, factorized, cross", LEGEND)
+    session.add_tables(shape_table(session))
+    return status
 
 
 if __name__ == "__main__":

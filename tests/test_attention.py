@@ -246,6 +246,8 @@ GRAD_CASES = {
     "temporal-T5": ("temporal", (1, 5, 4, 3, 16), {}),
     "dense-N70": ("dense", (1, 70, 2, 32), {}),
     "cross-kv_lens": ("dense", (2, 33, 2, 16), {"M": 20, "kv_lens": True}),
+    "temporal-T33-D96-causal": ("temporal", (1, 33, 2, 1, 96), {"causal": True}),
+    "cross-D256-kv_lens": ("dense", (2, 17, 1, 256), {"M": 40, "kv_lens": True}),
 }
 
 
@@ -556,3 +558,135 @@ def test_temporal_over_packed_tile_limit(rope_style):
     qp = ref.prologue(q, "layer", qw, qb, 1e-6, (cos, sin), rope_style).to(dtype)
     kp = ref.prologue(k, "layer", kw, None, 1e-6, (cos, sin), rope_style).to(dtype)
     _assert_within_eager_error(out, expected, _eager_mode("temporal", qp, kp, v, D ** -0.5, causal=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton: the autotuned flash kernels and the packed temporal kernel at the edges of their tiles
+
+TRITON_TEMPORAL = {
+    # id: (B, T, S, H, D); "flash": T x D too big for the packed kernel (temporal_fwd runs the flash one)
+    "T1-D256": (1, 1, 2, 2, 256),
+    "T2-D96": (2, 2, 3, 2, 96),
+    "T33-D96-flash": (1, 33, 2, 1, 96),
+    "T64-D40": (1, 64, 2, 1, 40),
+    "T65-D16": (1, 65, 2, 2, 16),
+    "T128-D72-flash": (1, 128, 1, 1, 72),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", list(TRITON_TEMPORAL))
+def test_triton_temporal_frames(shape, causal):
+    """Frame counts off every tile (1, 2, 33, 64, 65, 128), odd head dims and D 256, on both of the
+    Triton backend's temporal paths; q is a permuted view (frames not outermost), k and v packed views."""
+    skip_unless_usable("triton")
+    from i2v_kernels.ops.attention import triton as attn_triton
+
+    B, T, S, H, D = TRITON_TEMPORAL[shape]
+    assert attn_triton.packed_temporal(T, D) != shape.endswith("flash")
+    dtype = torch.float16
+    q = torch.randn(B, S, T, H, D, dtype=dtype).transpose(1, 2)
+    _, k, v = _packed_qkv(B, T, S, H, D, dtype)
+    with i2v_kernels.use_backend("triton"):
+        out = i2v_kernels.temporal_attention(q, k, v, causal=causal)
+    expected = ref.temporal_attention(q.float(), k.float(), v.float(), causal=causal)
+    _assert_within_eager_error(out, expected, _eager_mode("temporal", q, k, v, D ** -0.5, causal=causal))
+
+
+@pytest.mark.parametrize("D", [72, 256])
+def test_triton_cross_attention_wide_heads(D):
+    """Head dims 72 and 256 in one masked power-of-two tile (no padded copy), a transposed q, keys
+    off the tile size and kv_lens."""
+    skip_unless_usable("triton")
+    B, N, M, H = 2, 19, 45, 2
+    q = torch.randn(B, H, N, D, dtype=torch.bfloat16).transpose(1, 2)
+    k, v = torch.randn(B, M, 2, H, D, dtype=torch.bfloat16).unbind(2)
+    kv_lens = torch.tensor([M, 17])
+    with i2v_kernels.use_backend("triton"):
+        out = i2v_kernels.attention(q, k, v, kv_lens=kv_lens)
+    expected = ref.attention(q.float(), k.float(), v.float(), kv_lens=kv_lens)
+    _assert_within_eager_error(out, expected, _eager_mode("dense", q, k, v, D ** -0.5, kv_lens=kv_lens))
+
+
+def test_triton_interpreter_times_no_config():
+    """Under the interpreter the autotuners time nothing: the pruning hands each one its heuristic
+    config alone (no GPU to time on), and the launch runs with it."""
+    skip_unless_usable("triton")
+    from i2v_kernels.ops.attention import triton as attn_triton
+
+    B, T, S, H, D = 1, 5, 3, 2, 40
+    q, k, v = (t.clone().requires_grad_() for t in _packed_qkv(B, T, S, H, D, torch.float16))
+    with i2v_kernels.use_backend("triton"):
+        i2v_kernels.spatial_attention(q, k, v).sum().backward()
+        i2v_kernels.temporal_attention(q, k, v)
+    assert attn_triton._attn_fwd.best_config == attn_triton._fwd_heuristic(S, S, D)
+    assert attn_triton._attn_bwd_dkdv.best_config == attn_triton._bwd_heuristic(S, S, D)
+    assert attn_triton._attn_bwd_dq.best_config == attn_triton._bwd_heuristic(S, S, D)
+    block_h, _, _, warps = attn_triton._temporal_tiles(T, H, D)
+    assert attn_triton._temporal_fwd.best_config.kwargs == {"BLOCK_H": block_h}
+    assert attn_triton._temporal_fwd.best_config.num_warps == warps
+
+
+def _flash_points(configs, resources, block_d, smem):
+    from i2v_kernels.ops.attention import triton as attn_triton
+
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs
+            if attn_triton._flash_fits(resources, c, block_d, smem)}
+
+
+def test_autotune_pruning_by_device(monkeypatch):
+    """On a GPU the pruning keeps the configs whose tiles fit the device: per shared-memory limit
+    (sm_80 163 KiB, sm_90 227 KiB), with the known good points kept where they fit and the heuristic
+    config only when nothing does. The GPU branch runs here on CPU tensors with the limit patched in."""
+    from i2v_kernels.ops.attention import triton as attn_triton
+
+    sm80, sm90 = 163 * 1024, 227 * 1024
+    fwd = lambda d, smem: _flash_points(attn_triton.FWD_CONFIGS, attn_triton._fwd_resources, d, smem)  # noqa: E731
+    assert (128, 64, 4, 2) in fwd(64, sm80) and (128, 64, 4, 3) in fwd(128, sm80)  # Ampere (FA2's tiles)
+    assert (128, 128, 8, 3) in fwd(128, sm90) and (128, 128, 8, 3) not in fwd(128, sm80)  # Hopper
+    assert (64, 64, 8, 2) in fwd(256, sm80) and not any(m == 128 and w == 4 for m, _, w, _ in fwd(256, sm90))
+    assert fwd(128, sm80) < fwd(128, sm90) and fwd(256, sm90) < fwd(64, sm90)
+    monkeypatch.setattr(attn_triton, "_timing_allowed", lambda t: True)
+    monkeypatch.setattr(attn_triton, "_smem_limit", lambda device: sm80)
+    q = torch.empty(1, 1, 1, 300, 128, dtype=torch.float16)
+    prune = attn_triton._attn_fwd.early_config_prune
+    kept = prune(attn_triton.FWD_CONFIGS, {"Q": q, "Sq": 300, "Sk": 300, "D": 128}, BLOCK_D=128)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} == fwd(128, sm80)
+    monkeypatch.setattr(attn_triton, "_smem_limit", lambda device: 1024)
+    assert prune(attn_triton.FWD_CONFIGS, {"Q": q, "Sq": 300, "Sk": 300, "D": 128}, BLOCK_D=128) == [
+        attn_triton._fwd_heuristic(300, 300, 128)]
+    for configs, resources in ((attn_triton.DKDV_CONFIGS, attn_triton._dkdv_resources),
+                               (attn_triton.DQ_CONFIGS, attn_triton._dq_resources)):
+        for d in (16, 64, 128, 256):
+            assert _flash_points(configs, resources, d, sm80), (resources.__name__, d)
+
+
+def test_temporal_autotune_candidates():
+    """The packed temporal kernel times several heads a program and 2-8 warps, never more heads than
+    the call has, and always has a candidate on sm_80 for the packed shapes."""
+    from i2v_kernels.ops.attention import triton as attn_triton
+
+    configs = attn_triton.TEMPORAL_CONFIGS
+    cog = attn_triton._temporal_candidates(configs, 13, 48, 64, 163 * 1024)  # CogVideoX-5B: 13 frames, 48 heads
+    assert {c.kwargs["BLOCK_H"] for c in cog} >= {2, 4, 8} and {c.num_warps for c in cog} == {2, 4, 8}
+    assert {c.kwargs["BLOCK_H"] for c in attn_triton._temporal_candidates(configs, 13, 1, 64, 163 * 1024)} == {1}
+    for T in (1, 8, 16, 32, 49, 64, 128):
+        for D in (16, 40, 64, 72, 128, 256):
+            if attn_triton.packed_temporal(T, D):
+                assert attn_triton._temporal_candidates(configs, T, 16, D, 163 * 1024), (T, D)
+
+
+def test_autotune_times_only_where_the_dispatch_may_measure(monkeypatch):
+    """On a GPU the autotuners time configs only where the dispatch may measure: not under
+    ``I2V_KERNELS_TUNE=0`` (nor during CUDA-graph capture or torch.compile tracing, the same check)."""
+    import types
+
+    from i2v_kernels.ops.attention import triton as attn_triton
+
+    monkeypatch.setattr(attn_triton, "triton_interpreted", lambda: False)
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0))  # no GPU is touched: only .device is read
+    monkeypatch.setenv("I2V_KERNELS_TUNE", "0")
+    assert not attn_triton._timing_allowed(on_gpu)
+    monkeypatch.setattr(attn_triton._dispatch, "_measuring_forbidden", lambda device: None)
+    assert attn_triton._timing_allowed(on_gpu)
+    assert not attn_triton._timing_allowed(types.SimpleNamespace(device=torch.device("cpu")))

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from i2v_kernels._backend import triton_interpreted
-from i2v_kernels.ops._compile_space import Dtypes, KernelSpace, launches_from_configs, pointers
+from i2v_kernels.ops._compile_space import Dtypes, KernelSpace, Launch, launches_from_configs, pointers
 from i2v_kernels.tools import resources, static_report, triton_aot
 
 
@@ -100,7 +100,7 @@ def test_plan_covers_every_launch_value_and_feature_tuple(modules, arch):
         variants = triton_aot.plan(space, arch)
         compiled = [dict(v.constexprs) for v in variants]
         for case in space.dtypes:
-            for launch in space.launches_of(case):
+            for launch in space.launches_on(case, arch):
                 for key, value in launch.constexprs:
                     assert any(c[key] == value for c in compiled), (space.name, key, value)
             assert any(v.dtypes == case.name for v in variants), (space.name, case.name)
@@ -109,6 +109,33 @@ def test_plan_covers_every_launch_value_and_feature_tuple(modules, arch):
         for f in space.features:
             for combo in itertools.combinations(f.items(), min(strength, len(f))):
                 assert any(all(c.get(k) == value for k, value in combo) for c in seen), (space.name, combo)
+
+
+@pytest.mark.parametrize("arch", triton_aot.REQUIRED_ARCHS)
+def test_plan_compiles_every_autotune_config(modules, arch):
+    """An autotuned kernel's every config that its pruning can keep on the target is compiled for that
+    target (at the largest launch holding it: the most shared memory and registers it meets), and only
+    those: the attention kernels' config lists, pruned at the target's shared memory, checked directly."""
+    from i2v_kernels.ops.attention import triton as attn_triton
+
+    limit = resources.ARCHS[arch].smem_per_block
+    tuned = {space.name.rsplit(".", 1)[-1]: space for space in triton_aot.compile_spaces(modules) if space.tuned}
+    for space in tuned.values():
+        reachable = {space.config_of(launch) for case in space.dtypes for launch in space.launches_on(case, arch)}
+        planned = {space.config_of(Launch.of(v.num_warps, v.num_stages, **{
+            k: value for k, value in v.constexprs if k in v.launch_keys})) for v in triton_aot.plan(space, arch)}
+        assert reachable == planned, space.name
+    for name, configs, fit in (("_attn_fwd_kernel", attn_triton.FWD_CONFIGS, attn_triton._fwd_resources),
+                               ("_attn_bwd_dkdv_kernel", attn_triton.DKDV_CONFIGS, attn_triton._dkdv_resources),
+                               ("_attn_bwd_dq_kernel", attn_triton.DQ_CONFIGS, attn_triton._dq_resources)):
+        kept = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs
+                for d in (16, 32, 64, 128, 256) if attn_triton._flash_fits(fit, c, d, limit)}
+        planned = {tuned[name].config_of(launch) for case in tuned[name].dtypes
+                   for launch in tuned[name].launches_on(case, arch)}
+        assert kept <= planned and len(kept) >= len(configs) // 2, name
+    temporal = {tuned["_temporal_fwd_kernel"].config_of(launch) for case in tuned["_temporal_fwd_kernel"].dtypes
+                for launch in tuned["_temporal_fwd_kernel"].launches_on(case, arch)}
+    assert {(c.kwargs["BLOCK_H"], c.num_warps, c.num_stages) for c in attn_triton.TEMPORAL_CONFIGS} <= temporal
 
 
 def test_every_declared_kernel_compiles_within_limits(report):

@@ -10,6 +10,11 @@ kernel it launches, in a module-level ``COMPILE_SPACES``. A space says
   launcher can choose for a dtype case, computed by calling the launcher's own config helper over the
   inputs that reach every branch of it (:func:`distinct_launches`), so the two cannot drift apart; an
   autotuned kernel lists its ``triton.Config`` list here instead (:func:`launches_from_configs`);
+* ``fits`` (optional): whether a launch can run on a target (``"sm80"``): an autotuner prunes its
+  configs by the device's shared memory, so a config may be launched on one target and not another;
+* ``tuned`` (optional): the launch constexprs an autotuner picks (with ``num_warps`` and
+  ``num_stages``), so that the plan compiles every config it can time, not only every value, with the
+  flags ``config_feature`` (default: the heaviest, the first of ``features``);
 * ``features``: every reachable combination of the remaining constexprs (flags, modes, conv
   geometry), heaviest first; an entry may also name a pointer argument whose type differs from the
   dtype case (``{"HAS_KV_LENS": True, "KV_LENS": "*i32"}``).
@@ -68,6 +73,7 @@ class KernelSpace:
     ``floats`` names the scalar arguments passed as Python floats (fp32); every other scalar is an
     integer. ``typical(dtypes)`` is the launch of a typical video-DiT call, the one feature
     combinations are compiled at when not every (feature, launch) pair is (default: the first launch).
+    ``fits(arch, launch)`` and ``tuned``: see the module docstring.
     """
 
     kernel: Any
@@ -76,6 +82,9 @@ class KernelSpace:
     features: Sequence[Mapping[str, Any]]
     floats: Sequence[str] = ()
     typical: Optional[Callable[[Dtypes], Launch]] = None
+    fits: Optional[Callable[[str, Launch], bool]] = None
+    tuned: Sequence[str] = ()
+    config_feature: Optional[Mapping[str, Any]] = None
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def launches_of(self, case: Dtypes) -> list[Launch]:
@@ -83,6 +92,15 @@ class KernelSpace:
         if case.name not in self._memo:
             self._memo[case.name] = list(self.launches(case))
         return self._memo[case.name]
+
+    def launches_on(self, case: Dtypes, arch: str) -> list[Launch]:
+        """The launches of ``case`` that can run on ``arch`` (all of them without ``fits``)."""
+        return [launch for launch in self.launches_of(case) if self.fits is None or self.fits(arch, launch)]
+
+    def config_of(self, launch: Launch) -> tuple:
+        """What an autotuner chose in ``launch``: its ``tuned`` constexprs, warps and stages."""
+        values = launch.as_dict()
+        return tuple(values[k] for k in self.tuned) + (launch.num_warps, launch.num_stages)
 
     def typical_of(self, case: Dtypes) -> Launch:
         return self.typical(case) if self.typical is not None else self.launches_of(case)[0]

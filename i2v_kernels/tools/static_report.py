@@ -233,7 +233,8 @@ def _why_legend(arch: str) -> str:
         return "`launch` is each kernel's largest launch (heaviest flags); this target is checked that far only."
     flags = {1: "every flag value", 2: "every pair of flag values"}.get(strength, f"every {strength}-tuple of flag values")
     text = ("`launch` rows cover every launch-configuration value (heaviest flags), `typical` is a typical "
-            "video-DiT call")
+            "video-DiT call, `config` rows compile every config an autotuner can time on this target (at the "
+            "typical head tile where it fits, with the flags it is timed with)")
     if strength:
         text += f", `feature` rows cover {flags} (at the smallest launch), `int64` passes every integer as 64-bit"
     return text + "."

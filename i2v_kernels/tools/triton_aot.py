@@ -13,6 +13,9 @@ covering subset instead (``full=True`` for all of it), as deep as ``DEPTH`` says
 * every launch-configuration value -- each tile size, warp count, stage count and dtype case -- at
   least once, with the heaviest feature combination (the most code, so the most registers), and the
   largest launch (the most shared memory) and the typical one among them;
+* for an autotuned kernel, every config its autotuner can time on the target (the space's ``fits``:
+  its shared-memory pruning at the target's limit), at the typical head tile where the config fits
+  there, else at the largest launch holding it, with the space's ``config_feature`` flags;
 * every pair (sm_90a) or every value (sm_80) of the feature values found in reachable combinations
   (a covering set chosen greedily from those combinations), at the smallest launch;
 * the heaviest combination once more with every integer argument as ``i64``, as the JIT passes sizes
@@ -301,17 +304,39 @@ def _launch_size(launch) -> int:
 DEPTH = {"sm90a": ("cover", 2), "sm80": ("cover", 1), "sm120a": ("largest", 0)}
 
 
+def _config_points(space, points) -> list[int]:
+    """For an autotuned space: per config the autotuner can time (``space.config_of``), one point that
+    holds it -- at the typical launch's other constexprs (head tile) where the config fits there, else
+    at the largest launch holding it (the most shared memory and registers it meets)."""
+    best: dict = {}
+
+    def rank(i):
+        case, launch = points[i]
+        typical = space.typical_of(case).as_dict()
+        same = all(typical.get(k) == v for k, v in launch.constexprs if k not in space.tuned)
+        return same, _launch_size(launch)
+
+    for i, (_, launch) in enumerate(points):
+        key = space.config_of(launch)
+        if key not in best or rank(i) > rank(best[key]):
+            best[key] = i
+    return list(best.values())
+
+
 def plan(space, arch: str, *, full: bool = False) -> list[Variant]:
     """The compiles that check ``space`` on ``arch``: with ``DEPTH[arch]``'s ``"cover"``, every launch
-    value, the largest and the typical launch (heaviest flags); with strength ``s > 0``, every ``s``-tuple
-    of flag values (at the smallest launch) and the ``i64`` compile. ``full``: the whole space."""
+    value, the largest and the typical launch, all with the heaviest flags, and for an autotuned space
+    (``space.tuned``) every config (at the typical head tile where it fits, :func:`_config_points`; with
+    ``space.config_feature``'s flags); with strength ``s > 0``, every ``s``-tuple of
+    flag values (at the smallest launch) and the ``i64`` compile. ``full``: the whole space. Only the
+    launches that can run on ``arch`` (``space.fits``) are compiled for it."""
     cases = list(space.dtypes)
     if full:
         return [make_variant(space, arch, case, launch, feature, "full") for case in cases
-                for launch in space.launches_of(case) for feature in space.features]
+                for launch in space.launches_on(case, arch) for feature in space.features]
     launches, strength = DEPTH[arch]
     heavy = dict(space.features[0])
-    points = [(case, launch) for case in cases for launch in space.launches_of(case)]
+    points = [(case, launch) for case in cases for launch in space.launches_on(case, arch)]
     largest = max(range(len(points)), key=lambda i: _launch_size(points[i][1]))
     variants = [make_variant(space, arch, *points[largest], heavy, "launch")]
     if launches == "cover":
@@ -320,13 +345,16 @@ def plan(space, arch: str, *, full: bool = False) -> list[Variant]:
         chosen = cover(items, 1, start=[largest], cost=lambda i: _launch_size(points[i][1]))
         variants += [make_variant(space, arch, *points[i], heavy, "launch") for i in chosen]
         variants.append(make_variant(space, arch, cases[0], space.typical_of(cases[0]), heavy, "typical"))
+        if space.tuned:
+            flags = dict(space.config_feature or heavy)
+            variants += [make_variant(space, arch, *points[i], flags, "config") for i in _config_points(space, points)]
     if strength:
         # Flags change which code exists, not how big its tiles are: the smallest launch compiles fastest.
         for n, i in enumerate(cover(space.features, strength, start=[0])):
             case = cases[n % len(cases)]
-            smallest = min(space.launches_of(case), key=_launch_size)
+            smallest = min(space.launches_on(case, arch), key=_launch_size)
             variants.append(make_variant(space, arch, case, smallest, dict(space.features[i]), "feature"))
-        smallest = min(space.launches_of(cases[0]), key=_launch_size)
+        smallest = min(space.launches_on(cases[0], arch), key=_launch_size)
         variants.append(make_variant(space, arch, cases[0], smallest, heavy, "int64", int_type="i64"))
     unique = {}
     for v in variants:  # the first reason a compile is in the plan names it

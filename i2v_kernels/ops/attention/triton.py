@@ -5,13 +5,19 @@ Every mode is one strided batched problem ``[b0, b1, b2, seq, D]``: spatial atte
 straight from the caller's ``[B, T, S, H, D]`` / ``[B, N, H, D]`` tensors (unit stride on ``D`` only),
 so a packed QKV projection goes in without a copy and the output is written in the caller's layout.
 
-Online softmax (exp2, fp32 statistics and accumulator), ``O(seq)`` memory, sequence lengths and head
-dims off the tile size masked inside the kernel. The optional prologue (QK-norm over ``D``, RoPE) is
-applied to the q tile once and to every k tile as it is loaded.
+Online softmax (exp2, the scale times log2 e folded into q; fp32 statistics and accumulator),
+``O(seq)`` memory, sequence lengths and head dims off the tile size masked inside the kernel (head
+dims up to 256 in one power-of-two tile, no padded copy). The optional prologue (QK-norm over ``D``,
+RoPE) is applied to the q tile once and to every k tile as it is loaded.
+
+On a GPU the tiles, warps and stages of every kernel are autotuned per sequence bucket, head dim,
+dtype and flags, over config lists pruned to the device's shared memory (see "Launch
+configurations" below); the interpreter runs one heuristic config, timing nothing.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 
@@ -19,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from i2v_kernels import _dispatch
+from i2v_kernels._backend import triton_interpreted
 from i2v_kernels.ops._compile_space import Dtypes, KernelSpace, Launch, distinct_launches, pointers, powers_of_two
 from i2v_kernels.ops._triton_utils import TL_DTYPES, dot_dtype
 
@@ -110,10 +118,10 @@ def _batch_index(pid_b, nb1, nb2):
     return rest // nb1, rest % nb1, pid_b % nb2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_bucket", "k_bucket"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, KV_LENS, COS, SIN, QW, QB, KW, KB,
-    nb1, nb2, Sq, Sk, D, qk_scale, eps,
+    nb1, nb2, Sq, Sk, D, q_bucket, k_bucket, qk_scale, eps,
     sq0, sq1, sq2, sqs, sk0, sk1, sk2, sks, sv0, sv1, sv2, svs, so0, so1, so2, sos, sc0, sc1, sc2, scs,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
@@ -189,10 +197,10 @@ def _bwd_tile(q, k, v, do, lse, delta, keep, qk_scale, DOT_DTYPE: tl.constexpr):
     return p, p * (dp - delta[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_bucket", "k_bucket"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, KV_LENS,
-    nb1, nb2, Sq, Sk, D, qk_scale, scale,
+    nb1, nb2, Sq, Sk, D, q_bucket, k_bucket, qk_scale, scale,
     sq0, sq1, sq2, sqs, sk0, sk1, sk2, sks, sv0, sv1, sv2, svs, sdo0, sdo1, sdo2, sdos,
     sdk0, sdk1, sdk2, sdks, sdv0, sdv1, sdv2, sdvs,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -242,10 +250,10 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + b0 * sdv0 + b1 * sdv1 + b2 * sdv2 + rows_n * sdvs + offs_d[None, :], dv, mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_bucket", "k_bucket"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, KV_LENS,
-    nb1, nb2, Sq, Sk, D, qk_scale, scale,
+    nb1, nb2, Sq, Sk, D, q_bucket, k_bucket, qk_scale, scale,
     sq0, sq1, sq2, sqs, sk0, sk1, sk2, sks, sv0, sv1, sv2, svs, sdo0, sdo1, sdo2, sdos,
     sdq0, sdq1, sdq2, sdqs,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -356,7 +364,81 @@ def why_not(q: torch.Tensor) -> str | None:
     return None
 
 
-def _tiles(Sq: int, Sk: int, D: int) -> tuple[int, int, int]:
+# --------------------------------------------------------------------------------------------------
+# Launch configurations. On a GPU every kernel is autotuned (``triton.autotune``) over a config list
+# pruned per call to what the device's shared memory and a thread's registers can hold; the tuning is
+# keyed by power-of-two sequence buckets, the head dim, the flags and (Triton adds them) the dtypes.
+# The pruning returns one heuristic config instead, so that nothing is timed, under the interpreter,
+# where the dispatch may not measure (I2V_KERNELS_TUNE=0, CUDA-graph capture: timing would break the
+# capture; the autotuner then keeps that config for the key, so tune by one eager call before
+# capturing, or with i2v_kernels.tune), and for a call with a fused
+# QK-norm / RoPE prologue: it is recomputed for every k tile, a different and much heavier loop than
+# the plain one the configs are meant for (the ops run the prologue first where that measures faster).
+
+#: fp32 words of accumulators and score tiles a thread may hold (of its 255 registers; the dot
+#: operands may stay in shared memory) for a config to be worth timing: past it ptxas spills.
+REGISTER_BUDGET = 224
+_ELT = 2  # fp16 / bf16 operands (why_not)
+
+#: Forward: BLOCK_M 64/128, BLOCK_N 32/64/128, 4 or 8 warps, 2-4 stages (the Ampere points -- 128x64 or
+#: 64x64 tiles, 4 warps -- and the Hopper ones -- 128x128, 8 warps, 3-4 stages -- among them).
+FWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+#: Backward dK/dV: a block of BLOCK_N keys stays, query blocks of BLOCK_M stream past it.
+DKDV_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                for m in (32, 64) for n in (64, 128) for w in (4, 8) for s in (2, 3)]
+#: Backward dQ: a block of BLOCK_M queries stays, key blocks of BLOCK_N stream past it.
+DQ_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+              for m in (64, 128) for n in (32, 64) for w in (4, 8) for s in (2, 3)]
+
+
+def _fwd_resources(m: int, n: int, d: int, stages: int) -> tuple[int, int]:
+    """``(fp32 words of live tiles in the loop, shared-memory bytes)`` of a forward tile: the fp32
+    accumulator, the scores and the 16-bit probabilities; q, ``stages - 1`` buffered k and v tiles and
+    the probability tile in shared memory. Meant as an over-estimate of what the compiler allocates
+    (tests/test_triton_compile.py compiles every kept config for each target and checks the real figure)."""
+    return m * d + 3 * m * n // 2, _ELT * (m * d + (stages - 1) * 2 * n * d + m * n)
+
+
+def _dkdv_resources(m: int, n: int, d: int, stages: int) -> tuple[int, int]:
+    """The dK and dV accumulators and the P, dP, dS tiles; buffered q and dO tiles, k and v, and the
+    transposed P and dS in shared memory."""
+    return 2 * n * d + 3 * m * n, _ELT * ((stages - 1) * 2 * m * d + 2 * n * d + 2 * m * n)
+
+
+def _dq_resources(m: int, n: int, d: int, stages: int) -> tuple[int, int]:
+    """The dQ accumulator and the P, dP, dS tiles; buffered k and v, q and dO, and dS in shared memory."""
+    return m * d + 3 * m * n, _ELT * ((stages - 1) * 2 * n * d + 2 * m * d + 2 * m * n)
+
+
+def _fits(resources, tiles: tuple[int, int], block_d: int, num_warps: int, num_stages: int, smem_limit: int) -> bool:
+    """Whether a config with ``tiles`` (``(BLOCK_M, BLOCK_N)``, or ``(BLOCK_H, BLOCK_T)``) at head tile
+    ``block_d`` holds its live tiles in registers and fits ``smem_limit`` bytes of shared memory."""
+    words, smem = resources(*tiles, block_d, num_stages)
+    return words <= REGISTER_BUDGET * 32 * num_warps and smem <= smem_limit
+
+
+def _flash_fits(resources, config, block_d: int, smem_limit: int) -> bool:
+    tiles = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
+    return _fits(resources, tiles, block_d, config.num_warps, config.num_stages, smem_limit)
+
+
+def _timing_allowed(t: torch.Tensor) -> bool:
+    """Whether the autotuner may time configs for a call on ``t``: a GPU tensor, not interpreted, and
+    measuring allowed as for the dispatch (not under ``I2V_KERNELS_TUNE=0``, ``torch.compile`` tracing
+    or CUDA-graph capture; a tuned entry made before is used then). Else the heuristic config runs:
+    nothing beyond it is compiled or timed (a first call per key otherwise compiles and times every
+    kept config)."""
+    return t.device.type == "cuda" and not triton_interpreted() and _dispatch._measuring_forbidden(t.device) is None
+
+
+def _smem_limit(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def _heuristic_tiles(Sq: int, Sk: int, D: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_D)`` chosen without timing: tiles by head dim, clamped to short
+    sequences (the interpreter's speed depends on it)."""
     block_d = max(16, triton.next_power_of_2(D))
     short = max(16, triton.next_power_of_2(max(Sq, Sk)))
     if block_d <= 64:
@@ -368,16 +450,53 @@ def _tiles(Sq: int, Sk: int, D: int) -> tuple[int, int, int]:
     return min(block_m, short), min(block_n, short), block_d
 
 
-def _bwd_tiles(Sq: int, Sk: int, D: int) -> tuple[int, int, int]:
-    block_m, block_n, block_d = _tiles(Sq, Sk, D)
-    return min(block_m, 64), block_n, block_d
-
-
-def _num_warps(block_d: int) -> int:
+def _heuristic_warps(block_d: int) -> int:
     return 4 if block_d <= 64 else 8
 
 
-_FWD_STAGES = 2
+def _fwd_heuristic(Sq: int, Sk: int, D: int) -> triton.Config:
+    block_m, block_n, block_d = _heuristic_tiles(Sq, Sk, D)
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=_heuristic_warps(block_d), num_stages=2)
+
+
+def _bwd_heuristic(Sq: int, Sk: int, D: int) -> triton.Config:
+    block_m, block_n, block_d = _heuristic_tiles(Sq, Sk, D)
+    return triton.Config({"BLOCK_M": min(block_m, 64), "BLOCK_N": block_n}, num_warps=_heuristic_warps(block_d),
+                         num_stages=3)
+
+
+def _pruner(resources, heuristic):
+    """An ``early_config_prune`` for the flash kernels: the configs that fit the device (the heuristic
+    when none does), or the heuristic alone where nothing may be timed."""
+
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        fallback = heuristic(named_args["Sq"], named_args["Sk"], named_args["D"])
+        if not _timing_allowed(q) or kwargs.get("NORM", 0) or kwargs.get("ROPE", 0):
+            return [fallback]
+        limit = _smem_limit(q.device)
+        return [c for c in configs if _flash_fits(resources, c, kwargs["BLOCK_D"], limit)] or [fallback]
+
+    return prune
+
+
+def _autotuned(kernel, configs, key, prune):
+    """``triton.autotune`` of ``kernel``; the timings are kept in Triton's on-disk cache where this
+    Triton can (``cache_results``), so another process on the machine does not time the key again."""
+    extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, **extra)(kernel)
+
+
+_FLASH_KEY = ["q_bucket", "k_bucket", "D", "CAUSAL", "HAS_KV_LENS"]
+_attn_fwd = _autotuned(_attn_fwd_kernel, FWD_CONFIGS, _FLASH_KEY + ["NORM", "ROPE", "STORE_LSE"],
+                       _pruner(_fwd_resources, _fwd_heuristic))
+_attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, DKDV_CONFIGS, _FLASH_KEY, _pruner(_dkdv_resources, _bwd_heuristic))
+_attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, DQ_CONFIGS, _FLASH_KEY, _pruner(_dq_resources, _bwd_heuristic))
+
+
+def _buckets(Sq: int, Sk: int) -> tuple[int, int]:
+    """The sequence lengths' power-of-two buckets: the autotuning key (one tuning per bucket)."""
+    return triton.next_power_of_2(max(Sq, 1)), triton.next_power_of_2(max(Sk, 1))
 
 
 def _dense(*side):
@@ -388,6 +507,11 @@ def _dense(*side):
 
 def _strides(t: torch.Tensor) -> list[int]:
     return list(t.stride()[:4])
+
+
+def _block_d(D: int) -> int:
+    """Head dims up to 256 in one power-of-two tile, masked past ``D`` (no padded copy)."""
+    return max(16, triton.next_power_of_2(D))
 
 
 def attention_fwd(q5, k5, v5, o5, *, scale: float, causal: bool = False, kv_lens=None, qk_norm=None,
@@ -401,23 +525,20 @@ def attention_fwd(q5, k5, v5, o5, *, scale: float, causal: bool = False, kv_lens
         return o5
     kv_lens, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias = _dense(
         kv_lens, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias)
-    block_m, block_n, block_d = _tiles(Sq, Sk, D)
-    num_warps = _num_warps(block_d)
-    operand_dtype = dot_dtype(q5.dtype)
     dummy = q5
     cos, sin = rope5 if rope5 is not None else (dummy, dummy)
-    grid = (nb0 * nb1 * nb2, triton.cdiv(Sq, block_m))
-    _attn_fwd_kernel[grid](
+    nb = nb0 * nb1 * nb2
+    _attn_fwd[lambda meta: (nb, triton.cdiv(Sq, meta["BLOCK_M"]))](
         q5, k5, v5, o5, lse if lse is not None else dummy, kv_lens if kv_lens is not None else dummy, cos, sin,
         q_norm_weight if q_norm_weight is not None else dummy, q_norm_bias if q_norm_bias is not None else dummy,
         k_norm_weight if k_norm_weight is not None else dummy, k_norm_bias if k_norm_bias is not None else dummy,
-        nb1, nb2, Sq, Sk, D, scale * math.log2(math.e), norm_eps,
+        nb1, nb2, Sq, Sk, D, *_buckets(Sq, Sk), scale * math.log2(math.e), norm_eps,
         *_strides(q5), *_strides(k5), *_strides(v5), *_strides(o5), *(_strides(cos) if rope5 is not None else [0] * 4),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal, HAS_KV_LENS=kv_lens is not None,
+        BLOCK_D=_block_d(D), CAUSAL=causal, HAS_KV_LENS=kv_lens is not None,
         NORM=NORMS[qk_norm], HAS_QW=q_norm_weight is not None, HAS_QB=q_norm_bias is not None,
         HAS_KW=k_norm_weight is not None, HAS_KB=k_norm_bias is not None,
-        ROPE=ROPES[rope_style if rope5 is not None else None], DOT_DTYPE=operand_dtype, STORE_LSE=lse is not None,
-        num_warps=num_warps, num_stages=_FWD_STAGES,
+        ROPE=ROPES[rope_style if rope5 is not None else None], DOT_DTYPE=dot_dtype(q5.dtype),
+        STORE_LSE=lse is not None,
     )
     return o5
 
@@ -440,29 +561,67 @@ def attention_bwd(q5, k5, v5, do5, dq5, dk5, dv5, *, scale: float, causal: bool 
     if grad_lse is not None:
         delta = delta - grad_lse.float().reshape(-1, Sq)
     delta = delta.contiguous()
-    block_m, block_n, block_d = _bwd_tiles(Sq, Sk, D)
-    num_warps = _num_warps(block_d)
-    operand_dtype = dot_dtype(q5.dtype)
-    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal,
-                  HAS_KV_LENS=kv_lens is not None, DOT_DTYPE=operand_dtype, num_warps=num_warps)
+    common = dict(BLOCK_D=_block_d(D), CAUSAL=causal, HAS_KV_LENS=kv_lens is not None,
+                  DOT_DTYPE=dot_dtype(q5.dtype))
     lens = kv_lens if kv_lens is not None else q5
-    qk_scale = scale * math.log2(math.e)
+    sizes = (nb1, nb2, Sq, Sk, D, *_buckets(Sq, Sk), scale * math.log2(math.e), scale)
     strides = [*_strides(q5), *_strides(k5), *_strides(v5), *_strides(do5)]
-    _attn_bwd_dkdv_kernel[(nb0 * nb1 * nb2, triton.cdiv(Sk, block_n))](
-        q5, k5, v5, do5, dk5, dv5, lse, delta, lens, nb1, nb2, Sq, Sk, D, qk_scale, scale,
-        *strides, *_strides(dk5), *_strides(dv5), **common)
-    _attn_bwd_dq_kernel[(nb0 * nb1 * nb2, triton.cdiv(Sq, block_m))](
-        q5, k5, v5, do5, dq5, lse, delta, lens, nb1, nb2, Sq, Sk, D, qk_scale, scale,
-        *strides, *_strides(dq5), **common)
+    nb = nb0 * nb1 * nb2
+    _attn_bwd_dkdv[lambda meta: (nb, triton.cdiv(Sk, meta["BLOCK_N"]))](
+        q5, k5, v5, do5, dk5, dv5, lse, delta, lens, *sizes, *strides, *_strides(dk5), *_strides(dv5), **common)
+    _attn_bwd_dq[lambda meta: (nb, triton.cdiv(Sq, meta["BLOCK_M"]))](
+        q5, k5, v5, do5, dq5, lse, delta, lens, *sizes, *strides, *_strides(dq5), **common)
+
+
+# --------------------------------------------------------------------------------------------------
+# Temporal attention's packed kernel: BLOCK_H heads of BLOCK_T frames a program, autotuned likewise
+
+#: BLOCK_H heads a program (several (b, s, h) problems at short T) and 2-8 warps; pruned per shape to
+#: the tiles a thread's registers and the block's shared memory hold.
+TEMPORAL_CONFIGS = [triton.Config({"BLOCK_H": h}, num_warps=w, num_stages=1)
+                    for h in (1, 2, 4, 8, 16) for w in (2, 4, 8)
+                    if h < 16 or w > 2]  # 16 heads of the smallest tile (16 x 16) are more than 2 warps hold
+
+
+def _temporal_resources(block_h: int, block_t: int, d: int, stages: int) -> tuple[int, int]:
+    """The q, k, v and output tiles of BLOCK_H heads live at once (fp32 where the prologue and the
+    NaN rules work on them: counted as three), the scores and 16-bit probabilities; the q, k, v tiles
+    and the probabilities in shared memory (no loop: nothing is buffered). Compiled, 128 tile elements
+    a thread spill 3.5-25 KB on sm_80 / sm_90a; the budget stops at about 64."""
+    tile, scores = block_h * block_t * d, block_h * block_t * block_t
+    return 3 * tile + 3 * scores // 2, _ELT * (3 * tile + scores)
 
 
 def _temporal_tiles(T: int, H: int, D: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_H, BLOCK_T, BLOCK_D, num_warps)`` of the packed temporal kernel: as many heads a
-    program as keep its tile near 8192 elements."""
+    """``(BLOCK_H, BLOCK_T, BLOCK_D, num_warps)`` chosen without timing: as many heads a program as
+    keep its tile near 8192 elements."""
     block_t = max(16, triton.next_power_of_2(T))
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = _block_d(D)
     block_h = max(1, min(triton.next_power_of_2(H), 8192 // (block_t * block_d)))
     return block_h, block_t, block_d, 4 if block_h * block_t * block_d <= 4096 else 8
+
+
+def _temporal_candidates(configs, T: int, H: int, D: int, smem_limit: int) -> list:
+    """The configs worth timing for one shape: no more heads than H has, registers and shared memory
+    that hold the tile, and at least 256 elements of it a warp (else fewer warps do the same work)."""
+    _, block_t, block_d, _ = _temporal_tiles(T, H, D)
+    heads = triton.next_power_of_2(H)
+    return [c for c in configs if c.kwargs["BLOCK_H"] <= heads
+            and _fits(_temporal_resources, (c.kwargs["BLOCK_H"], block_t), block_d, c.num_warps, 1, smem_limit)
+            and (c.kwargs["BLOCK_H"] * block_t * block_d >= 256 * c.num_warps or c.num_warps == 2)]
+
+
+def _temporal_prune(configs, named_args, **kwargs):
+    T, H, D = named_args["T"], named_args["H"], named_args["D"]
+    block_h, _, _, num_warps = _temporal_tiles(T, H, D)
+    fallback = triton.Config({"BLOCK_H": block_h}, num_warps=num_warps, num_stages=1)
+    if not _timing_allowed(named_args["Q"]) or kwargs["NORM"] or kwargs["ROPE"]:
+        return [fallback]
+    return _temporal_candidates(configs, T, H, D, _smem_limit(named_args["Q"].device)) or [fallback]
+
+
+_temporal_fwd = _autotuned(_temporal_fwd_kernel, TEMPORAL_CONFIGS, ["T", "H", "D", "CAUSAL", "NORM", "ROPE"],
+                           _temporal_prune)
 
 
 def packed_temporal(T: int, D: int) -> bool:
@@ -490,30 +649,29 @@ def temporal_fwd(q, k, v, out, *, scale: float, causal: bool, qk_norm=None, q_no
                       q_norm_weight=q_norm_weight, q_norm_bias=q_norm_bias, k_norm_weight=k_norm_weight,
                       k_norm_bias=k_norm_bias, norm_eps=norm_eps, rope5=rope5, rope_style=rope_style)
         return out
-    block_h, block_t, block_d, num_warps = _temporal_tiles(T, H, D)
-    operand_dtype = dot_dtype(q.dtype)
+    _, block_t, block_d, _ = _temporal_tiles(T, H, D)
     dummy = q
     cos, sin = rope if rope is not None else (dummy, dummy)
     rope_strides = [cos.stride(0), cos.stride(1), cos.stride(2)] if rope is not None else [0, 0, 0]
-    grid = (B * S * triton.cdiv(H, block_h),)
-    _temporal_fwd_kernel[grid](
+    # one program per BLOCK_H heads of one (b, s): B * S * H programs at most, on grid axis 0 (2**31 - 1)
+    _temporal_fwd[lambda meta: (B * S * triton.cdiv(H, meta["BLOCK_H"]),)](
         q, k, v, out, cos, sin,
         q_norm_weight if q_norm_weight is not None else dummy, q_norm_bias if q_norm_bias is not None else dummy,
         k_norm_weight if k_norm_weight is not None else dummy, k_norm_bias if k_norm_bias is not None else dummy,
         S, H, T, D, scale * math.log2(math.e), norm_eps,
         *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], *rope_strides,
-        BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_D=block_d, CAUSAL=causal,
+        BLOCK_T=block_t, BLOCK_D=block_d, CAUSAL=causal,
         NORM=NORMS[qk_norm], HAS_QW=q_norm_weight is not None, HAS_QB=q_norm_bias is not None,
         HAS_KW=k_norm_weight is not None, HAS_KB=k_norm_bias is not None,
-        ROPE=ROPES[rope_style if rope is not None else None], DOT_DTYPE=operand_dtype,
-        num_warps=num_warps,
+        ROPE=ROPES[rope_style if rope is not None else None], DOT_DTYPE=dot_dtype(q.dtype),
     )
     return out
 
 
 # --------------------------------------------------------------------------------------------------
 # Compile space (i2v_kernels/ops/_compile_space.py): every launch attention_fwd, attention_bwd and
-# temporal_fwd can make, for the ahead-of-time compile check.
+# temporal_fwd can make -- every autotuning config at every head tile where it fits a target, and the
+# heuristic configs of the interpreter and of CUDA-graph capture -- for the ahead-of-time compile check.
 
 _NORM_POINTERS = ("QW", "QB", "KW", "KB")
 # Norm weights and rope tables may come in any float dtype (the op checks only that they are floating
@@ -555,47 +713,108 @@ def _dtype_cases(fp32_pointers=()) -> list[Dtypes]:
             for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16))]
 
 
-def _fwd_launch(S: int, D: int) -> Launch:
-    block_m, block_n, block_d = _tiles(S, S, D)
-    return Launch.of(_num_warps(block_d), _FWD_STAGES, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+def _launch(config: triton.Config, **tiles) -> Launch:
+    return Launch.of(config.num_warps, config.num_stages, **config.kwargs, **tiles)
 
 
-def _bwd_launch(S: int, D: int) -> Launch:
-    block_m, block_n, block_d = _bwd_tiles(S, S, D)
-    return Launch.of(_num_warps(block_d), None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+def _smem_per_block(arch: str) -> int:
+    from i2v_kernels.tools.resources import ARCHS
+
+    return ARCHS[arch].smem_per_block
 
 
-def _temporal_launch(T: int, H: int, D: int) -> Launch:
-    block_h, block_t, block_d, num_warps = _temporal_tiles(T, H, D)
-    return Launch.of(num_warps, None, BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_D=block_d)
+def _most_smem() -> int:
+    from i2v_kernels.tools.resources import ARCHS
+
+    return max(a.smem_per_block for a in ARCHS.values())
 
 
-# The tile helpers see sequence lengths only through max(16, next_power_of_2(.)) clamped at 128 and
-# head dims through next_power_of_2, so these grids reach every tile they can return.
+# The heuristic helpers see sequence lengths only through max(16, next_power_of_2(.)) clamped at 128
+# and head dims through next_power_of_2, so these grids reach every tile they can return.
 _SEQS = powers_of_two(256)
 _HEAD_DIMS = range(8, MAX_D + 1)
+_BLOCK_DS = sorted({_block_d(d) for d in _HEAD_DIMS})
 _BWD_POINTERS = ("DQ", "DK", "DV", "LSE", "DELTA")
 
+
+def _tuned_space(kernel, launches, resources, features, typical, tiles=("BLOCK_M", "BLOCK_N"), tuned=None,
+                 fallback=(), **kw) -> KernelSpace:
+    """The configs an autotuner times, each at every head tile where it fits the target (``fits``: the
+    pruning at the target's shared-memory limit; ``fallback`` launches run on every target), with the
+    flags they are timed with; each config is compiled with the plain flags of spatial attention
+    (``config_feature``), the heavier ones at the largest launch and flag by flag. ``tiles``: the
+    resource model's tile constexprs; ``tuned``: those a config sets (default: ``tiles``)."""
+
+    def arch_fits(arch: str, launch: Launch) -> bool:
+        t = launch.as_dict()
+        return launch in fallback or _fits(resources, tuple(t[k] for k in tiles), t["BLOCK_D"], launch.num_warps,
+                                          launch.num_stages, _smem_per_block(arch))
+
+    return KernelSpace(kernel, kw.pop("dtypes", None) or _dtype_cases(), launches=lambda case: launches,
+                       features=features, fits=arch_fits, tuned=tuned or tiles,
+                       typical=lambda case: typical, config_feature=next(f for f in features if not f["CAUSAL"]
+                                                                         and not f.get("HAS_KV_LENS")
+                                                                         and not f.get("STORE_LSE")), **kw)
+
+
+def _flash_launches(configs, resources) -> list[Launch]:
+    return [_launch(c, BLOCK_D=d) for d in _BLOCK_DS for c in configs if _flash_fits(resources, c, d, _most_smem())]
+
+
+def _heuristic_launches(heuristic) -> list[Launch]:
+    return distinct_launches(lambda s, d: _launch(heuristic(s, s, d), BLOCK_D=_block_d(d)),
+                             [(s, d) for s in _SEQS for d in _HEAD_DIMS])
+
+
+def _temporal_launches() -> tuple[list[Launch], list[Launch]]:
+    """``(heuristic launches, tuned launches)`` of the packed temporal kernel over every packed shape."""
+    fallback, tuned = [], []
+    for t in powers_of_two(MAX_PACKED_T):
+        for d in _HEAD_DIMS:
+            if not packed_temporal(t, d):
+                continue
+            for h in powers_of_two(64):
+                block_h, block_t, block_d, num_warps = _temporal_tiles(t, h, d)
+                fallback.append(Launch.of(num_warps, 1, BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_D=block_d))
+                tuned += [_launch(c, BLOCK_T=block_t, BLOCK_D=block_d)
+                          for c in _temporal_candidates(TEMPORAL_CONFIGS, t, h, d, _most_smem())]
+    return list(dict.fromkeys(fallback)), list(dict.fromkeys(tuned))
+
+
+_FWD_PLAIN = [{**m, **_NO_PROLOGUE, "STORE_LSE": lse, **({"LSE": "*fp32"} if lse else {})}
+              for lse in (True, False) for m in _masks()]  # the causal backward recompute first: the most code
+_TEMPORAL_FALLBACK, _TEMPORAL_TUNED = _temporal_launches()
+_TYPICAL_TEMPORAL = _temporal_tiles(13, 30, 64)  # CogVideoX-2B, 49 frames
+_BWD_FALLBACK = _heuristic_launches(_bwd_heuristic)
+# The tuned spaces' typical launches are at head dim 64 (CogVideoX, and the sweeps' D 64), where every
+# config is compiled that fits there (triton_aot._config_points): the compile check's time stays in
+# bounds while each config meets both targets' compilers; larger head tiles are compiled by value.
+_TYPICAL_BWD = _launch(_bwd_heuristic(4096, 4096, 64), BLOCK_D=64)
+
 COMPILE_SPACES = [
+    # Heuristic (untimed) launches with every flag: the interpreter, CUDA-graph capture, fused prologues.
     KernelSpace(
-        _attn_fwd_kernel, _dtype_cases(),
-        launches=lambda case: distinct_launches(_fwd_launch, [(s, d) for s in _SEQS for d in _HEAD_DIMS]),
-        # forward calls (with any prologue), then the backward's recompute (post-prologue q and k)
-        features=[{**m, **p, "STORE_LSE": False} for m in _masks() for p in _prologues()]
-        + [{**m, **_NO_PROLOGUE, "STORE_LSE": True, "LSE": "*fp32"} for m in _masks()],
-        floats=("qk_scale", "eps"), typical=lambda case: _fwd_launch(4096, 128),
+        _attn_fwd_kernel, _dtype_cases(), launches=lambda case: _heuristic_launches(_fwd_heuristic),
+        features=[{**m, **p, "STORE_LSE": False} for m in _masks() for p in _prologues()] + _FWD_PLAIN[:4],
+        floats=("qk_scale", "eps"), typical=lambda case: _launch(_fwd_heuristic(4096, 4096, 128), BLOCK_D=128),
     ),
-    *[KernelSpace(
-        kernel, _dtype_cases(_BWD_POINTERS),
-        launches=lambda case: distinct_launches(_bwd_launch, [(s, d) for s in _SEQS for d in _HEAD_DIMS]),
-        features=_masks(), floats=("qk_scale", "scale"), typical=lambda case: _bwd_launch(4096, 128),
-    ) for kernel in (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel)],
     KernelSpace(
-        _temporal_fwd_kernel, _dtype_cases(),
-        launches=lambda case: distinct_launches(
-            _temporal_launch, [(t, h, d) for t in powers_of_two(MAX_PACKED_T) for h in powers_of_two(64)
-                               for d in _HEAD_DIMS if packed_temporal(t, d)]),
-        features=[dict(CAUSAL=c, **p) for c in (True, False) for p in _prologues()],
-        floats=("qk_scale", "eps"), typical=lambda case: _temporal_launch(13, 30, 64),  # CogVideoX-2B, 49 frames
+        _temporal_fwd_kernel, _dtype_cases(), launches=lambda case: _TEMPORAL_FALLBACK,
+        features=[dict(CAUSAL=c, **p) for c in (True, False) for p in _prologues()], floats=("qk_scale", "eps"),
+        typical=lambda case: Launch.of(_TYPICAL_TEMPORAL[3], 1, BLOCK_H=_TYPICAL_TEMPORAL[0],
+                                       BLOCK_T=_TYPICAL_TEMPORAL[1], BLOCK_D=_TYPICAL_TEMPORAL[2]),
     ),
+    # Autotuned launches: every config where it fits the target, timed without a fused prologue.
+    _tuned_space(_attn_fwd_kernel, _flash_launches(FWD_CONFIGS, _fwd_resources), _fwd_resources, _FWD_PLAIN,
+                 Launch.of(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64), floats=("qk_scale", "eps")),
+    _tuned_space(_temporal_fwd_kernel, _TEMPORAL_TUNED, _temporal_resources,
+                 [dict(CAUSAL=c, **_NO_PROLOGUE) for c in (True, False)],
+                 Launch.of(4, 1, BLOCK_H=8, BLOCK_T=16, BLOCK_D=64), tiles=("BLOCK_H", "BLOCK_T"), tuned=("BLOCK_H",),
+                 floats=("qk_scale", "eps")),
+    # The backward has no prologue: its heuristic launches and every config, one space each.
+    *[_tuned_space(kernel, list(dict.fromkeys(_BWD_FALLBACK + _flash_launches(configs, fit))), fit, _masks(),
+                   _TYPICAL_BWD, fallback=_BWD_FALLBACK, floats=("qk_scale", "scale"),
+                   dtypes=_dtype_cases(_BWD_POINTERS))
+      for kernel, configs, fit in ((_attn_bwd_dkdv_kernel, DKDV_CONFIGS, _dkdv_resources),
+                                   (_attn_bwd_dq_kernel, DQ_CONFIGS, _dq_resources))],
 ]
