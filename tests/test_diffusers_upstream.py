@@ -3,7 +3,7 @@
 
 diffusers' tests are not installed with diffusers, and CI cannot fetch its repository: the real run is
 ``make diffusers-tests DIFFUSERS_SRC=/path/to/diffusers``, whose report is committed
-(``docs/diffusers_upstream_tests.md``, ``benchmarks/results/diffusers_upstream_tests.json``) and checked
+(``docs/diffusers_upstream_tests.md``, ``benchmarks/results/diffusers_upstream_tests.jsonl``) and checked
 here. With ``I2V_DIFFUSERS_TESTS`` pointing at a checkout, one of diffusers' test classes also runs both
 ways from here. Everything else runs on a stand-in "checkout" whose test file builds tiny models the
 way diffusers' tests do.
@@ -107,6 +107,16 @@ def test_mode_variable_is_checked(monkeypatch):
         plugin.patching()
 
 
+def read_results(path) -> dict:
+    """The runner's JSON lines: the run's header, ``tests`` as mode -> test -> record."""
+    with open(path) as f:
+        head, *lines = map(json.loads, f)
+    head["tests"] = {}
+    for line in lines:
+        head["tests"].setdefault(line.pop("mode"), {})[line.pop("test")] = line
+    return head
+
+
 # A stand-in for a diffusers checkout: a test file that builds and runs a model the way diffusers' do
 FAKE_TESTS = f"""
 import pytest
@@ -145,21 +155,22 @@ def test_runner_compares_both_ways(tmp_path):
     src = tmp_path / "diffusers"
     (src / "tests" / "models").mkdir(parents=True)
     (src / "tests" / "models" / "test_standin.py").write_text(textwrap.dedent(FAKE_TESTS))
-    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    out_json, out_md = tmp_path / "r.jsonl", tmp_path / "r.md"
     rc = runner.main(["--src", str(src), "--src-rev", "stand-in", "--files", "tests/models/test_standin.py",
                       "--nice", "0", "--json", str(out_json), "--md", str(out_md)])
     assert rc == 1
-    result = json.loads(out_json.read_text())
+    result = read_results(out_json)
     key = "tests/models/test_standin.py::TestLatteStandIn::"
     assert [d["nodeid"] for d in result["differ"]] == [key + "test_notices_the_patch"]
     patched, unpatched = result["tests"]["patched"], result["tests"]["unpatched"]
     assert patched[key + "test_save_load_same_output"]["outcome"] == "passed"
-    assert [b["replaced"] > 0 for b in patched[key + "test_save_load_same_output"]["built"]] == [True, True]
-    assert patched[key + "test_save_load_same_output"]["ours"] == 2
-    assert unpatched[key + "test_save_load_same_output"]["ours"] == 0
+    saved = key + "test_save_load_same_output"
+    assert patched[saved]["models"] == unpatched[saved]["models"] == {"LatteTransformer3DModel": 2}
+    assert patched[saved]["replaced_min"] > 0 and unpatched[saved]["replaced_min"] == 0
+    assert patched[saved]["ours"] == 2 and unpatched[saved]["ours"] == 0
     for mode in (patched, unpatched):
-        assert (mode[key + "test_needs_a_gpu"]["outcome"], mode[key + "test_needs_a_gpu"]["detail"]) == (
-            "skipped", "test requires a hardware accelerator")
+        assert mode[key + "test_needs_a_gpu"] == {"outcome": "skipped", "ours": 0,
+                                                  "detail": "test requires a hardware accelerator"}
     md = out_md.read_text()
     assert "| `test_standin.py::TestLatteStandIn` | 2 / 1 | 1 / 1 | 0 / 1 |" in md, md
     assert "| test requires a hardware accelerator | 1 | needs a GPU" in md
@@ -172,9 +183,7 @@ def test_runner_compares_both_ways(tmp_path):
 def test_committed_results_are_clean():
     """The committed run covers every test file, both ways, with no test differing or failing patched,
     and every model a patched test built had something replaced."""
-    path = os.path.join(ROOT, "benchmarks", "results", "diffusers_upstream_tests.json")
-    with open(path) as f:
-        result = json.load(f)
+    result = read_results(os.path.join(ROOT, "benchmarks", "results", "diffusers_upstream_tests.jsonl"))
     assert not result["differ"]
     files = {nodeid.split("::")[0] for nodeid in result["tests"]["patched"]}
     assert files == set(runner.FILES)
@@ -183,7 +192,7 @@ def test_committed_results_are_clean():
         assert set(tests) == set(result["tests"]["unpatched"])
         assert not [n for n, r in tests.items() if r["outcome"] in ("failed", "error")]
     patched = result["tests"]["patched"].values()
-    assert all(b["replaced"] > 0 for r in patched for b in r["built"])
+    assert all(r["replaced_min"] > 0 for r in patched if "models" in r)
     assert sum(r["outcome"] == "passed" and r["ours"] > 0 for r in patched) >= 100
     with open(os.path.join(ROOT, "docs", "diffusers_upstream_tests.md")) as f:
         assert "None: every test has the same outcome patched and unpatched." in f.read()
@@ -194,5 +203,5 @@ def test_committed_results_are_clean():
 def test_diffusers_latte_model_tests_both_ways(tmp_path):
     rc = runner.main(["--src", os.environ["I2V_DIFFUSERS_TESTS"], "--files",
                       "tests/models/transformers/test_models_transformer_latte.py::TestLatteTransformer",
-                      "--json", str(tmp_path / "r.json"), "--md", str(tmp_path / "r.md")])
+                      "--json", str(tmp_path / "r.jsonl"), "--md", str(tmp_path / "r.md")])
     assert rc == 0, (tmp_path / "r.md").read_text()

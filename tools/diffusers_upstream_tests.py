@@ -6,7 +6,8 @@ at a checkout of the diffusers repository (only its ``tests/`` is used; the inst
 tested). The plugin ``tests/diffusers_upstream/i2v_upstream_plugin.py`` does the patching and the
 bookkeeping; this script picks the test files, runs pytest in the checkout for each mode, and writes
 
-* ``--json``: every test's outcome in both modes, what it built and how often our code ran;
+* ``--json`` (JSON lines): the run (versions, commands, the differing tests), then every test's outcome in
+  each mode, the models it built and how often our code ran;
 * ``--md``: the report -- versions, commands, pass/skip/fail counts per test class both ways, the tests
   whose outcome differs, why tests skip, and the tests that do not apply (:data:`NOT_APPLICABLE`).
 
@@ -90,9 +91,12 @@ def run_mode(args, patched: bool, log: str) -> tuple[list[str], float, int]:
     return cmd, seconds, proc.returncode
 
 
-def read_log(path: str) -> dict[str, dict]:
+def read_log(path: str) -> tuple[dict, dict[str, dict]]:
+    """The plugin's log: ``(versions, nodeid -> record)``."""
     with open(path) as f:
-        return {r["nodeid"]: r for r in map(json.loads, f)}
+        lines = list(map(json.loads, f))
+    session = next((r["session"] for r in lines if "session" in r), {})
+    return session, {r["nodeid"]: r for r in lines if "nodeid" in r}
 
 
 def test_class(nodeid: str) -> str:
@@ -128,13 +132,22 @@ def compare(unpatched: dict[str, dict], patched: dict[str, dict]) -> dict:
             "idle": idle}
 
 
-def versions(args) -> dict:
-    probe = ("import json, diffusers, torch, i2v_kernels, os; print(json.dumps({'diffusers': diffusers.__version__, "
-             "'diffusers_path': os.path.dirname(diffusers.__file__), 'torch': torch.__version__, "
-             "'i2v_kernels': os.path.dirname(i2v_kernels.__file__)}))")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    out = json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                                    check=True, cwd=ROOT).stdout)
+def slim(record: dict) -> dict:
+    """A test's record as committed: outcome, detail, the models it built (class -> count), the fewest
+    modules replaced on any of them, how often our code ran (and diffusers' own, when it did)."""
+    out = {"outcome": record["outcome"], "ours": record["ours"]}
+    if record["detail"]:
+        out["detail"] = record["detail"]
+    if record["built"]:
+        out["models"] = dict(collections.Counter(b["class"] for b in record["built"]))
+        out["replaced_min"] = min(b["replaced"] for b in record["built"])
+    if record["theirs"]:
+        out["theirs"] = record["theirs"]
+    return out
+
+
+def versions(args, session: dict) -> dict:
+    out = dict(session)
     rev = args.src_rev
     if not rev:
         git = subprocess.run(["git", "-C", args.src, "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -166,10 +179,11 @@ def markdown(info: dict, runs: dict, result: dict) -> str:
         "",
         "## Setup",
         "",
-        f"- diffusers (installed, tested): {info['diffusers']} from `{info['diffusers_path']}`",
+        f"- diffusers (installed, tested): {info.get('diffusers', '?')} from `{info.get('diffusers_path', '?')}`",
         f"- diffusers tests: {info['diffusers_tests']}",
-        f"- i2v_kernels: commit {info['i2v_kernels_commit']}; torch {info['torch']}; Python {info['python']}",
-        f"- machine: {info['machine']}, no GPU; load average at the end: {info['load']}; date {info['date']}",
+        f"- i2v_kernels: commit {info['i2v_kernels_commit']}; torch {info.get('torch', '?')}; Python {info['python']}",
+        f"- machine: {info['machine']}, GPU: {info.get('gpu', '?')}; load average at the end: {info['load']}; "
+        f"date {info['date']}",
     ]
     for mode, run in runs.items():
         lines.append(f"- {mode}: {run['seconds']:.0f} s, `{run['command']}`")
@@ -229,7 +243,7 @@ def main(argv=None) -> int:
     parser.add_argument("-k", default="", help="pytest -k selection")
     parser.add_argument("--mode", choices=("both", "patched", "unpatched"), default="both")
     parser.add_argument("--nice", type=int, default=10)
-    parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "diffusers_upstream_tests.json"))
+    parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "diffusers_upstream_tests.jsonl"))
     parser.add_argument("--md", default=os.path.join(ROOT, "docs", "diffusers_upstream_tests.md"))
     parser.add_argument("--work", default="", help="where the per-run logs go (default: next to --json)")
     parser.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
@@ -246,19 +260,20 @@ def main(argv=None) -> int:
         log = os.path.join(work, f"diffusers_upstream_{mode}.jsonl")
         cmd, seconds, _ = run_mode(args, mode == "patched", log)
         runs[mode] = {"command": shlex.join(cmd), "seconds": seconds}
-        logs[mode] = read_log(log)
+        session, logs[mode] = read_log(log)
         os.remove(log)
     if args.mode != "both":
         counts = collections.Counter(r["outcome"] for r in logs[modes[0]].values())
         print(f"{modes[0]}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
         return 0 if not (counts["failed"] or counts["error"]) else 1
     result = compare(logs["unpatched"], logs["patched"])
-    info = versions(args)
+    info = versions(args, session)
     info["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    with open(args.json, "w") as f:
-        json.dump({"info": info, "runs": runs, "tests": {m: logs[m] for m in modes},
-                   "differ": result["differ"]}, f, indent=1, sort_keys=True)
-        f.write("\n")
+    with open(args.json, "w") as f:  # JSON lines: the run, then one line per test and mode
+        f.write(json.dumps({"info": info, "runs": runs, "differ": result["differ"]}, sort_keys=True) + "\n")
+        for mode in modes:
+            for nodeid, record in sorted(logs[mode].items()):
+                f.write(json.dumps({"mode": mode, "test": nodeid, **slim(record)}) + "\n")
     with open(args.md, "w") as f:
         f.write(markdown(info, runs, result))
     for mode in modes:

@@ -18,7 +18,8 @@ Environment:
 
 * ``I2V_UPSTREAM_PATCH``: ``1`` (default) patches; ``0`` runs diffusers unchanged with the same
   bookkeeping, the baseline.
-* ``I2V_UPSTREAM_LOG``: a JSON-lines file, one line per test: its outcome (and skip reason), the models
+* ``I2V_UPSTREAM_LOG``: a JSON-lines file: the versions tested, then one line per test: its outcome (and
+  skip reason), the models
   it built (class, modules replaced, modules kept on diffusers' code), and how many patched-module calls
   ran our code and how many diffusers' own (the measured dispatch's choice, counted at
   ``core._measured_call``).
@@ -144,6 +145,18 @@ def install(patch_it: bool) -> list[str]:
 
 def pytest_configure(config):
     config._i2v_upstream_classes = install(patching())
+
+
+def pytest_sessionstart(session):
+    path = os.environ.get(LOG_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"session": {"diffusers": diffusers.__version__,
+                                            "diffusers_path": os.path.dirname(diffusers.__file__),
+                                            "i2v_kernels": os.path.dirname(i2v_kernels.__file__),
+                                            "torch": torch.__version__,
+                                            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available()
+                                            else "none"}}) + "\n")
 
 
 def pytest_report_header(config):
