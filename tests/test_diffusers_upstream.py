@@ -108,13 +108,8 @@ def test_mode_variable_is_checked(monkeypatch):
 
 
 def read_results(path) -> dict:
-    """The runner's JSON lines: the run's header, ``tests`` as mode -> test -> record."""
-    with open(path) as f:
-        head, *lines = map(json.loads, f)
-    head["tests"] = {}
-    for line in lines:
-        head["tests"].setdefault(line.pop("mode"), {})[line.pop("test")] = line
-    return head
+    head, tests = runner.read_results(path)
+    return {**head, "tests": tests}
 
 
 # A stand-in for a diffusers checkout: a test file that builds and runs a model the way diffusers' do
@@ -174,6 +169,9 @@ def test_runner_compares_both_ways(tmp_path):
     md = out_md.read_text()
     assert "| `test_standin.py::TestLatteStandIn` | 2 / 1 | 1 / 1 | 0 / 1 |" in md, md
     assert "| test requires a hardware accelerator | 1 | needs a GPU" in md
+    out_md.unlink()  # the report again from the results file alone
+    assert runner.main(["--report-only", "--json", str(out_json), "--md", str(out_md)]) == 0
+    assert out_md.read_text() == md
 
 
 # ==================================================================================================

@@ -105,24 +105,25 @@ def test_class(nodeid: str) -> str:
 
 
 def compare(unpatched: dict[str, dict], patched: dict[str, dict]) -> dict:
-    """Per-class outcome counts both ways, the tests whose outcome differs, skip reasons, and the patched
-    tests that built a model but never ran our code."""
+    """Per-class outcome counts both ways, the tests whose outcome differs, skip reasons (with why they
+    do not apply here), and the patched tests that built a model but never ran our code; on the
+    records as committed (:func:`slim`)."""
     kinds = ("passed", "skipped", "failed", "error", "xfailed", "xpassed", "missing")
     per_class: dict[str, dict[str, collections.Counter]] = collections.defaultdict(
         lambda: {"unpatched": collections.Counter(), "patched": collections.Counter()})
     differ, skips, idle = [], collections.defaultdict(list), []
     for nodeid in sorted(set(unpatched) | set(patched)):
-        a = unpatched.get(nodeid, {"outcome": "missing", "detail": ""})
-        b = patched.get(nodeid, {"outcome": "missing", "detail": "", "built": [], "ours": 0})
+        a = unpatched.get(nodeid, {"outcome": "missing", "ours": 0})
+        b = patched.get(nodeid, {"outcome": "missing", "ours": 0})
         cls = test_class(nodeid)
         per_class[cls]["unpatched"][a["outcome"]] += 1
         per_class[cls]["patched"][b["outcome"]] += 1
         if a["outcome"] != b["outcome"]:
             differ.append({"nodeid": nodeid, "unpatched": a["outcome"], "patched": b["outcome"],
-                           "detail": b["detail"] or a["detail"]})
+                           "detail": b.get("detail") or a.get("detail", "")})
         if b["outcome"] == "skipped":
-            skips[b["detail"]].append(nodeid)
-        if b["outcome"] == "passed" and b.get("built") and b.get("ours", 0) == 0:
+            skips[(b.get("detail", ""), skip_note(b.get("detail", ""), nodeid))].append(nodeid)
+        if b["outcome"] == "passed" and b.get("models") and b["ours"] == 0:
             idle.append(nodeid)
     totals = {mode: collections.Counter() for mode in ("unpatched", "patched")}
     for counts in per_class.values():
@@ -144,6 +145,16 @@ def slim(record: dict) -> dict:
     if record["theirs"]:
         out["theirs"] = record["theirs"]
     return out
+
+
+def read_results(path: str) -> tuple[dict, dict[str, dict[str, dict]]]:
+    """The results file (``--json``): its first line, and mode -> test -> record."""
+    with open(path) as f:
+        head, *lines = map(json.loads, f)
+    tests: dict[str, dict[str, dict]] = {}
+    for line in lines:
+        tests.setdefault(line.pop("mode"), {})[line.pop("test")] = line
+    return head, tests
 
 
 def versions(args, session: dict) -> dict:
@@ -185,8 +196,8 @@ def markdown(info: dict, runs: dict, result: dict) -> str:
         f"- machine: {info['machine']}, GPU: {info.get('gpu', '?')}; load average at the end: {info['load']}; "
         f"date {info['date']}",
     ]
-    for mode, run in runs.items():
-        lines.append(f"- {mode}: {run['seconds']:.0f} s, `{run['command']}`")
+    for mode in ("unpatched", "patched"):
+        lines.append(f"- {mode}: {runs[mode]['seconds']:.0f} s, `{runs[mode]['command']}`")
     lines += ["", "## Outcomes", "", "| | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for mode in ("unpatched", "patched"):
         lines.append(f"| **{mode}, all** | " + " | ".join(str(result["totals"][mode][k]) for k in kinds) + " |")
@@ -207,8 +218,8 @@ def markdown(info: dict, runs: dict, result: dict) -> str:
     lines += [f"- `*{key}*` classes: {why}" for key, why in NOT_APPLICABLE.items()]
     lines += ["", "## Why tests skip (patched run)", "",
               "| reason (diffusers' own) | tests | does not apply here because |", "|---|---|---|"]
-    for reason, nodeids in sorted(result["skips"].items(), key=lambda kv: -len(kv[1])):
-        lines.append(f"| {reason} | {len(nodeids)} | {skip_note(reason, nodeids)} |")
+    for (reason, note), nodeids in sorted(result["skips"].items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"| {reason} | {len(nodeids)} | {note} |")
     lines += ["", "## Patched tests that built a model but never ran our code", ""]
     if result["idle"]:
         lines.append("They pass, but only check what diffusers' code does (no forward, or processors the test "
@@ -219,17 +230,18 @@ def markdown(info: dict, runs: dict, result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def skip_note(reason: str, nodeids: list[str]) -> str:
-    applies = {not_applicable(n)[0] for n in nodeids if not_applicable(n)}
+def skip_note(reason: str, nodeid: str) -> str:
+    """Why a test diffusers skips here does not apply to this run."""
+    applies = not_applicable(nodeid)
     if applies:
-        return "not applicable: " + ", ".join(sorted(applies))
+        return f"not applicable: `*{applies[0]}*` class"
     if re.search(r"accelerator|cuda|gpu", reason, re.I):
         return "needs a GPU (none on this machine): unmeasured here"
     if re.search(r"peft|bitsandbytes|torchao|gguf|installed|available", reason, re.I):
         return "needs a package the i2v_kernels environment does not install"
-    if re.search(r"network|hub|download|slow|nightly", reason, re.I):
+    if re.search(r"network|hub|token|download|slow|nightly", reason, re.I):
         return "needs the network / a Hub download, or is a slow or nightly test"
-    return "the model's config or diffusers' test itself opts out (same unpatched)"
+    return "diffusers' test opts out for this model or config"
 
 
 def main(argv=None) -> int:
@@ -246,8 +258,15 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "diffusers_upstream_tests.jsonl"))
     parser.add_argument("--md", default=os.path.join(ROOT, "docs", "diffusers_upstream_tests.md"))
     parser.add_argument("--work", default="", help="where the per-run logs go (default: next to --json)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write --md again from the results in --json")
     parser.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     args = parser.parse_args(argv)
+    if args.report_only:
+        head, tests = read_results(args.json)
+        with open(args.md, "w") as f:
+            f.write(markdown(head["info"], head["runs"], compare(tests["unpatched"], tests["patched"])))
+        return 0
     if not args.src or not os.path.isdir(os.path.join(args.src, "tests", "models")):
         parser.error(f"--src must be a diffusers checkout with tests/models/ (got {args.src!r}); "
                      f"or set I2V_DIFFUSERS_TESTS")
@@ -266,14 +285,15 @@ def main(argv=None) -> int:
         counts = collections.Counter(r["outcome"] for r in logs[modes[0]].values())
         print(f"{modes[0]}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
         return 0 if not (counts["failed"] or counts["error"]) else 1
-    result = compare(logs["unpatched"], logs["patched"])
+    tests = {m: {n: slim(r) for n, r in sorted(logs[m].items())} for m in modes}
+    result = compare(tests["unpatched"], tests["patched"])
     info = versions(args, session)
     info["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     with open(args.json, "w") as f:  # JSON lines: the run, then one line per test and mode
         f.write(json.dumps({"info": info, "runs": runs, "differ": result["differ"]}, sort_keys=True) + "\n")
         for mode in modes:
-            for nodeid, record in sorted(logs[mode].items()):
-                f.write(json.dumps({"mode": mode, "test": nodeid, **slim(record)}) + "\n")
+            for nodeid, record in tests[mode].items():
+                f.write(json.dumps({"mode": mode, "test": nodeid, **record}) + "\n")
     with open(args.md, "w") as f:
         f.write(markdown(info, runs, result))
     for mode in modes:
