@@ -167,7 +167,7 @@ def test_runner_compares_both_ways(tmp_path):
         assert mode[key + "test_needs_a_gpu"] == {"outcome": "skipped", "ours": 0,
                                                   "detail": "test requires a hardware accelerator"}
     md = out_md.read_text()
-    assert "| `test_standin.py::TestLatteStandIn` | 2 / 1 | 1 / 1 | 0 / 1 |" in md, md
+    assert "| `test_standin.py::TestLatteStandIn` | 2 / 1 | 1 / 1 | 0 / 1 | 1 |" in md, md
     assert "| test requires a hardware accelerator | 1 | needs a GPU" in md
     out_md.unlink()  # the report again from the results file alone
     assert runner.main(["--report-only", "--json", str(out_json), "--md", str(out_md)]) == 0

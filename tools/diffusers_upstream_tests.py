@@ -111,7 +111,7 @@ def compare(unpatched: dict[str, dict], patched: dict[str, dict]) -> dict:
     kinds = ("passed", "skipped", "failed", "error", "xfailed", "xpassed", "missing")
     per_class: dict[str, dict[str, collections.Counter]] = collections.defaultdict(
         lambda: {"unpatched": collections.Counter(), "patched": collections.Counter()})
-    differ, skips, idle = [], collections.defaultdict(list), []
+    differ, skips, idle, ran = [], collections.defaultdict(list), [], collections.Counter()
     for nodeid in sorted(set(unpatched) | set(patched)):
         a = unpatched.get(nodeid, {"outcome": "missing", "ours": 0})
         b = patched.get(nodeid, {"outcome": "missing", "ours": 0})
@@ -125,12 +125,13 @@ def compare(unpatched: dict[str, dict], patched: dict[str, dict]) -> dict:
             skips[(b.get("detail", ""), skip_note(b.get("detail", ""), nodeid))].append(nodeid)
         if b["outcome"] == "passed" and b.get("models") and b["ours"] == 0:
             idle.append(nodeid)
+        ran[cls] += b["ours"] > 0
     totals = {mode: collections.Counter() for mode in ("unpatched", "patched")}
     for counts in per_class.values():
         for mode in totals:
             totals[mode].update(counts[mode])
     return {"kinds": kinds, "per_class": per_class, "totals": totals, "differ": differ, "skips": skips,
-            "idle": idle}
+            "idle": idle, "ran": ran}
 
 
 def slim(record: dict) -> dict:
@@ -201,11 +202,11 @@ def markdown(info: dict, runs: dict, result: dict) -> str:
     lines += ["", "## Outcomes", "", "| | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for mode in ("unpatched", "patched"):
         lines.append(f"| **{mode}, all** | " + " | ".join(str(result["totals"][mode][k]) for k in kinds) + " |")
-    lines += ["", "Per test class (unpatched / patched):", "", "| test class | " + " | ".join(kinds) + " |",
-              "|---|" + "---|" * len(kinds)]
+    lines += ["", "Per test class (unpatched / patched; the last column: patched tests in which our code ran):", "",
+              "| test class | " + " | ".join(kinds) + " | ran ours |", "|---|" + "---|" * (len(kinds) + 1)]
     for cls, counts in sorted(result["per_class"].items()):
         cells = [f"{counts['unpatched'][k]} / {counts['patched'][k]}" for k in kinds]
-        lines.append(f"| `{cls}` | " + " | ".join(cells) + " |")
+        lines.append(f"| `{cls}` | " + " | ".join(cells) + f" | {result['ran'][cls]} |")
     lines += ["", "## Tests whose outcome differs", ""]
     if result["differ"]:
         lines += ["| test | unpatched | patched | detail |", "|---|---|---|---|"]
