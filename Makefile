@@ -17,7 +17,7 @@ export CCACHE_NOHASHDIR := 1
 export CCACHE_SLOPPINESS := include_file_mtime,include_file_ctime,time_macros
 endif
 
-.PHONY: help deps build test demo gpu-check bench info clean
+.PHONY: help deps build test demo gpu-check bench info clean diffusers-tests
 
 help:
 	@echo "make test       create .venv, build (CPU + CUDA kernels when nvcc exists), run the test suite"
@@ -26,6 +26,8 @@ help:
 	@echo "make gpu-check  on a GPU machine, <= 8 min: build, needs_cuda tests, sanitizer smoke, every benchmark, summary"
 	@echo "                (PYTHON=python3 to use its torch; GPU_CHECK_ARGS=--dry-run on a CPU machine; tools/gpu_check.py)"
 	@echo "make info       backends, versions, build flags"
+	@echo "make diffusers-tests DIFFUSERS_SRC=/path/to/diffusers"
+	@echo "                diffusers' own model tests unpatched and patched, compared (tools/diffusers_upstream_tests.py)"
 
 # The venv only when PYTHON is the venv's own interpreter; an outside PYTHON is used as it is.
 ifeq ($(PYTHON),$(VENV)/bin/python)
@@ -64,6 +66,20 @@ bench: build
 # a venv only when PYTHON is the venv's own interpreter. Stages, caps and outputs: python tools/gpu_check.py --help.
 gpu-check: deps
 	$(PYTHON) tools/gpu_check.py $(GPU_CHECK_ARGS)
+
+# diffusers' own tests of the models patch() knows, run unpatched then patched and compared; the report goes
+# to docs/diffusers_upstream_tests.md. DIFFUSERS_SRC: a checkout of the diffusers repository (its tests are
+# in neither wheel nor sdist). accelerate and psutil, which diffusers' test helpers import, are installed
+# into build/ (pip --target), not into the venv. More options: DIFFUSERS_TESTS_ARGS="--help".
+DIFFUSERS_SRC ?= $(I2V_DIFFUSERS_TESTS)
+UPSTREAM_DEPS := build/diffusers-tests-deps
+
+diffusers-tests: build
+	@test -n "$(DIFFUSERS_SRC)" || { echo "make diffusers-tests: set DIFFUSERS_SRC=/path/to/diffusers" >&2; exit 2; }
+	@$(PYTHON) -c "import accelerate, psutil" 2>/dev/null || test -d $(UPSTREAM_DEPS)/accelerate || \
+	  $(PYTHON) -m pip install -q --target $(UPSTREAM_DEPS) --no-deps accelerate psutil
+	$(PYTHON) tools/diffusers_upstream_tests.py --src "$(DIFFUSERS_SRC)" --deps "$(abspath $(UPSTREAM_DEPS))" \
+	  $(DIFFUSERS_TESTS_ARGS)
 
 info: build
 	$(PYTHON) -m i2v_kernels info

@@ -1,8 +1,9 @@
 """diffusers integration: ``patch()`` composed with diffusers' own model APIs -- cache hooks
 (``enable_cache``), ``set_attention_backend``, ``torch.compile`` / ``compile_repeated_blocks``,
-``fuse_qkv_projections``, group offloading, ``save_pretrained`` -- on the tiny models of
-``test_diffusers.py``, CPU, fp32. Each composition gives the output of the same composition without
-``patch()``, and the op spy shows ours still running (or the documented fallback)."""
+``fuse_qkv_projections``, layerwise casting, group offloading, ``save_pretrained`` -- on the tiny models
+of ``test_diffusers.py`` and ``test_diffusers_svd.py``, CPU, fp32. Each composition gives the output of
+the same composition without ``patch()``, and the op spy shows ours still running (or the documented
+fallback)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import diffusers  # noqa: E402
 from i2v_kernels.integrations.diffusers import core, patching  # noqa: E402
 from i2v_kernels.integrations.diffusers import patch, patch_summary, unpatch  # noqa: E402
 from test_diffusers import (  # noqa: E402
-    FP32_TOL, TRANSFORMERS, VAES, OpCounter, ltx_model, needs_diffusers, patched_forwards, patched_processors)
+    FP32_TOL, TRANSFORMERS, VAES, OpCounter, ltx_model, needs_diffusers, patched_forwards, patched_processors,
+    run_counted)
+from test_diffusers_svd import svd_unet, svd_vae  # noqa: E402
 
 
 def denoise(model, run, steps: int = 4):
@@ -379,6 +382,60 @@ def test_vae_group_offloading_leaf_level(group_offloading):
             out = vae.decode(z).sample
         torch.testing.assert_close(out, ref, **FP32_TOL)
         assert counter.calls["causal_conv3d"] > 0 and not patch_summary(vae).kept, order
+
+
+# ==================================================================================================
+# Layerwise casting (weights stored in fp8/fp16, cast per layer to the compute dtype)
+
+
+def _vae(name):
+    z = torch.randn(1, 4, 3, 6, 6)
+    return VAES[name][0](), lambda v: v.decode(z).sample
+
+
+def _svd_vae():
+    z = torch.randn(6, 4, 4, 4)
+    return svd_vae(), lambda v: v.decode(z, num_frames=3).sample
+
+
+CASTING_MODELS = {
+    **{name: TRANSFORMERS[name][0] for name in ("latte", "cogvideox", "wan-t2v", "ltx")},
+    **{f"vae-{name}": (lambda name=name: _vae(name)) for name in ("cogvideox", "wan", "ltx")},
+    "svd-unet": svd_unet, "svd-vae": _svd_vae,
+}
+
+
+# fp8 storage, both orders; the SVD UNet (the slowest here) after patch only; fp16 storage on one VAE
+CASTING_CASES = [(name, torch.float8_e4m3fn, order) for name in CASTING_MODELS
+                 for order in ("cast-then-patch", "patch-then-cast")
+                 if (name, order) != ("svd-unet", "cast-then-patch")]
+CASTING_CASES += [("vae-cogvideox", torch.float16, order) for order in ("cast-then-patch", "patch-then-cast")]
+
+
+@pytest.mark.parametrize("name, storage, order", CASTING_CASES, ids=str)
+def test_layerwise_casting_keeps_ours(name, storage, order):
+    """``enable_layerwise_casting`` before or after patch(): the output of the unpatched model with the
+    same casting, and every op call of the patched model without casting still made (the weights ours
+    reads are cast as diffusers' hook casts them: Linear layers through their own hooks, the VAE
+    convolutions by ours)."""
+    needs_diffusers("0.33", "enable_layerwise_casting")
+    model, run = CASTING_MODELS[name]()
+    plain, uncast = copy.deepcopy(model), copy.deepcopy(model)
+    patch(uncast)
+    _, expected = run_counted(run, uncast)
+    plain.enable_layerwise_casting(storage_dtype=storage, compute_dtype=torch.float32)
+    with torch.no_grad():
+        ref = run(plain)
+    if order == "patch-then-cast":
+        patch(model)
+    model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=torch.float32)
+    if order == "cast-then-patch":
+        patch(model)
+    assert patch_summary(model) == patch_summary(uncast)
+    assert any(p.dtype == storage for p in model.parameters())
+    out, calls = run_counted(run, model)
+    assert calls == expected and sum(calls.values()) > 0, (dict(calls), dict(expected))
+    torch.testing.assert_close(out, ref, **FP32_TOL)
 
 
 # ==================================================================================================

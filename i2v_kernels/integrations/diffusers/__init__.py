@@ -71,12 +71,14 @@ wrap ours as they wrap any forward. ``unpatch`` finds the replacement wherever h
 since have moved it. Latte's ``[B, T, S, C]`` model forward skips its blocks' and attention modules'
 own calls, so while any of them carries a hook (a cache's, say) the original model forward runs,
 through the patched blocks. Modules whose *submodules* carry weight-moving hooks (sequential CPU offload,
-leaf-level group offloading, layerwise casting) keep their original code, as the replacements read
-submodules' weights (norms, tables) directly: ``patch`` leaves them alone when the hooks come first,
-and a patched model's ``enable_group_offload`` / ``enable_layerwise_casting`` put diffusers' code back
-in them (the summary lists them under ``kept``). Hooks added by other routes after ``patch``
-(``apply_group_offloading(...)``, accelerate's sequential offload) are not seen: add those before.
-The VAE convolutions cast stored weights to the input's dtype themselves.
+leaf-level group offloading) keep their original code, as the replacements read submodules' weights
+(norms, tables) directly: ``patch`` leaves them alone when the hooks come first, and a patched model's
+``enable_group_offload`` puts diffusers' code back in them (the summary lists them under ``kept``).
+Hooks added by other routes after ``patch`` (``apply_group_offloading(...)``, accelerate's sequential
+offload) are not seen: add those before. Layerwise casting (``enable_layerwise_casting``, fp8/fp16
+storage) keeps ours running, before or after ``patch``: diffusers casts only Linear, Conv and Embedding
+layers, which ours calls as modules (their hooks run), except the VAE convolutions, which cast the
+stored weight to the input's dtype themselves; the norms and tables ours reads are never cast.
 
 Attention backends: ``model.set_attention_backend(name)`` is an explicit request for one of diffusers'
 attention backends, so it is honoured -- the patched processors whose diffusers processor dispatches

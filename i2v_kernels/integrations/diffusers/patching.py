@@ -1,6 +1,6 @@
 """Applying and undoing the replacements: where a module's real forward lives under diffusers' and
 accelerate's hooks, the records :func:`unpatch` restores from, the model methods kept consistent with
-the patch (fuse/unfuse QKV, offloading, layerwise casting), and the public :func:`patch` / :func:`unpatch`."""
+the patch (fuse/unfuse QKV, offloading), and the public :func:`patch` / :func:`unpatch`."""
 
 from __future__ import annotations
 
@@ -42,18 +42,21 @@ def _diffusers_hooks(module: nn.Module) -> list[str]:
     return list(getattr(registry, "hooks", {})) if registry is not None else []
 
 
-# diffusers hooks that move or cast a module's weights inside its own call (group offloading and its
-# lazy prefetch, layerwise casting): a replacement that reads those weights without calling the module
-# would see them offloaded or in the storage dtype. Cache hooks (FirstBlockCache, PyramidAttentionBroadcast,
-# FasterCache, TaylorSeer ...) sit on blocks and attention modules, which the replacements call.
-_WEIGHT_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting")
+# diffusers hooks that move a module's weights inside its own call (group offloading and its lazy
+# prefetch): a replacement that reads those weights without calling the module would see them offloaded.
+# Cache hooks (FirstBlockCache, PyramidAttentionBroadcast, FasterCache, TaylorSeer ...) sit on blocks and
+# attention modules, which the replacements call. Layerwise casting is not in the way: it casts only
+# Linear, Conv and Embedding layers, which the replacements call as modules (so its hook runs), except
+# the VAE convolutions, which cast the stored weight to the compute dtype themselves as its hook does
+# (vae._conv_params); the norms and tables they read directly are never cast.
+_WEIGHT_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading")
 
 
 def _hooks_in_the_way(module: nn.Module, kind: str) -> bool:
-    """Offload / casting hooks on submodules the replacement would bypass: ours read submodules' weights
-    directly (norms, tables), which accelerate's sequential / diffusers' group offloading and layerwise
-    casting only prepare inside those submodules' own calls. Hooks on the module itself are fine: the
-    replacement goes below them (see :func:`_forward_slot`)."""
+    """Offload hooks on submodules the replacement would bypass: ours read submodules' weights directly
+    (norms, tables), which accelerate's sequential / diffusers' group offloading only bring to the device
+    inside those submodules' own calls. Hooks on the module itself are fine: the replacement goes below
+    them (see :func:`_forward_slot`)."""
     return any("_hf_hook" in m.__dict__ or any(h in _WEIGHT_HOOKS for h in _diffusers_hooks(m))
                for m in module.modules() if m is not module)
 
@@ -157,7 +160,7 @@ def _apply(module: nn.Module, spec: _Spec) -> None:
 
 
 # Why a module keeps diffusers' code under weight-moving hooks (see _hooks_in_the_way)
-_HOOKED = "diffusers/accelerate hooks on it or its submodules (offloading, layerwise casting)"
+_HOOKED = "diffusers/accelerate offloading hooks on its submodules"
 
 
 def _repatch_processors(model: nn.Module) -> None:
@@ -179,9 +182,9 @@ def _repatch_processors(model: nn.Module) -> None:
 
 
 def _yield_to_weight_hooks(model: nn.Module) -> None:
-    """After offloading or layerwise casting was enabled on a patched model: the replacements whose
-    submodules now carry weight-moving hooks go back to diffusers' code, as :func:`patch` leaves them
-    when those hooks come first (the summary of ``model`` says so)."""
+    """After offloading was enabled on a patched model: the replacements whose submodules now carry
+    weight-moving hooks go back to diffusers' code, as :func:`patch` leaves them when those hooks come
+    first (the summary of ``model`` says so)."""
     summary = patch_summary(model)
     for module in model.modules():
         records = module.__dict__.get(_RECORDS, {})
@@ -203,12 +206,11 @@ def _yield_to_weight_hooks(model: nn.Module) -> None:
 
 # Model methods wrapped per patched model instance, with what runs after the original:
 # fuse/unfuse swap every attention processor for a stock one (or back to the saved ones, ours), so the
-# new ones are replaced too; offloading / layerwise casting add the hooks ours cannot read weights under.
+# new ones are replaced too; offloading adds the hooks ours cannot read weights under.
 _WRAPPED_METHODS = {
     "fuse_qkv_projections": _repatch_processors,
     "unfuse_qkv_projections": _repatch_processors,
     "enable_group_offload": _yield_to_weight_hooks,
-    "enable_layerwise_casting": _yield_to_weight_hooks,
 }
 
 
@@ -269,9 +271,11 @@ def patch(obj, *, ops=None, verbose: bool = False):
     - ``torch.compile(model, fullgraph=True)`` and ``compile_repeated_blocks(fullgraph=True)`` trace the
       patched code without graph breaks (masked cross-attention takes diffusers' processor there).
     - ``fuse_qkv_projections()`` / ``unfuse_qkv_projections()`` keep the patch.
-    - ``enable_group_offload``: block-level keeps ours running; leaf-level (and ``enable_layerwise_casting``,
-      sequential CPU offload) puts diffusers' code back in the modules whose submodules it hooks, whichever
-      comes first (listed in the summary's ``kept``).
+    - ``enable_layerwise_casting`` (fp8/fp16 storage), before or after ``patch``: ours keeps running, on
+      weights cast to the compute dtype as diffusers' hook casts them.
+    - ``enable_group_offload``: block-level keeps ours running; leaf-level (and sequential CPU offload)
+      puts diffusers' code back in the modules whose submodules it hooks, whichever comes first (listed
+      in the summary's ``kept``).
     - ``state_dict`` / ``save_pretrained`` are unchanged; ``unpatch`` works with hooks added or removed
       since ``patch``.
     - ``enable_parallelism(ContextParallelConfig(ulysses_degree=N))`` (Wan, LTX; before or after ``patch``):
