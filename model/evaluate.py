@@ -365,15 +365,13 @@ def measure_drift(video: Tensor, chunk: int = 16) -> DriftScore:
         pair_psnr.append(compensated_psnr(small[:, t], small[:, t + 1], S))
         change.append(float((small[:, t + 1] - small[:, t]).abs().mean()))
         totals.append(S @ totals[-1])
-    drift, drift_chunk = 0.0, 0.0
+    worst = [0.0, 0.0]   # against frame 0, against one chunk earlier
     for t in range(1, small.shape[1]):
-        for ref, worst in ((0, "frame0"), (max(0, t - chunk), "chunk")):
+        for i, ref in enumerate((0, max(0, t - chunk))):
             shown, moved = _moved_mean(small[:, ref], small[:, t], totals[t] @ torch.linalg.inv(totals[ref]))
             if math.isfinite(shown):
-                if worst == "frame0":
-                    drift = max(drift, abs(shown - moved))
-                else:
-                    drift_chunk = max(drift_chunk, abs(shown - moved))
+                worst[i] = max(worst[i], abs(shown - moved))
+    drift, drift_chunk = worst
     seams = list(range(chunk, len(change), chunk))     # pair t: frames t and t + 1
 
     def around(t: int) -> float:   # the pairs on either side (how much the frames change there anyway)

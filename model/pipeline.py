@@ -190,8 +190,11 @@ class I2VPipeline(nn.Module):
             start = time.perf_counter()
             # A later chunk's frame 0 is the previous chunk's last latent frame, decoded already: the
             # decoder goes on from its caches as if the latents were one video.
-            decoded = self.vae.decode(latent if done == 1 else latent[:, :, 1:], chunk=decode_chunk, state=stream)
-            decoded = decoded[0].float().clamp(-1, 1)[:, 1:] if done == 1 else decoded[0].float().clamp(-1, 1)
+            first_chunk = done == 1
+            decoded = self.vae.decode(latent if first_chunk else latent[:, :, 1:], chunk=decode_chunk, state=stream)
+            decoded = decoded[0].float().clamp(-1, 1)
+            if first_chunk:
+                decoded = decoded[:, 1:]   # frame 0 of the video is the input image itself
             timings["decode"] += time.perf_counter() - start
             first = latent[:, :, -1:]     # the latent cache: the next chunk starts from this chunk's last latent
             per_flow, per_camera = frame_motion(flow if local_motion else torch.zeros_like(flow), camera, n,
