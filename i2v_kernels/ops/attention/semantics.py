@@ -29,6 +29,21 @@ def _bad(t: Tensor) -> Tensor:
     return ~torch.isfinite(t)
 
 
+def _fp32_sum(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The fp32 sum of all three tensors: NaN or infinite when one of them holds a NaN or an infinity.
+    Views of one packed QKV projection (one storage, one shape and strides, equally spaced offsets:
+    ``qkv.unbind(dim)``) are summed as one ``[3, ...]`` view of that storage -- a single contiguous
+    reduction where their own views are strided, the cost that dominates short attention on CPU."""
+    ts = sorted((q, k, v), key=Tensor.storage_offset)
+    step = ts[1].storage_offset() - ts[0].storage_offset()
+    if (all(t.shape == q.shape and t.stride() == q.stride() for t in ts)
+            and ts[2].storage_offset() - ts[1].storage_offset() == step
+            and ts[0].untyped_storage().data_ptr() == ts[1].untyped_storage().data_ptr()
+            == ts[2].untyped_storage().data_ptr()):
+        return ts[0].as_strided((3, *q.shape), (step, *q.stride())).sum(dtype=torch.float32)
+    return q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32) + v.sum(dtype=torch.float32)
+
+
 def finite_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, kv_lens: Optional[Tensor]):
     """``(q, k, v, poisoned)`` for ``[..., Sq, D]`` / ``[..., Sk, D]`` inputs (batch dim 0 indexes
     ``kv_lens``): the inputs with every NaN/infinity replaced by 0, and the bool ``[..., Sq, D]`` mask
@@ -39,7 +54,7 @@ def finite_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, kv_lens: Option
     Only such a call -- or one inside CUDA-graph capture, where the check cannot read the result --
     takes the full path."""
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in (q, k, v)])).all()):
+    if not capturing and bool(torch.isfinite(_fp32_sum(q, k, v))):
         return q, k, v, None
     q_row = _bad(q).any(-1)  # [..., Sq]
     k_row = _bad(k).any(-1)  # [..., Sk]
