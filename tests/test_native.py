@@ -60,12 +60,12 @@ def _packed(B, T, S, H, D, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", ["packed", "contiguous", "permuted"])
+@pytest.mark.parametrize("layout", ["packed", "packed-b1", "contiguous", "permuted"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_video_attention(dtype, layout, causal, attn_backend):
     B, T, S, H, D = 2, 5, 12, 3, 16
-    if layout == "packed":
-        q, k, v = _packed(B, T, S, H, D, dtype)
+    if layout.startswith("packed"):  # B = 1: temporal SDPA on [B*S, H, T, D] views on CPU (no copies)
+        q, k, v = _packed(1 if layout == "packed-b1" else B, T, S, H, D, dtype)
     elif layout == "contiguous":
         q, k, v = (torch.randn(B, T, S, H, D, dtype=dtype) for _ in range(3))
     else:  # [B, S, T, H, D] memory seen as [B, T, S, H, D]
@@ -77,6 +77,24 @@ def test_video_attention(dtype, layout, causal, attn_backend):
         out = _native(i2v_kernels.spatial_attention, q, k, v, scale=0.3)
         _close(out, attn_ref.spatial_attention(q, k, v, scale=0.3), dtype)
         assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("order", ["qkv", "vkq"])
+def test_packed_views_non_finite(value, where, order, attn_backend):
+    """One non-finite element in one view of a packed projection: the NaN check sums the three views
+    as one [3, ...] view of their storage (in either order of offsets), and the rule still holds."""
+    q, k, v = _packed(1, 4, 6, 2, 8, torch.float32)
+    if order == "vkq":
+        q, v = v, q
+    t = dict(q=q, k=k, v=v)[where]
+    t[0, 2, 3, 1, 5] = value
+    for fn in (i2v_kernels.temporal_attention, i2v_kernels.spatial_attention):
+        out = _native(fn, q, k, v)
+        expected = getattr(attn_ref, fn.__name__)(q, k, v)
+        assert expected.isnan().any() and not expected.isnan().all()
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
