@@ -10,6 +10,7 @@ import torch
 
 import i2v_kernels
 from i2v_kernels import _backend
+from i2v_kernels.ops.attention import native
 from i2v_kernels.ops.attention import reference as ref
 from _util import skip_unless_usable
 
@@ -248,6 +249,7 @@ GRAD_CASES = {
     "cross-kv_lens": ("dense", (2, 33, 2, 16), {"M": 20, "kv_lens": True}),
     "temporal-T33-D96-causal": ("temporal", (1, 33, 2, 1, 96), {"causal": True}),
     "cross-D256-kv_lens": ("dense", (2, 17, 1, 256), {"M": 40, "kv_lens": True}),
+    "temporal-T5-D40-packed-rms-rope": ("temporal", (1, 5, 3, 2, 40), {"qk_norm": "rms", "rope": True}),
 }
 
 
@@ -558,6 +560,110 @@ def test_temporal_over_packed_tile_limit(rope_style):
     qp = ref.prologue(q, "layer", qw, qb, 1e-6, (cos, sin), rope_style).to(dtype)
     kp = ref.prologue(k, "layer", kw, None, 1e-6, (cos, sin), rope_style).to(dtype)
     _assert_within_eager_error(out, expected, _eager_mode("temporal", qp, kp, v, D ** -0.5, causal=True))
+
+
+# The Triton backend's prologue: the qk_norm_rope op once, then the plain flash kernel (the packed
+# temporal kernel fuses it). id: (mode, shape: (B, T, S, H, D) or dense (B, N, M, H, D)); odd head dims.
+TRITON_PROLOGUE_SHAPES = {
+    "spatial-S19-D40": ("spatial", (1, 2, 19, 2, 40)),
+    "temporal-packed-T5-D72": ("temporal", (1, 5, 3, 2, 72)),
+    "temporal-flash-T33-D96": ("temporal", (1, 33, 2, 1, 96)),
+    "dense-N37-D72": ("dense", (1, 37, 37, 2, 72)),
+    "cross-N20-M13-D40": ("dense", (2, 20, 13, 2, 40)),  # QK-norm only: RoPE needs N == M
+}
+# (qk_norm, q weight, q bias, k weight, k bias)
+TRITON_NORMS = {
+    "layer-wb": ("layer", True, True, True, True),
+    "layer-q-weight": ("layer", True, False, False, False),
+    "layer-plain": ("layer", False, False, False, False),
+    "rms-w": ("rms", True, False, True, False),
+    "rms-plain": ("rms", False, False, False, False),
+}
+
+
+def _prologue_inputs(mode, shape, norm, rope_style, dtype):
+    """Non-contiguous q, k, v (a transposed q; k and v views of a packed projection) and the prologue
+    kwargs: weights and biases as ``norm`` names them, RoPE tables broadcast over frames/heads."""
+    qk_norm, *present = TRITON_NORMS[norm]
+    if mode == "dense":
+        B, N, M, H, D = shape
+        q = torch.randn(B, H, N, D, dtype=dtype).transpose(1, 2)
+        k, v = torch.randn(B, M, 2, H, D, dtype=dtype).unbind(2)
+        table = (N, D)
+    else:
+        B, T, S, H, D = shape
+        q = torch.randn(B, S, T, H, D, dtype=dtype).transpose(1, 2)
+        _, k, v = _packed_qkv(B, T, S, H, D, dtype)
+        table = (T, S, D)
+    weights = [torch.randn(D) if p else None for p in present]
+    kwargs = dict(zip(("q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias"), weights), qk_norm=qk_norm)
+    if rope_style is not None:
+        kwargs.update(rope=(torch.randn(table), torch.randn(table)), rope_style=rope_style)
+    return q, k, v, kwargs
+
+
+@pytest.mark.parametrize("rope_style", ["interleaved", "half", None], ids=str)
+@pytest.mark.parametrize("norm", list(TRITON_NORMS))
+@pytest.mark.parametrize("case", list(TRITON_PROLOGUE_SHAPES))
+def test_triton_prologue_against_reference(case, norm, rope_style):
+    """Every QK-norm variant (LayerNorm/RMSNorm, with and without weights and biases, q's and k's
+    differing) with either RoPE style or none, on each Triton path, against the fp32 reference."""
+    skip_unless_usable("triton")
+    mode, shape = TRITON_PROLOGUE_SHAPES[case]
+    if rope_style is not None and case.startswith("cross"):
+        pytest.skip("rope applies to self-attention only")
+    # fp16: the interpreter turns fp32 into bf16 by truncation (up to 1 ulp, where a GPU rounds to
+    # nearest), which the sharp scores of normalized, biased q and k amplify past the eager bound
+    dtype = torch.float16
+    q, k, v, kwargs = _prologue_inputs(mode, shape, norm, rope_style, dtype)
+    fused = {"spatial": i2v_kernels.spatial_attention, "temporal": i2v_kernels.temporal_attention,
+             "dense": i2v_kernels.attention}[mode]
+    plain = {"spatial": ref.spatial_attention, "temporal": ref.temporal_attention, "dense": ref.attention}[mode]
+    with i2v_kernels.use_backend("triton"):
+        out = fused(q, k, v, **kwargs)
+    expected = plain(q.float(), k.float(), v.float(), **kwargs)
+    # eager same-dtype baseline: the prologue as a DiT writes it (F.layer_norm / F.rms_norm and the
+    # rotation in fp16), then eager fp16 attention
+    cos, sin = kwargs.get("rope", (None, None))
+    qp, kp = (native.prologue(x, kwargs["qk_norm"], kwargs[f"{n}_norm_weight"], kwargs[f"{n}_norm_bias"], 1e-6, cos,
+                              sin, rope_style or "interleaved") for x, n in ((q, "q"), (k, "k")))
+    _assert_within_eager_error(out, expected, _eager_mode(mode, qp, kp, v, shape[-1] ** -0.5))
+
+
+def test_triton_flash_kernel_has_no_prologue(monkeypatch):
+    """The K-side prologue never runs inside the flash loop again (there it was recomputed for every
+    query block: 7x slower than eager on CogVideoX's dense call): the kernel takes no norm/RoPE
+    argument, and each Triton call through it runs the qk_norm_rope op exactly once, on q and k
+    together; the packed temporal kernel (each element read once) fuses it and runs the op never."""
+    skip_unless_usable("triton")
+    from i2v_kernels.ops import qk_norm_rope as qk_module
+    from i2v_kernels.ops.attention import triton as attn_triton
+
+    prologue_args = {"NORM", "ROPE", "COS", "SIN", "QW", "QB", "KW", "KB", "HAS_QW", "HAS_KW", "eps"}
+    assert not prologue_args & set(attn_triton._attn_fwd_kernel.arg_names)
+    assert prologue_args <= set(attn_triton._temporal_fwd_kernel.arg_names) | {"HAS_QW"}
+    calls = []
+    real = qk_module.qk_norm_rope
+
+    def counting(q, k, **kwargs):
+        calls.append((q.shape, k.shape))
+        return real(q, k, **kwargs)
+
+    monkeypatch.setattr(qk_module, "qk_norm_rope", counting)
+    expected_calls = {"spatial-S19-D40": 1, "temporal-packed-T5-D72": 0, "temporal-flash-T33-D96": 1,
+                      "dense-N37-D72": 1}
+    for case, n in expected_calls.items():
+        mode, shape = TRITON_PROLOGUE_SHAPES[case]
+        q, k, v, kwargs = _prologue_inputs(mode, shape, "layer-wb", "half", torch.float16)
+        fused = {"spatial": i2v_kernels.spatial_attention, "temporal": i2v_kernels.temporal_attention,
+                 "dense": i2v_kernels.attention}[mode]
+        calls.clear()
+        with i2v_kernels.use_backend("triton"):
+            fused(q, k, v, **kwargs)
+            if mode == "dense":
+                fused(q, k, v, return_lse=True, **kwargs)
+                n *= 2
+        assert calls == [(q.shape, q.shape)] * n, case
 
 
 # --------------------------------------------------------------------------------------------------

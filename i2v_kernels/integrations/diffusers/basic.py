@@ -20,7 +20,7 @@ class I2VAttnProcessor(_Processor):
     self- and cross-attention on ``[B, N, C]`` tokens) with :func:`i2v_kernels.attention`.
 
     q ``[B, N, H, D]`` and k, v ``[B, M, H, D]`` are views of the projections. A QK-norm over the head
-    dim (LayerNorm or RMSNorm) is fused into the kernel's prologue. An attention mask becomes
+    dim (LayerNorm or RMSNorm) goes in as the call's ``qk_norm`` arguments. An attention mask becomes
     ``kv_lens`` when it keeps a key prefix per sample; other masks, 4D inputs, extra kwargs and
     group/spatial norms run the original processor."""
 

@@ -12,7 +12,9 @@ Inputs are read through their strides (unit stride on ``D`` only): views of a pa
 ``[B, T, S, H, D]`` / ``[B, N, H, D]`` layout (contiguous). Optional fused prologue, keyword-only:
 ``qk_norm="layer" | "rms"`` with ``q_norm_weight``/``k_norm_weight`` (and biases for ``"layer"``) over
 ``D``, and ``rope=(cos, sin)`` rotary embedding (``rope_style="interleaved"`` as CogVideoX/Wan, or
-``"half"``), so QK-norm + RoPE + attention is one kernel.
+``"half"``). The Triton and native backends run the prologue once, through the ``qk_norm_rope`` op,
+before their attention core; only the packed temporal Triton kernel fuses it (it reads each element
+of q and k once anyway).
 """
 
 from __future__ import annotations
@@ -264,11 +266,28 @@ def reference_forward(mode, q, k, v, causal, kv_lens, kwargs):
     return reference.attention(q, k, v, kv_lens=kv_lens, **kwargs)
 
 
+def _prologue_first(q, k, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style):
+    """q and k through QK-norm + RoPE once, before a kernel without a prologue: the ``qk_norm_rope``
+    op (one pass over both, its backend the requested one or, under ``auto``, the fastest measured),
+    or, for cross attention's two lengths (QK-norm without RoPE), eager ops per tensor."""
+    if qk_norm is None and cos is None:
+        return q, k
+    if q.shape != k.shape:
+        return (native.prologue(q, qk_norm, qw, qb, norm_eps, None, None, rope_style),
+                native.prologue(k, qk_norm, kw, kb, norm_eps, None, None, rope_style))
+    from i2v_kernels.ops.qk_norm_rope import qk_norm_rope
+
+    return qk_norm_rope(q, k, qk_norm=qk_norm, q_norm_weight=qw, q_norm_bias=qb, k_norm_weight=kw, k_norm_bias=kb,
+                        norm_eps=norm_eps, rope=None if cos is None else (cos, sin), rope_style=rope_style)
+
+
 def _triton_forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style):
+    """The packed temporal kernel (prologue fused: each element normalized once) where it applies, else
+    the prologue first (:func:`_prologue_first`), then the flash kernel, plain and autotuned."""
     from i2v_kernels.ops.attention import triton as attn_triton
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if mode == TEMPORAL and q.shape[1] <= attn_triton.MAX_PACKED_T:
+    if mode == TEMPORAL and attn_triton.packed_temporal(q.shape[1], q.shape[-1]):
         rope4 = None
         if cos is not None:
             cos, sin = (t.contiguous() for t in torch.broadcast_tensors(cos, sin))
@@ -276,12 +295,9 @@ def _triton_forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, 
         return attn_triton.temporal_fwd(
             _unit_d(q), _unit_d(k), _unit_d(v), out, scale=scale, causal=causal, qk_norm=qk_norm, q_norm_weight=qw,
             q_norm_bias=qb, k_norm_weight=kw, k_norm_bias=kb, norm_eps=norm_eps, rope=rope4, rope_style=rope_style)
-    rope5 = None if cos is None else _rope_views(mode, q, cos, sin)
-    attn_triton.attention_fwd(
-        _five_d(mode, _unit_d(q)), _five_d(mode, _unit_d(k)), _five_d(mode, _unit_d(v)), _five_d(mode, out),
-        scale=scale, causal=causal, kv_lens=kv_lens, qk_norm=qk_norm, q_norm_weight=qw, q_norm_bias=qb,
-        k_norm_weight=kw, k_norm_bias=kb, norm_eps=norm_eps, rope5=rope5, rope_style=rope_style,
-    )
+    q, k = _prologue_first(q, k, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style)
+    attn_triton.attention_fwd(*(_five_d(mode, t) for t in (_unit_d(q), _unit_d(k), _unit_d(v), out)),
+                              scale=scale, causal=causal, kv_lens=kv_lens)
     return out
 
 
@@ -483,15 +499,13 @@ def _forward_lse(q, k, v, scale, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos
 
 
 def _triton_lse(q, k, v, kwargs):
-    """The Triton forward with its log-sum-exp stored (``[B * H, N]``, log2 units). The QK-norm/RoPE
-    prologue runs first in PyTorch, as in the backward, so the kernel runs without one."""
+    """The Triton forward with its log-sum-exp stored (``[B * H, N]``, log2 units), after the
+    QK-norm/RoPE prologue (:func:`_prologue_first`), as every flash call."""
     from i2v_kernels.ops.attention import triton as attn_triton
 
-    if kwargs["qk_norm"] is not None or kwargs["rope"] is not None:
-        prologue = [kwargs[n] for n in ("qk_norm", "q_norm_weight", "q_norm_bias", "norm_eps", "rope", "rope_style")]
-        q = reference.prologue(q, *prologue).to(v.dtype)
-        prologue[1:3] = kwargs["k_norm_weight"], kwargs["k_norm_bias"]
-        k = reference.prologue(k, *prologue).to(v.dtype)
+    cos, sin = (None, None) if kwargs["rope"] is None else kwargs["rope"]
+    q, k = _prologue_first(q, k, *(kwargs[n] for n in ("qk_norm", "q_norm_weight", "q_norm_bias", "k_norm_weight",
+                                                       "k_norm_bias", "norm_eps")), cos, sin, kwargs["rope_style"])
     B, N, H, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B * H, N, dtype=torch.float32, device=q.device)

@@ -7,8 +7,11 @@ so a packed QKV projection goes in without a copy and the output is written in t
 
 Online softmax (exp2, the scale times log2 e folded into q; fp32 statistics and accumulator),
 ``O(seq)`` memory, sequence lengths and head dims off the tile size masked inside the kernel (head
-dims up to 256 in one power-of-two tile, no padded copy). The optional prologue (QK-norm over ``D``,
-RoPE) is applied to the q tile once and to every k tile as it is loaded.
+dims up to 256 in one power-of-two tile, no padded copy). The flash kernel takes q and k already
+through the QK-norm / RoPE prologue (the ``qk_norm_rope`` op runs first: fused into the loop over k
+tiles, the k prologue was recomputed for every query block, 7x slower than eager on CogVideoX's dense
+call on an H200). Only the packed temporal kernel fuses the prologue: it loads each head's whole
+``[T, D]`` q and k once, so every element is normalized and rotated exactly once.
 
 On a GPU the tiles, warps and stages of every kernel are autotuned per sequence bucket, head dim,
 dtype and flags, over config lists pruned to the device's shared memory (see "Launch
@@ -120,14 +123,15 @@ def _batch_index(pid_b, nb1, nb2):
 
 @triton.jit(do_not_specialize=["q_bucket", "k_bucket"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, KV_LENS, COS, SIN, QW, QB, KW, KB,
-    nb1, nb2, Sq, Sk, D, q_bucket, k_bucket, qk_scale, eps,
-    sq0, sq1, sq2, sqs, sk0, sk1, sk2, sks, sv0, sv1, sv2, svs, so0, so1, so2, sos, sc0, sc1, sc2, scs,
+    Q, K, V, O, LSE, KV_LENS,
+    nb1, nb2, Sq, Sk, D, q_bucket, k_bucket, qk_scale,
+    sq0, sq1, sq2, sqs, sk0, sk1, sk2, sks, sv0, sv1, sv2, svs, so0, so1, so2, sos,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr,
-    NORM: tl.constexpr, HAS_QW: tl.constexpr, HAS_QB: tl.constexpr, HAS_KW: tl.constexpr, HAS_KB: tl.constexpr,
-    ROPE: tl.constexpr, DOT_DTYPE: tl.constexpr, STORE_LSE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_DTYPE: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
+    """Flash forward of one block of queries over all its keys. q and k come in already normalized
+    and rotated (the qk_norm_rope op runs first): a prologue fused here would be recomputed on every
+    k tile for every query block."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
     b0, b1, b2 = _batch_index(pid_b, nb1, nb2)
@@ -135,7 +139,6 @@ def _attn_fwd_kernel(
     k_base = K + b0 * sk0 + b1 * sk1 + b2 * sk2
     v_base = V + b0 * sv0 + b1 * sv1 + b2 * sv2
     o_base = O + b0 * so0 + b1 * so1 + b2 * so2
-    c_off = b0 * sc0 + b1 * sc1 + b2 * sc2
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -143,10 +146,10 @@ def _attn_fwd_kernel(
     d_mask = offs_d < D
     m_mask = offs_m < Sq
 
-    q = _load_prologue(q_base, offs_m.to(tl.int64) * sqs, offs_m.to(tl.int64) * scs, offs_d, D, m_mask, QW, QB,
-                       COS + c_off, SIN + c_off, eps, NORM, HAS_QW, HAS_QB, ROPE)
-    q = q + _row_poison(q)[:, None]  # a NaN/inf anywhere in a query makes its whole row NaN (semantics.py)
-    q = (q * qk_scale).to(K.dtype.element_ty).to(DOT_DTYPE)
+    q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * sqs + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
+                other=0.0)
+    q_poison = _row_poison(q.to(tl.float32))  # a NaN/inf anywhere in a query: its whole row NaN (semantics.py)
+    q = q.to(DOT_DTYPE)  # the scale goes on the fp32 scores: q is not rounded a second time
 
     kv_len = Sk
     if HAS_KV_LENS:
@@ -161,11 +164,12 @@ def _attn_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         n_mask = cols < kv_len
-        k = _load_prologue(k_base, cols.to(tl.int64) * sks, cols.to(tl.int64) * scs, offs_d, D, n_mask, KW, KB,
-                           COS + c_off, SIN + c_off, eps, NORM, HAS_KW, HAS_KB, ROPE)
-        k_poison = _row_poison(k)
-        k = k.to(K.dtype.element_ty).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k)) + k_poison[None, :]  # a NaN/inf key: NaN for every row that sees it
+        k = tl.load(k_base + cols.to(tl.int64)[:, None] * sks + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        k_poison = _row_poison(k.to(tl.float32))
+        k = k.to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k)) * qk_scale + (q_poison[:, None] + k_poison[None, :])  # a NaN/inf key: NaN for
+        # every row that sees it
         keep = n_mask[None, :]
         if CAUSAL:
             keep = keep & (offs_m[:, None] >= cols[None, :])
@@ -371,9 +375,9 @@ def why_not(q: torch.Tensor) -> str | None:
 # The pruning returns one heuristic config instead, so that nothing is timed, under the interpreter,
 # where the dispatch may not measure (I2V_KERNELS_TUNE=0, CUDA-graph capture: timing would break the
 # capture; the autotuner then keeps that config for the key, so tune by one eager call before
-# capturing, or with i2v_kernels.tune), and for a call with a fused
-# QK-norm / RoPE prologue: it is recomputed for every k tile, a different and much heavier loop than
-# the plain one the configs are meant for (the ops run the prologue first where that measures faster).
+# capturing, or with i2v_kernels.tune), and for a packed temporal call with its fused QK-norm / RoPE
+# prologue (compiled with the heuristic launches only: tests/test_triton_compile.py). The flash kernels
+# have no prologue: the ops run the qk_norm_rope op first, so a QK-normed call is tuned as a plain one.
 
 #: fp32 words of accumulators and score tiles a thread may hold (of its 255 registers; the dot
 #: operands may stay in shared memory) for a config to be worth timing: past it ptxas spills.
@@ -472,7 +476,7 @@ def _pruner(resources, heuristic):
     def prune(configs, named_args, **kwargs):
         q = named_args["Q"]
         fallback = heuristic(named_args["Sq"], named_args["Sk"], named_args["D"])
-        if not _timing_allowed(q) or kwargs.get("NORM", 0) or kwargs.get("ROPE", 0):
+        if not _timing_allowed(q):
             return [fallback]
         limit = _smem_limit(q.device)
         return [c for c in configs if _flash_fits(resources, c, kwargs["BLOCK_D"], limit)] or [fallback]
@@ -488,7 +492,7 @@ def _autotuned(kernel, configs, key, prune):
 
 
 _FLASH_KEY = ["q_bucket", "k_bucket", "D", "CAUSAL", "HAS_KV_LENS"]
-_attn_fwd = _autotuned(_attn_fwd_kernel, FWD_CONFIGS, _FLASH_KEY + ["NORM", "ROPE", "STORE_LSE"],
+_attn_fwd = _autotuned(_attn_fwd_kernel, FWD_CONFIGS, _FLASH_KEY + ["STORE_LSE"],
                        _pruner(_fwd_resources, _fwd_heuristic))
 _attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, DKDV_CONFIGS, _FLASH_KEY, _pruner(_dkdv_resources, _bwd_heuristic))
 _attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, DQ_CONFIGS, _FLASH_KEY, _pruner(_dq_resources, _bwd_heuristic))
@@ -514,30 +518,21 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def attention_fwd(q5, k5, v5, o5, *, scale: float, causal: bool = False, kv_lens=None, qk_norm=None,
-                  q_norm_weight=None, q_norm_bias=None, k_norm_weight=None, k_norm_bias=None, norm_eps=1e-6,
-                  rope5=None, rope_style=None, lse=None):
-    """Run the kernel on ``[b0, b1, b2, seq, D]`` views (unit stride on D): ``q5``, ``k5``, ``v5`` in,
-    ``o5`` written. ``rope5``: ``(cos, sin)`` views with ``q5``'s shape (stride 0 across heads)."""
+def attention_fwd(q5, k5, v5, o5, *, scale: float, causal: bool = False, kv_lens=None, lse=None):
+    """Run the kernel on ``[b0, b1, b2, seq, D]`` views (unit stride on D): ``q5``, ``k5``, ``v5`` in
+    (already through any QK-norm / RoPE: the ``qk_norm_rope`` op), ``o5`` written."""
     nb0, nb1, nb2, Sq, D = q5.shape
     Sk = k5.shape[3]
     if q5.numel() == 0 or Sk == 0:
         return o5
-    kv_lens, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias = _dense(
-        kv_lens, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias)
+    (kv_lens,) = _dense(kv_lens)
     dummy = q5
-    cos, sin = rope5 if rope5 is not None else (dummy, dummy)
     nb = nb0 * nb1 * nb2
     _attn_fwd[lambda meta: (nb, triton.cdiv(Sq, meta["BLOCK_M"]))](
-        q5, k5, v5, o5, lse if lse is not None else dummy, kv_lens if kv_lens is not None else dummy, cos, sin,
-        q_norm_weight if q_norm_weight is not None else dummy, q_norm_bias if q_norm_bias is not None else dummy,
-        k_norm_weight if k_norm_weight is not None else dummy, k_norm_bias if k_norm_bias is not None else dummy,
-        nb1, nb2, Sq, Sk, D, *_buckets(Sq, Sk), scale * math.log2(math.e), norm_eps,
-        *_strides(q5), *_strides(k5), *_strides(v5), *_strides(o5), *(_strides(cos) if rope5 is not None else [0] * 4),
-        BLOCK_D=_block_d(D), CAUSAL=causal, HAS_KV_LENS=kv_lens is not None,
-        NORM=NORMS[qk_norm], HAS_QW=q_norm_weight is not None, HAS_QB=q_norm_bias is not None,
-        HAS_KW=k_norm_weight is not None, HAS_KB=k_norm_bias is not None,
-        ROPE=ROPES[rope_style if rope5 is not None else None], DOT_DTYPE=dot_dtype(q5.dtype),
+        q5, k5, v5, o5, lse if lse is not None else dummy, kv_lens if kv_lens is not None else dummy,
+        nb1, nb2, Sq, Sk, D, *_buckets(Sq, Sk), scale * math.log2(math.e),
+        *_strides(q5), *_strides(k5), *_strides(v5), *_strides(o5),
+        BLOCK_D=_block_d(D), CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, DOT_DTYPE=dot_dtype(q5.dtype),
         STORE_LSE=lse is not None,
     )
     return o5
@@ -632,23 +627,19 @@ def packed_temporal(T: int, D: int) -> bool:
 
 def temporal_fwd(q, k, v, out, *, scale: float, causal: bool, qk_norm=None, q_norm_weight=None, q_norm_bias=None,
                  k_norm_weight=None, k_norm_bias=None, norm_eps=1e-6, rope=None, rope_style=None):
-    """Temporal attention on the caller's ``[B, T, S, H, D]`` tensors (unit stride on D), ``T <=
-    MAX_PACKED_T``: the packed kernel, or the flash kernel where its tile would be too big
-    (:func:`packed_temporal`). ``rope``: ``(cos, sin)`` views of shape ``[B, T, S, D]`` sharing strides."""
+    """Temporal attention on the caller's ``[B, T, S, H, D]`` tensors (unit stride on D) by the packed
+    kernel, for the shapes it takes (:func:`packed_temporal`; the others run :func:`attention_fwd` on
+    ``[B, S, H, T, D]`` views after the qk_norm_rope op). ``rope``: ``(cos, sin)`` views of shape
+    ``[B, T, S, D]`` sharing strides. The prologue is fused: each program loads its heads' whole [T, D]
+    q and k tiles once, so it normalizes and rotates every element once."""
     B, T, S, H, D = q.shape
+    if not packed_temporal(T, D):
+        raise ValueError(f"temporal_fwd: T = {T}, D = {D} is beyond the packed kernel (packed_temporal); "
+                         "run attention_fwd on [B, S, H, T, D] views")
     if q.numel() == 0:
         return out
     q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias = _dense(q_norm_weight, q_norm_bias, k_norm_weight,
                                                                     k_norm_bias)
-    if not packed_temporal(T, D):
-        def seq(t):  # [B, S, H, T, D]: the flash kernel's [b0, b1, b2, seq, D] view, no copy
-            return t.permute(0, 2, 3, 1, 4)
-
-        rope5 = None if rope is None else tuple(seq(t.unsqueeze(3).expand(q.shape)) for t in rope)
-        attention_fwd(seq(q), seq(k), seq(v), seq(out), scale=scale, causal=causal, qk_norm=qk_norm,
-                      q_norm_weight=q_norm_weight, q_norm_bias=q_norm_bias, k_norm_weight=k_norm_weight,
-                      k_norm_bias=k_norm_bias, norm_eps=norm_eps, rope5=rope5, rope_style=rope_style)
-        return out
     _, block_t, block_d, _ = _temporal_tiles(T, H, D)
     dummy = q
     cos, sin = rope if rope is not None else (dummy, dummy)
@@ -680,8 +671,9 @@ _AUX_TYPES = (None, "fp32", "fp64")
 
 
 def _prologues() -> list[dict]:
-    """The QK-norm / RoPE combinations the ops accept: weights and biases only with a norm, no bias
-    with RMSNorm; the fullest (LayerNorm with every weight and bias, RoPE) first."""
+    """The QK-norm / RoPE combinations the ops accept, for the packed temporal kernel's fused prologue:
+    weights and biases only with a norm, no bias with RMSNorm; the fullest (LayerNorm with every weight
+    and bias, RoPE) first."""
     out = []
     for rope, rope_type in [(r, t) for r in (ROPES["half"], ROPES["interleaved"]) for t in _AUX_TYPES] + [(0, None)]:
         for norm, allowed in ((NORMS["layer"], _NORM_POINTERS), (NORMS["rms"], ("QW", "KW")), (0, ())):
@@ -781,7 +773,7 @@ def _temporal_launches() -> tuple[list[Launch], list[Launch]]:
     return list(dict.fromkeys(fallback)), list(dict.fromkeys(tuned))
 
 
-_FWD_PLAIN = [{**m, **_NO_PROLOGUE, "STORE_LSE": lse, **({"LSE": "*fp32"} if lse else {})}
+_FWD_PLAIN = [{**m, "STORE_LSE": lse, **({"LSE": "*fp32"} if lse else {})}
               for lse in (True, False) for m in _masks()]  # the causal backward recompute first: the most code
 _TEMPORAL_FALLBACK, _TEMPORAL_TUNED = _temporal_launches()
 _TYPICAL_TEMPORAL = _temporal_tiles(13, 30, 64)  # CogVideoX-2B, 49 frames
@@ -792,11 +784,12 @@ _BWD_FALLBACK = _heuristic_launches(_bwd_heuristic)
 _TYPICAL_BWD = _launch(_bwd_heuristic(4096, 4096, 64), BLOCK_D=64)
 
 COMPILE_SPACES = [
-    # Heuristic (untimed) launches with every flag: the interpreter, CUDA-graph capture, fused prologues.
+    # Heuristic (untimed) launches with every flag: the interpreter, CUDA-graph capture, and (temporal
+    # only: the flash kernel has none) the fused prologues.
     KernelSpace(
         _attn_fwd_kernel, _dtype_cases(), launches=lambda case: _heuristic_launches(_fwd_heuristic),
-        features=[{**m, **p, "STORE_LSE": False} for m in _masks() for p in _prologues()] + _FWD_PLAIN[:4],
-        floats=("qk_scale", "eps"), typical=lambda case: _launch(_fwd_heuristic(4096, 4096, 128), BLOCK_D=128),
+        features=_FWD_PLAIN, floats=("qk_scale",),
+        typical=lambda case: _launch(_fwd_heuristic(4096, 4096, 128), BLOCK_D=128),
     ),
     KernelSpace(
         _temporal_fwd_kernel, _dtype_cases(), launches=lambda case: _TEMPORAL_FALLBACK,
@@ -804,9 +797,10 @@ COMPILE_SPACES = [
         typical=lambda case: Launch.of(_TYPICAL_TEMPORAL[3], 1, BLOCK_H=_TYPICAL_TEMPORAL[0],
                                        BLOCK_T=_TYPICAL_TEMPORAL[1], BLOCK_D=_TYPICAL_TEMPORAL[2]),
     ),
-    # Autotuned launches: every config where it fits the target, timed without a fused prologue.
+    # Autotuned launches: every config where it fits the target (the packed temporal kernel's timed
+    # without its fused prologue).
     _tuned_space(_attn_fwd_kernel, _flash_launches(FWD_CONFIGS, _fwd_resources), _fwd_resources, _FWD_PLAIN,
-                 Launch.of(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64), floats=("qk_scale", "eps")),
+                 Launch.of(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64), floats=("qk_scale",)),
     _tuned_space(_temporal_fwd_kernel, _TEMPORAL_TUNED, _temporal_resources,
                  [dict(CAUSAL=c, **_NO_PROLOGUE) for c in (True, False)],
                  Launch.of(4, 1, BLOCK_H=8, BLOCK_T=16, BLOCK_D=64), tiles=("BLOCK_H", "BLOCK_T"), tuned=("BLOCK_H",),
