@@ -270,11 +270,8 @@ def _prologue_first(q, k, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_styl
     """q and k through QK-norm + RoPE once, before a kernel without a prologue: the ``qk_norm_rope``
     op (one pass over both, its backend the requested one or, under ``auto``, the fastest measured),
     or, for cross attention's two lengths (QK-norm without RoPE), eager ops per tensor."""
-    if qk_norm is None and cos is None:
-        return q, k
-    if q.shape != k.shape:
-        return (native.prologue(q, qk_norm, qw, qb, norm_eps, None, None, rope_style),
-                native.prologue(k, qk_norm, kw, kb, norm_eps, None, None, rope_style))
+    if (qk_norm is None and cos is None) or q.shape != k.shape:
+        return native.prologue_pair(q, k, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style)
     from i2v_kernels.ops.qk_norm_rope import qk_norm_rope
 
     return qk_norm_rope(q, k, qk_norm=qk_norm, q_norm_weight=qw, q_norm_bias=qb, k_norm_weight=kw, k_norm_bias=kb,
