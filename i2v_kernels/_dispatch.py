@@ -386,6 +386,12 @@ def cached(key: str, device: torch.device) -> Optional[str]:
     return None
 
 
+def settled(key: str) -> bool:
+    """Whether ``key`` has a measured or disk-loaded decision (final; a static choice may be measured
+    later), so a caller may memoize it until :data:`_generation` changes."""
+    return key in _decisions
+
+
 # A candidate named ``prefer`` (the user's own code, e.g. a patched module's original forward) is kept
 # unless another measured at least this much faster: a measured tie keeps what runs without us.
 PREFER_MARGIN = 0.03

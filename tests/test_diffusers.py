@@ -854,6 +854,27 @@ def test_module_decisions_are_memoized_and_forgotten_with_the_dispatch(measured,
     assert sum(calls.values()) == 0, dict(calls)
 
 
+def test_module_memo_holds_several_call_shapes(measured, monkeypatch):
+    """CogVideoX's decoder calls each conv with alternating frame counts (its first latent frame, then
+    the rest): after one measured decode, a second decode looks nothing up and equals the first."""
+    from i2v_kernels import _dispatch
+
+    vae = cogvideox_vae()
+    z = torch.randn(1, 4, 5, 4, 4, generator=torch.Generator().manual_seed(0))  # batches of 3 and 2 frames
+    patch(vae)
+    with torch.no_grad():
+        first = vae.decode(z).sample  # measures every key
+    looked_up = []
+    choose = _dispatch.choose
+    monkeypatch.setattr(_dispatch, "choose", lambda op, *a, **k: looked_up.append(op) or choose(op, *a, **k))
+    with torch.no_grad():
+        again = vae.decode(z).sample
+    assert looked_up == []
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    memo = {label: len(seen) for m in vae.modules() for label, seen in m.__dict__.get(core._CHOICE, {}).items()}
+    assert max(memo.values()) >= 2, memo  # some module was called with two shapes
+
+
 def test_training_mode_is_not_measured(measured):
     """Repeated forwards would advance dropout's RNG: in training mode ours runs, unmeasured."""
     measured["diffusers"] = 0.1

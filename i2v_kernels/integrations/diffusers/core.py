@@ -19,7 +19,7 @@ OPS = ("attention", "adaln", "conv3d")
 SUMMARY_ATTR = "_i2v_kernels_patch_summary"
 _RECORDS = "_i2v_kernels_patches"  # per module: {"forward" | "processor": _Record}
 _MEMO = "_i2v_kernels_memo"
-_CHOICE = "_i2v_kernels_choice"  # per module: {label: (call signature, ours?)}, see _measured_call
+_CHOICE = "_i2v_kernels_choice"  # per module: {label: {call signature: ours?}}, see _measured_call
 _ABSENT = object()
 
 # Float masks: a key whose bias is at most this is dropped exactly (exp(-5000 + s) is 0 in fp32 for any
@@ -207,6 +207,7 @@ def _fallback(module, kind: str = "forward"):
 # Measured replacement: a patched module runs ours or diffusers' own code, whichever is faster
 
 OURS, DIFFUSERS = "i2v_kernels", "diffusers"
+_MEMO_SIGNATURES = 8  # call signatures remembered per patched module and label
 
 
 def _measured_call(label: str, module: nn.Module, args: tuple, kwargs: dict, ours: Callable[[], Any],
@@ -223,20 +224,27 @@ def _measured_call(label: str, module: nn.Module, args: tuple, kwargs: dict, our
     if not tensors:
         return ours()
     first = tensors[0]
-    # A module called again with the same shapes takes its last decision from a memo on itself: a
-    # toy-sized model calls a dozen patched modules per forward, and the key lookup cost ~3% of it.
+    # A module called again with shapes it saw before takes that decision from a memo on itself: a
+    # toy-sized model calls a dozen patched modules per forward, and the key lookup cost ~3% of it. A
+    # few signatures per module, not one: CogVideoX's decoder calls each conv with alternating frame
+    # counts (first chunk, then the rest), and a one-entry memo missed on every call.
     signature = (first.device, first.dtype, _dispatch._generation, *(t.shape for t in tensors))
     memo = module.__dict__.get(_CHOICE)
-    hit = None if memo is None else memo.get(label)
-    if hit is not None and hit[0] == signature:
-        return ours() if hit[1] else theirs()
+    seen = None if memo is None else memo.get(label)
+    if seen is not None:
+        hit = seen.get(signature)
+        if hit is not None:
+            return ours() if hit else theirs()
     features = tuple(tuple(t.shape) for t in tensors)
     op = f"diffusers:{label}"
     key = _dispatch.make_key(op, first.device, first.dtype, features)
     choice = _dispatch.choose(op, key, first.device, (OURS, DIFFUSERS), lambda b: ours() if b == OURS else theirs(),
                               lambda: OURS, prefer=DIFFUSERS)  # a measured tie keeps diffusers' own code
-    if key in _dispatch._decisions:  # measured or loaded: final (a static choice may be measured later)
-        module.__dict__.setdefault(_CHOICE, {})[label] = (signature, choice == OURS)
+    if _dispatch.settled(key):
+        seen = module.__dict__.setdefault(_CHOICE, {}).setdefault(label, {})
+        if len(seen) >= _MEMO_SIGNATURES:
+            seen.pop(next(iter(seen)))  # oldest first
+        seen[signature] = choice == OURS
     return ours() if choice == OURS else theirs()
 
 
