@@ -37,8 +37,10 @@ TORCH_LIBRARY(i2v_kernels, m) {
   m.def(
       "_qk_norm_rope_fwd(Tensor q, Tensor k, Tensor? q_weight, Tensor? q_bias, Tensor? k_weight, Tensor? k_bias, "
       "Tensor? cos, Tensor? sin, int norm, float eps, bool half_style) -> (Tensor q_out, Tensor k_out)");
-  // Temporal attention (CUDA only): q, k, v [B, T, S, H, D] with unit stride on D, any other strides;
-  // each (b, s, h) attends across its T frames; softmax(q k^T * scale) v in fp32; out contiguous.
+  // Temporal attention (CUDA and CPU): q, k, v [B, T, S, H, D] with unit stride on D, any other
+  // strides; each (b, s, h) attends across its T frames; softmax(q k^T * scale) v in fp32 (fp64 for
+  // fp64 on the CPU); out contiguous. The CPU kernel applies the non-finite rule of
+  // i2v_kernels/ops/attention/semantics.py itself.
   m.def("_temporal_attention_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal) -> Tensor");
   // Causal 3D convolution forward (CPU and CUDA; ATen convolution, cuDNN on CUDA): x [B, Cin, T, H, W],
   // weight [Cout, Cin, kt, kh, kw]; x is padded in front in time by P = (kt - 1) * dilation_t frames --

@@ -79,7 +79,7 @@ def test_spatial_attention(backend, dtype, shape):
     assert out.is_contiguous()
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", list(VIDEO_SHAPES))
@@ -111,6 +111,98 @@ def test_temporal_causal_first_frame_sees_only_itself():
     q, k, v = _packed_qkv(1, 4, 3, 2, 16, torch.float32)
     out = i2v_kernels.temporal_attention(q, k, v, causal=True)
     torch.testing.assert_close(out[:, 0], v[:, 0])
+
+
+# The C++ CPU temporal kernel (csrc/attention/temporal_cpu.cpp): register tiles of 8 query rows x one
+# 64-byte vector of keys or of the head dim, so T and D around those sizes and past them.
+CPU_TEMPORAL_SHAPES = {
+    # id: (B, T, S, H, D)
+    "T1-D1": (1, 1, 3, 2, 1),
+    "T7-D15": (2, 7, 5, 2, 15),
+    "T8-D16": (1, 8, 4, 3, 16),
+    "T9-D17": (1, 9, 6, 1, 17),
+    "T16-D64": (1, 16, 5, 2, 64),
+    "T33-D72": (1, 33, 3, 2, 72),
+    "T70-D128": (1, 70, 2, 1, 128),
+}
+
+
+def _layout(layout, B, T, S, H, D, dtype):
+    if layout == "packed":
+        return _packed_qkv(B, T, S, H, D, dtype)
+    if layout == "contiguous":
+        return tuple(torch.randn(B, T, S, H, D, dtype=dtype) for _ in range(3))
+    # [B, S, H, T, D] memory seen as [B, T, S, H, D]: frames adjacent, D still unit-stride
+    return tuple(torch.randn(B, S, H, T, D, dtype=dtype).permute(0, 3, 1, 2, 4) for _ in range(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["packed", "contiguous", "frames-inner"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", list(CPU_TEMPORAL_SHAPES))
+def test_cpu_temporal_kernel(dtype, layout, causal, shape):
+    skip_unless_usable("cpu")
+    B, T, S, H, D = CPU_TEMPORAL_SHAPES[shape]
+    q, k, v = _layout(layout, B, T, S, H, D, dtype)
+    with i2v_kernels.use_backend("cpu"):
+        out = i2v_kernels.temporal_attention(q, k, v, causal=causal, scale=0.7 / D ** 0.5)
+    expected = ref.temporal_attention(q, k, v, causal=causal, scale=0.7 / D ** 0.5)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(out, expected, **tol)
+    assert out.is_contiguous() and out.dtype == dtype
+
+
+@pytest.mark.parametrize("qk_norm", [None, "layer", "rms"])
+@pytest.mark.parametrize("rope_style", [None, "interleaved", "half"])
+def test_cpu_temporal_kernel_prologue(qk_norm, rope_style):
+    """QK-norm / RoPE run first (the qk_norm_rope op), then the kernel: the reference's answer."""
+    skip_unless_usable("cpu")
+    B, T, S, H, D = 1, 13, 6, 2, 32
+    q, k, v = _packed_qkv(B, T, S, H, D, torch.float32)
+    kw = {}
+    if qk_norm:
+        kw.update(qk_norm=qk_norm, q_norm_weight=torch.randn(D), k_norm_weight=torch.randn(D))
+    if rope_style:
+        angle = torch.randn(T, S, D)
+        kw.update(rope=(angle.cos(), angle.sin()), rope_style=rope_style)
+    with i2v_kernels.use_backend("cpu"):
+        out = i2v_kernels.temporal_attention(q, k, v, causal=True, **kw)
+    torch.testing.assert_close(out, ref.temporal_attention(q, k, v, causal=True, **kw), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("frame", [0, 5, 9])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cpu_temporal_kernel_non_finite(value, where, frame, causal):
+    """The non-finite rule (semantics.py) inside the CPU kernel: the rows and elements the reference
+    makes NaN are NaN, every other output equals the reference's."""
+    skip_unless_usable("cpu")
+    q, k, v = _packed_qkv(1, 10, 4, 2, 24, torch.float32)
+    t = dict(q=q, k=k, v=v)[where]
+    t[0, frame, 2, 1, 5] = value
+    t[0, 3, 0, 0, 0] = value  # a second problem with a bad element
+    with i2v_kernels.use_backend("cpu"):
+        out = i2v_kernels.temporal_attention(q, k, v, causal=causal)
+    expected = ref.temporal_attention(q, k, v, causal=causal)
+    assert expected.isnan().any() and not expected.isnan().all()
+    assert torch.equal(out.isnan(), expected.isnan())
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_cpu_temporal_kernel_bad_input_is_refused():
+    """The C++ op checks what the Python side guarantees: a clear error, never a wrong read."""
+    skip_unless_usable("cpu")
+    q = torch.randn(1, 4, 3, 2, 8)
+    op = torch.ops.i2v_kernels._temporal_attention_fwd
+    with pytest.raises(RuntimeError, match="unit stride on the head dim"):
+        op(q.transpose(-1, -2).contiguous().transpose(-1, -2), q, q, 1.0, False)
+    with pytest.raises(RuntimeError, match="k must have q's shape"):
+        op(q, q[:, :3], q, 1.0, False)
+    with pytest.raises(RuntimeError, match="v must have q's dtype"):
+        op(q, q, q.double(), 1.0, False)
+    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
+        op(q.int(), q.int(), q.int(), 1.0, False)
 
 
 DENSE_SHAPES = {

@@ -35,7 +35,7 @@ SPATIAL, TEMPORAL, DENSE = 0, 1, 2
 _NAMES = {SPATIAL: "spatial_attention", TEMPORAL: "temporal_attention", DENSE: "attention"}
 _IMPLEMENTED = ("triton", "torch")  # backward kernels
 _FWD = ("triton", "native", "native_packed", "flash_attn", "sageattention", "torch")
-_IMPLEMENTED_FWD = {SPATIAL: _FWD, TEMPORAL: ("cuda",) + _FWD, DENSE: _FWD}
+_IMPLEMENTED_FWD = {SPATIAL: _FWD, TEMPORAL: ("cuda", "cpu") + _FWD, DENSE: _FWD}
 
 _backend.load_extension()
 
@@ -175,6 +175,16 @@ def _cuda_temporal_why_not(q, qk_norm, cos) -> Optional[str]:
     return None
 
 
+def _cpu_temporal_why_not(q) -> Optional[str]:
+    """Why the C++ CPU temporal kernel cannot take this call, or None (the prologue, when asked for,
+    runs first through the ``qk_norm_rope`` op)."""
+    if not _backend._has_kernel("_temporal_attention_fwd", "CPU"):
+        return "i2v_kernels._C was built without the CPU temporal-attention kernel"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"the CPU temporal kernel supports float16/bfloat16/float32/float64, not {q.dtype}"
+    return None
+
+
 def dispatch_features(mode, q_shape, k_shape, causal: bool, has_kv_lens: bool, qk_norm, has_rope: bool,
                       rope_style: str) -> tuple[tuple, tuple]:
     """``(flags, sizes)`` of a call for the dispatch key: flags must match exactly; sizes are
@@ -233,6 +243,8 @@ def _forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, nor
             return attn_triton.why_not(q)
         if backend == "cuda":
             return _cuda_temporal_why_not(q, qk_norm, cos)
+        if backend == "cpu":
+            return _cpu_temporal_why_not(q)
         if backend in _backend.OUTSIDE:
             return native.outside_why_not(backend, q, kv_lens)
         return None
@@ -248,6 +260,9 @@ def _forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, nor
                                   qw, qb, kw, kb, norm_eps, cos, sin, rope_style)
         if backend == "cuda":
             return torch.ops.i2v_kernels._temporal_attention_fwd(_unit_d(q), _unit_d(k), _unit_d(v), scale, causal)
+        if backend == "cpu":
+            qp, kp = _prologue_first(q, k, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style)
+            return torch.ops.i2v_kernels._temporal_attention_fwd(_unit_d(qp), _unit_d(kp), _unit_d(v), scale, causal)
         return _triton_forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin,
                                rope_style)
 
