@@ -15,10 +15,11 @@ Providers of ``causal_conv3d``: ``torch`` (eager as VAEs write it: ``torch.cat``
 replicated first frame, ``F.pad``, ``F.conv3d``, default NCDHW layout), ``eager-cl`` (the same code on
 channels_last_3d tensors), ``cudnn-only`` (``F.conv3d`` alone on an input padded beforehand, channels_last_3d:
 the "conv alone" yardstick), ``compile`` (torch.compile of ``torch``), our ``triton``, ``cuda``,
-``cpu`` and ``native`` (``cat`` + cuDNN/oneDNN ``conv3d`` on channels_last_3d) backends (a backend the
-op does not have is listed as skipped, with the reason) and ``auto`` (the measured dispatch). Our
-backends get the channels_last_3d input and cache: that is what they receive inside a decoder, since the
-op's output is always channels_last_3d.
+``cpu`` and ``native`` (``cat`` + cuDNN ``conv3d`` on channels_last_3d on GPUs, padded-input oneDNN
+``conv3d`` in NCDHW on CPUs) backends (a backend the op does not have is listed as skipped, with the
+reason) and ``auto`` (the measured dispatch). Our backends get the input and cache in the op's output
+format on the device (``output_format``: channels_last_3d on GPUs, NCDHW on CPUs): that is what they
+receive from the previous conv inside a decoder.
 
 Providers of ``vae-decode``: ``torch`` (the decoder with eager convs, whole video), ``torch-chunked``
 (eager convs, chunks with explicit caches, outputs joined by ``torch.cat`` -- how diffusers' VAEs
@@ -224,10 +225,12 @@ def providers(case: Case, session: Session) -> list[Provider]:
     def cudnn_only(_x, _w, b, _cache, _x_cl, w_cl, _cache_cl, x_padded_cl):
         return F.conv3d(x_padded_cl, w_cl, b)
 
-    def ours(_x, w, b, _cache, x_cl, _w_cl, cache_cl, _xp):
+    def ours(x, w, b, cache, x_cl, _w_cl, cache_cl, _xp):
         import i2v_kernels
 
-        return i2v_kernels.causal_conv3d(x_cl, w, b, time_pad=pad, cache=cache_cl)
+        if x.device.type != "cpu":  # the op's output_format: channels_last_3d on GPUs, NCDHW on CPUs
+            x, cache = x_cl, cache_cl
+        return i2v_kernels.causal_conv3d(x, w, b, time_pad=pad, cache=cache)
 
     out = [utils.eager_provider(eager)]
     if session.wants("eager-cl"):
@@ -253,8 +256,9 @@ CONV_LEGEND = (
     "eager cat + F.pad + conv3d (`torch`, NCDHW as VAEs run it); `cudnn>=0.9x` at least 0.9x `cudnn-only`, "
     "cuDNN's conv3d alone on an input padded beforehand (channels_last_3d).",
     "`cudnn-only` does less work than the op (no padding, no cache): it is the yardstick for the conv itself "
-    "(on the CPU: the same F.conv3d, oneDNN). Our backends take the channels_last_3d input, as they receive it "
-    "from the previous conv inside a decoder; `torch` takes NCDHW, as diffusers' VAEs run.",
+    "(on the CPU: the same F.conv3d, oneDNN). Our backends take the input in the op's output format on the "
+    "device (channels_last_3d on GPUs, NCDHW on CPUs), as they receive it from the previous conv inside a "
+    "decoder; `torch` takes NCDHW, as diffusers' VAEs run.",
 )
 DECODE_LEGEND = (
     "vae-decode (GPU): `mem<=1/3` the `streaming` row's peak memory at most 1/3 of the `whole` row's (same "

@@ -93,9 +93,21 @@ def _entry() -> bool:
     return os.path.basename(sys.argv[0] if sys.argv else "") == "i2v"
 
 
+def _unraisable(info) -> None:
+    """``sys.unraisablehook``: the KeyboardInterrupt our handler raised inside a callback whose
+    exceptions Python ignores (a weakref callback of the import system) is not printed as a traceback:
+    the interrupt stands (``_Signals.received``) and is reported once, as one line. Anything else goes
+    to the previous hook."""
+    if isinstance(info.exc_value, KeyboardInterrupt) and _Signals.received:
+        return
+    _previous_unraisable(info)
+
+
 _ENTRY = _entry()
+_previous_unraisable = sys.unraisablehook
 if _ENTRY and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _on_signal)  # before the imports below, and before torch's in main()
+    sys.unraisablehook = _unraisable
 
 import argparse  # noqa: E402
 import math  # noqa: E402
@@ -132,6 +144,11 @@ def _critical(final: bool = False):
     A signal that came meanwhile is delivered at the end, except after the ``final`` section (the
     renames) succeeded: the outputs are then complete and the command ends normally, ignoring signals.
     """
+    if _Signals.received:
+        # The signal's KeyboardInterrupt was swallowed where Python ignores exceptions (a weakref or
+        # import-lock callback; sys.unraisablehook): still interrupted, so no output is started or
+        # committed.
+        raise KeyboardInterrupt
     _Signals.critical += 1
     done = False
     try:
@@ -603,7 +620,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.command is None:
                 parser.print_help(sys.stderr)
                 return 2
-            return args.func(args)
+            status = args.func(args)
+            if _Signals.received:  # interrupted, but the KeyboardInterrupt was swallowed (see _critical)
+                raise KeyboardInterrupt
+            return status
         except UserError as e:
             msg = str(e)
         except KeyboardInterrupt:

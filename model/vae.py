@@ -28,6 +28,7 @@ from torch import Tensor, nn
 import i2v_kernels
 from i2v_kernels.nn import CausalConv3d, ConvCache, decode_in_chunks, streaming
 from i2v_kernels.ops.adaln import reference as adaln_ref
+from i2v_kernels.ops.conv3d import output_format
 
 from i2v_model.config import VAEConfig
 
@@ -120,7 +121,8 @@ class Downsample(nn.Module):
         if not self.shortcut:
             return self.conv(x)[0]
         residual = average_channels(space_to_channels(x, self.temporal), self.conv.out_channels)
-        return self.conv(x, residual=residual.contiguous(memory_format=torch.channels_last_3d))[0]
+        # the residual in the conv's output format on this device: added without a layout copy
+        return self.conv(x, residual=residual.contiguous(memory_format=output_format(x.device)))[0]
 
 
 class Upsample(nn.Module):
@@ -140,7 +142,7 @@ class Upsample(nn.Module):
         residual = None
         if self.shortcut:
             wide = repeat_channels(x, self.conv.out_channels * (8 if self.temporal else 4))
-            residual = channels_to_space(wide, self.temporal, first).contiguous(memory_format=torch.channels_last_3d)
+            residual = channels_to_space(wide, self.temporal, first).contiguous(memory_format=output_format(x.device))
         if self.temporal:
             # Latent frame 0 holds video frame 0 alone; every later latent frame holds two frames.
             rest = x[:, :, 1:] if first else x

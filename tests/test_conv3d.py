@@ -9,7 +9,7 @@ from torch import nn
 
 import i2v_kernels
 from i2v_kernels import _backend
-from i2v_kernels.ops.conv3d import causal_conv3d
+from i2v_kernels.ops.conv3d import causal_conv3d, output_format
 from i2v_kernels.ops.conv3d import reference as ref
 from i2v_kernels.ops.conv3d.modules import CausalConv3d, ConvCache, decode_in_chunks, streaming
 from _util import TOL, skip_unless_usable
@@ -120,15 +120,22 @@ def test_float64(backend):
     _close(y, _expected(x, w, b, **kw), torch.float64)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_output_is_channels_last_3d_on_every_backend(backend):
-    skip_unless_usable(backend)
-    x, w, b, kw = _case("stride-222-odd-H9W5", torch.float32)
+@pytest.mark.parametrize("backend", [*BACKENDS, "native", "auto"])
+@pytest.mark.parametrize("case", ["stride-222-odd-H9W5", "k333-zeros-cache"])
+def test_cpu_output_is_contiguous_ncdhw_on_every_backend(backend, case):
+    """On CPU the op returns NCDHW (what ATen's CPU conv3d computes in and the next conv reads), whatever
+    the input's layout (channels_last_3d here), with the reference's values."""
+    if backend != "auto":
+        skip_unless_usable(backend)
+    x, w, b, kw = _case(case, torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    if kw.get("cache") is not None:
+        kw["cache"] = kw["cache"].contiguous(memory_format=torch.channels_last_3d)
     with i2v_kernels.use_backend(backend):
         y = causal_conv3d(x, w, b, **kw)
-    assert y.is_contiguous(memory_format=torch.channels_last_3d)
-    expected = torch.empty(y.shape, memory_format=torch.channels_last_3d).stride()
-    assert y.stride() == expected
+    assert output_format(x.device) == torch.contiguous_format
+    assert y.stride() == torch.empty(y.shape).stride()
+    _close(y, _expected(x, w, b, **kw), torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -598,7 +605,7 @@ def test_cpu_backend_strides_match_the_fake(shape):
     w = torch.randn(Cout, Cin, *_triple(k))
     with i2v_kernels.use_backend("cpu"):
         y = causal_conv3d(x, w)
-        assert y.stride() == torch.empty(y.shape, memory_format=torch.channels_last_3d).stride()
+        assert y.stride() == torch.empty(y.shape).stride()  # NCDHW on CPU
         torch.library.opcheck(torch.ops.i2v_kernels.causal_conv3d, (x, w, None, None, None, [1, 1, 1], [1, 1, 1], "zeros"))
     _close(y, _expected(x, w), torch.float32)
 
@@ -643,7 +650,7 @@ def test_cpp_op_empty_batch():
     _needs_cpp()
     y = torch.ops.i2v_kernels._causal_conv3d_fwd(torch.randn(0, 4, 3, 5, 5), torch.randn(6, 4, 3, 3, 3), None, None,
                                                  None, [1, 1, 1], [1, 1, 1], 0)
-    assert y.shape == (0, 6, 3, 5, 5) and y.is_contiguous(memory_format=torch.channels_last_3d)
+    assert y.shape == (0, 6, 3, 5, 5) and y.stride() == torch.empty(y.shape).stride()  # NCDHW on CPU
 
 
 # --------------------------------------------------------------------------------------------------

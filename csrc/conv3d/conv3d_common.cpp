@@ -2,6 +2,7 @@
 // conv3d_cuda.cpp. The argument checks mirror _check in i2v_kernels/ops/conv3d/__init__.py.
 #include "conv3d/conv3d_common.h"
 
+#include <algorithm>
 #include <array>
 #include <vector>
 
@@ -94,8 +95,12 @@ at::Tensor causal_conv3d_forward(const at::Tensor& x, const at::Tensor& weight, 
                 ", got ", residual->scalar_type());
   }
 
+  // Output layout per device (the op's contract, as output_format() in ops/conv3d/__init__.py):
+  // channels_last_3d on CUDA (what the next cuDNN conv reads fastest), NCDHW on CPU (what ATen's CPU
+  // conv3d computes in, so neither this op nor the next conv pays a layout copy).
+  const bool cpu = device_type == c10::DeviceType::CPU;
   const auto cl = c10::MemoryFormat::ChannelsLast3d;
-  const auto out_options = x.options().memory_format(cl);
+  const auto out_options = x.options().memory_format(cpu ? c10::MemoryFormat::Contiguous : cl);
   if (B == 0) return at::empty(out_sizes, out_options);
 
   // ---- the temporally padded input, built once ----
@@ -106,10 +111,8 @@ at::Tensor causal_conv3d_forward(const at::Tensor& x, const at::Tensor& weight, 
   const at::ScalarType math = upcast ? at::kFloat : x.scalar_type();
   // Layout the convolution runs in (its output comes in the same one): channels_last_3d on CUDA (what
   // cuDNN's tensor-core kernels want). NCDHW on CPU: the layout the reference convolves in (torch.cat
-  // makes it), and oneDNN's kernel for it measured 4-7% faster than its NDHWC one on VAE shapes, more
-  // than the output copy to channels_last_3d costs (fused with the fp32 -> fp16/bf16 cast and the
-  // residual add).
-  const bool channels_last = device_type != c10::DeviceType::CPU;
+  // makes it), and oneDNN's kernel for it measured 4-7% faster than its NDHWC one on VAE shapes.
+  const bool channels_last = !cpu;
   at::Tensor input;
   if (P == 0) {
     input = x.to(math);  // no copy when x already has the math dtype
@@ -136,7 +139,12 @@ at::Tensor causal_conv3d_forward(const at::Tensor& x, const at::Tensor& weight, 
               ", expected ", c10::IntArrayRef(out_sizes));
   // The residual is added in the math dtype (fp32 for fp16/bf16 on CPU, as the reference), in place or
   // fused with the one copy to the output's dtype and layout.
-  const std::vector<int64_t> out_strides = c10::get_channels_last_strides_3d(c10::IntArrayRef(out_sizes));
+  std::vector<int64_t> out_strides(5, 1);
+  if (cpu) {
+    for (int d = 3; d >= 0; --d) out_strides[d] = out_strides[d + 1] * std::max<int64_t>(out_sizes[d + 1], 1);
+  } else {
+    out_strides = c10::get_channels_last_strides_3d(c10::IntArrayRef(out_sizes));
+  }
   if (y.scalar_type() == x.scalar_type() && y.strides() == c10::IntArrayRef(out_strides)) {
     if (residual.has_value()) y.add_(*residual);
     return y;

@@ -99,7 +99,9 @@ by :func:`patch_summary`, and printed by ``patch(obj, verbose=True)``.
 The code is split the way diffusers splits its models: :mod:`.core` (summary, shared helpers, the
 measured per-module dispatch, the processor base class, the registry), :mod:`.patching` (hooks, records,
 ``patch`` / ``unpatch``), and one file per family -- :mod:`.basic` (``Attention``, ``BasicTransformerBlock``),
-:mod:`.cogvideox`, :mod:`.wan`, :mod:`.ltx`, :mod:`.latte`, :mod:`.vae` (causal convolutions), :mod:`.svd`.
+:mod:`.cogvideox`, :mod:`.wan`, :mod:`.ltx`, :mod:`.latte`, :mod:`.vae` (causal convolutions), :mod:`.svd`;
+:mod:`.stream`: ``decode_streaming(vae, z)`` / ``iter_decode(vae, z)``, the CogVideoX and Wan VAE decode
+written chunk by chunk into one video or handed to a callback (``streaming_why_not(vae)`` says when not).
 
 Example::
 
@@ -121,6 +123,7 @@ from i2v_kernels.integrations.diffusers.cogvideox import I2VCogVideoXAttnProcess
 from i2v_kernels.integrations.diffusers.core import KNOWN_MODELS, OPS, PatchSummary, patch_summary
 from i2v_kernels.integrations.diffusers.ltx import I2VLTXAttnProcessor
 from i2v_kernels.integrations.diffusers.patching import patch, unpatch
+from i2v_kernels.integrations.diffusers.stream import StreamChunk, decode_streaming, iter_decode, streaming_why_not
 from i2v_kernels.integrations.diffusers.wan import I2VWanAttnProcessor
 
 __all__ = [
@@ -131,7 +134,11 @@ __all__ = [
     "I2VLTXAttnProcessor",
     "I2VWanAttnProcessor",
     "PatchSummary",
+    "StreamChunk",
+    "decode_streaming",
+    "iter_decode",
     "patch",
     "patch_summary",
+    "streaming_why_not",
     "unpatch",
 ]

@@ -39,9 +39,14 @@ def _conv_params(conv, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
 
 
 def _like_input(out: Tensor, x: Tensor) -> Tensor:
-    """The output in the memory format diffusers gives (its conv keeps the input's): our op returns
-    channels_last_3d, which would change every stride-sensitive step downstream (GroupNorm, randn_like)."""
-    return out.contiguous() if x.is_contiguous() else out
+    """The output in the memory format diffusers gives (its conv keeps the input's): our op returns its
+    device's ``output_format`` (channels_last_3d on GPUs, NCDHW on CPUs), which would otherwise change
+    every stride-sensitive step downstream (GroupNorm, randn_like)."""
+    if x.is_contiguous():
+        return out.contiguous()
+    if x.is_contiguous(memory_format=torch.channels_last_3d):
+        return out.contiguous(memory_format=torch.channels_last_3d)
+    return out
 
 
 def _cogvideox_conv_why_not(module) -> Optional[str]:

@@ -9,8 +9,10 @@ by ``dilation * (k - 1) // 2`` zeros, nothing at the end, and convolves: ``T_out
 Formula in ``reference.py``; the module :class:`i2v_kernels.ops.conv3d.modules.CausalConv3d` keeps the
 cache between chunks.
 
-Output layout: always ``torch.channels_last_3d`` memory format (``NDHWC`` in memory, the fast format
-for the following conv), on every backend, so the fake implementation's strides match.
+Output layout: per device, the same on every backend (so the fake implementation's strides match),
+given by :func:`output_format`: ``torch.channels_last_3d`` (``NDHWC`` in memory) on GPUs, the format
+cuDNN convolves the next conv fastest in; contiguous ``NCDHW`` on CPUs, the layout PyTorch's CPU conv3d
+computes in, so neither this op nor the next conv pays a layout copy.
 
 One ``torch.library`` op, ``torch.ops.i2v_kernels.causal_conv3d``, with a fake implementation and a
 recompute-based autograd (gradients for ``x``, ``weight``, ``bias``, ``cache`` and ``residual``).
@@ -102,8 +104,14 @@ def _check(x, weight, bias, cache, residual, stride, dilation, time_pad):
     return out_shape, P, (ph, pw)
 
 
+def output_format(device: torch.device) -> torch.memory_format:
+    """The op's output memory format on ``device``: ``torch.contiguous_format`` (NCDHW) on CPU, where
+    ATen's conv3d computes in NCDHW; ``torch.channels_last_3d`` elsewhere (cuDNN's fast format)."""
+    return torch.contiguous_format if device.type == "cpu" else torch.channels_last_3d
+
+
 def _empty_out(shape, x: Tensor) -> Tensor:
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_format(x.device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,10 +139,38 @@ def _cpp_why_not(backend: str, x: Tensor) -> Optional[str]:
     return None
 
 
-def _forward(x, weight, bias, cache, residual, stride, dilation, time_pad) -> Tensor:
-    out_shape, P, padding_hw = _check(x, weight, bias, cache, residual, stride, dilation, time_pad)
-    padding_hw = tuple(padding_hw)
+# A call's checked geometry and dispatch features by its signature (shapes, dtypes, devices, stride,
+# dilation, time_pad): everything _check and dispatch_features read, so a hit skips them. A small conv
+# (the Wan temporal upsampler's k311 on a CPU crop: ~1 ms) otherwise spends a few percent in them.
+_plans: dict[tuple, tuple] = {}
+_PLANS_MAX = 512
+
+
+def _signature(t: Optional[Tensor]):
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _plan(x, weight, bias, cache, residual, stride, dilation, time_pad) -> tuple:
+    """``(out_shape, P, padding_hw, stride, dilation, flags, sizes, features)`` of a call, checked."""
     stride, dilation = tuple(stride), tuple(dilation)
+    sig = (x.shape, x.dtype, x.device, _signature(weight), _signature(bias), _signature(cache), _signature(residual),
+           stride, dilation, time_pad)
+    plan = _plans.get(sig)
+    if plan is None:
+        out_shape, P, padding_hw = _check(x, weight, bias, cache, residual, stride, dilation, time_pad)
+        flags, sizes = dispatch_features(x.shape, weight.shape, stride, dilation, time_pad, cache is not None,
+                                         residual is not None, bias is not None)
+        features = flags + tuple(_dispatch.bucket(n) for n in sizes[:3]) + tuple(sizes[3:])
+        plan = (out_shape, P, tuple(padding_hw), stride, dilation, flags, sizes, features)
+        if len(_plans) >= _PLANS_MAX:
+            _plans.clear()
+        _plans[sig] = plan
+    return plan
+
+
+def _forward(x, weight, bias, cache, residual, stride, dilation, time_pad) -> Tensor:
+    out_shape, P, padding_hw, stride, dilation, flags, sizes, features = _plan(x, weight, bias, cache, residual,
+                                                                               stride, dilation, time_pad)
     if x.numel() == 0:
         return _empty_out(out_shape, x)
 
@@ -147,27 +183,30 @@ def _forward(x, weight, bias, cache, residual, stride, dilation, time_pad) -> Te
 
     def run(backend: str) -> Tensor:
         # The autocast cast (if any) happened in the public function; the math inside runs as asked.
+        if not torch.is_autocast_enabled(x.device.type):
+            return compute(backend)
         with torch.autocast(x.device.type, enabled=False):
-            if backend in ("cuda", "cpu"):
-                return torch.ops.i2v_kernels._causal_conv3d_fwd(x, weight, bias, cache, residual, list(stride),
-                                                                list(dilation), TIME_PADS.index(time_pad))
-            if backend == "native":
-                return native.causal_conv3d(x, weight, bias, cache, residual, stride, dilation, padding_hw, P,
-                                            time_pad)
-            if backend == "triton":
-                t = _triton()
-                return t.causal_conv3d_fwd(t.channels_last(x), weight, None if bias is None else bias.contiguous(),
-                                           None if cache is None else t.channels_last(cache), residual, out_shape,
-                                           stride, dilation, padding_hw, P, time_pad)
-            y = reference.causal_conv3d(x, weight, bias, stride=stride, dilation=dilation, time_pad=time_pad,
-                                        cache=cache, residual=residual)
+            return compute(backend)
+
+    def compute(backend: str) -> Tensor:
+        if backend in ("cuda", "cpu"):
+            return torch.ops.i2v_kernels._causal_conv3d_fwd(x, weight, bias, cache, residual, list(stride),
+                                                            list(dilation), TIME_PADS.index(time_pad))
+        if backend == "native":
+            return native.causal_conv3d(x, weight, bias, cache, residual, stride, dilation, padding_hw, P, time_pad)
+        if backend == "triton":
+            t = _triton()
+            y = t.causal_conv3d_fwd(t.channels_last(x), weight, None if bias is None else bias.contiguous(),
+                                    None if cache is None else t.channels_last(cache), residual, out_shape,
+                                    stride, dilation, padding_hw, P, time_pad)
+            # the kernel writes channels_last_3d; on CPU (the interpreter) the op returns NCDHW
+            return y.contiguous(memory_format=output_format(x.device))
+        y = reference.causal_conv3d(x, weight, bias, stride=stride, dilation=dilation, time_pad=time_pad,
+                                    cache=cache, residual=residual)
         out = _empty_out(out_shape, x)
         out.copy_(y)
         return out
 
-    flags, sizes = dispatch_features(x.shape, weight.shape, stride, dilation, time_pad, cache is not None,
-                                     residual is not None, bias is not None)
-    features = flags + tuple(_dispatch.bucket(n) for n in sizes[:3]) + tuple(sizes[3:])
     return _backend.dispatch(_OP, x.device, x.dtype, why_not, _IMPLEMENTED, features, run,
                              lambda: _dispatch.nearest_static(_static_table.TABLE, _OP, x.device, x.dtype, flags, sizes))
 
@@ -267,7 +306,8 @@ def causal_conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, s
     """Causal 3D convolution, temporal padding from ``cache`` or ``time_pad``.
 
     Args:
-        x: ``[B, Cin, T, H, W]`` (any memory format; channels_last_3d is read without a copy).
+        x: ``[B, Cin, T, H, W]`` (any memory format; the device's :func:`output_format` is read without
+            a copy).
         weight: ``[Cout, Cin, kt, kh, kw]``, x's dtype.
         bias: ``[Cout]`` or None.
         stride, dilation: int or ``(t, h, w)`` triple.
@@ -278,7 +318,8 @@ def causal_conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, s
         residual: ``[B, Cout, T_out, H_out, W_out]`` added to the output (fused in the epilogue).
 
     Returns:
-        ``[B, Cout, T_out, H_out, W_out]`` in x's dtype, ``torch.channels_last_3d`` memory format, with
+        ``[B, Cout, T_out, H_out, W_out]`` in x's dtype, in :func:`output_format` of x's device
+        (``torch.channels_last_3d`` on GPUs, contiguous NCDHW on CPUs), with
         ``T_out = (T - 1) // s_t + 1`` and ``H_out = (H + 2 * (d_h * (kh - 1) // 2) - d_h * (kh - 1) - 1) // s_h + 1``.
 
     Chunked calls equal one whole call when each chunk gets the previous chunk's cache and, with a

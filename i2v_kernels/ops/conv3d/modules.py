@@ -110,7 +110,8 @@ class CausalConv3d(nn.Module):
     (so its ``state_dict`` loads here unchanged).
 
     ``forward(x [B, Cin, T, H, W], cache=None, *, residual=None) -> (y, new_cache)``: ``y`` is
-    ``[B, Cout, T_out, H_out, W_out]`` (channels_last_3d memory format), ``new_cache`` the last
+    ``[B, Cout, T_out, H_out, W_out]`` (the op's ``output_format``: channels_last_3d on GPUs, NCDHW on
+    CPUs), ``new_cache`` the last
     ``P = (kt - 1) * dilation_t`` frames of ``cat(cache or padding, x)`` -- ``[B, Cin, P, H, W]`` even
     when ``T < P``. ``residual`` (shaped like ``y``) is added in the kernel's epilogue.
     """

@@ -6,9 +6,9 @@ symmetric spatial padding, then the residual added; the output stays ``channels_
 
 On CPUs: what eager VAE code does there -- ``cat`` of the front frames, ``F.pad`` with the spatial
 zeros, ``F.conv3d`` without padding, all NCDHW (PyTorch's CPU convolution converts a channels-last
-input to NCDHW anyway) -- with the cat and the pad done as one copy into a zeroed buffer, then the
-output copied to ``channels_last_3d``. Padding beforehand is what makes it eager's speed: ATen's
-CPU conv3d below oneDNN's size threshold (``slow_conv3d``) gathers a padded input ~25% slower than an
+input to NCDHW anyway) -- with the cat and the pad done as one copy into a zeroed buffer; the output
+stays NCDHW (the op's CPU output format, ``output_format`` in ``__init__.py``). Padding beforehand is
+what makes it eager's speed: ATen's CPU conv3d below oneDNN's size threshold (``slow_conv3d``) gathers a padded input ~25% slower than an
 unpadded one (measured 19.2 against 15.2 ms at [1, 128, 4, 16, 24], 3x3x3, one thread).
 """
 
@@ -51,7 +51,7 @@ def _cpu_padded(x, weight, bias, cache, residual, stride, dilation, padding_hw, 
     y = F.conv3d(padded, weight, None if bias is None else bias.to(x.dtype), tuple(stride), 0, tuple(dilation))
     if residual is not None:
         y += residual
-    return y.contiguous(memory_format=CL)
+    return y.contiguous()  # NCDHW already (a no-op); the op's CPU output format
 
 
 def _single_output_unstrided(padded, weight, stride, dilation):
