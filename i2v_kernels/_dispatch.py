@@ -152,7 +152,8 @@ def _measuring_forbidden(device: torch.device) -> Optional[str]:
 def _environment() -> dict:
     from i2v_kernels import _backend
 
-    env = {"format": CACHE_FORMAT, "torch": torch.__version__, "i2v_kernels": _backend._version()}
+    env = {"format": CACHE_FORMAT, "torch": torch.__version__, "i2v_kernels": _backend._version(),
+           "extension": _extension_identity()}
     triton = _backend._triton.get()
     env["triton"] = getattr(triton, "__version__", None)
     if torch.cuda.is_available():
@@ -163,6 +164,25 @@ def _environment() -> dict:
             env["driver"] = f"unknown ({type(e).__name__})"
     env["cuda"] = torch.version.cuda
     return env
+
+
+def _extension_identity() -> Optional[list]:
+    """Size and modification time of the compiled extension ``i2v_kernels._C``: a rebuilt extension (new
+    kernels, same package version -- an editable install) starts a fresh cache instead of reusing
+    decisions measured on the old kernels. None when it is not built."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("i2v_kernels._C")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    try:
+        st = os.stat(spec.origin)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 def cache_dir() -> Path:

@@ -124,6 +124,25 @@ def test_disk_cache_is_reloaded(tuner):
 
 
 @needs_cpp
+def test_rebuilt_extension_starts_a_fresh_cache(tuner, monkeypatch):
+    """Decisions measured on the old kernels of an editable install are not reused after a rebuild: the
+    cache file is keyed by the built extension's size and modification time."""
+    x, shift, scale = _adaln_inputs()
+    i2v_kernels.adaln_modulate(x, shift, scale)
+    identity = _dispatch._extension_identity()
+    assert isinstance(identity, list) and len(identity) == 2 and identity[0] > 0
+    before = _dispatch.cache_file()
+    assert before.exists()
+    monkeypatch.setattr(_dispatch, "_extension_identity", lambda: [identity[0], identity[1] + 1])
+    after = _dispatch.cache_file()
+    assert after != before and not after.exists()
+    _dispatch.clear()  # a new process with the rebuilt extension: nothing measured is found
+    tuner.calls.clear()
+    i2v_kernels.adaln_modulate(x, shift, scale)
+    assert tuner.calls and _decision("adaln_modulate")[0]["source"] != "disk"
+
+
+@needs_cpp
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"environment": {"torch": "0.0"}, "decisions": {}}),
                                      json.dumps([1, 2, 3])], ids=["corrupt", "foreign-version", "wrong-shape"])
 def test_bad_cache_file_is_ignored_with_one_warning(tuner, content):

@@ -2,14 +2,16 @@
 
 On GPUs: the front padding (cache, replicated first frame or zeros) concatenated in front of ``x`` in
 time, both in ``channels_last_3d`` (the format cuDNN convolves fastest), then ``F.conv3d`` with the
-symmetric spatial padding, then the residual added; the output stays ``channels_last_3d``.
+symmetric spatial padding, then the residual added; the output stays ``channels_last_3d`` (the op's GPU
+output format).
 
 On CPUs: what eager VAE code does there -- ``cat`` of the front frames, ``F.pad`` with the spatial
 zeros, ``F.conv3d`` without padding, all NCDHW (PyTorch's CPU convolution converts a channels-last
 input to NCDHW anyway) -- with the cat and the pad done as one copy into a zeroed buffer; the output
-stays NCDHW (the op's CPU output format, ``output_format`` in ``__init__.py``). Padding beforehand is
-what makes it eager's speed: ATen's CPU conv3d below oneDNN's size threshold (``slow_conv3d``) gathers a padded input ~25% slower than an
-unpadded one (measured 19.2 against 15.2 ms at [1, 128, 4, 16, 24], 3x3x3, one thread).
+stays NCDHW (the op's CPU output format, ``output_format`` in ``__init__.py``). Padding beforehand
+is what makes it eager's speed: ATen's CPU conv3d below oneDNN's size threshold (``slow_conv3d``)
+gathers a padded input ~25% slower than an unpadded one (measured 19.2 against 15.2 ms at
+[1, 128, 4, 16, 24], 3x3x3, one thread).
 """
 
 from __future__ import annotations
