@@ -29,7 +29,9 @@ The compiled providers run on a GPU: full runs, and ``--quick`` at the headline 
 run last) while half the time budget is left; never on the CPU (inductor takes minutes per whole model).
 A GPU ``--quick`` run starts no case once ``QUICK_STOP`` of its budget is spent: those are listed as
 skipped, so the run ends inside ``make gpu-check``'s cap for this stage instead of being cut there.
-Peak memory is what one call allocates beyond the weights and inputs (CUDA only).
+Peak memory is what one call allocates beyond the weights and inputs (output included; on the CPU from
+PyTorch's allocator events, ``utils.cpu_peak_mb``). ``streaming`` / ``patched-streaming`` (VAE decode of
+CogVideoX and Wan): ``decode_streaming`` of the unpatched / patched VAE.
 
 Correctness before timing (``bench_conv3d.run_model_case``): the model is built and run in fp32 first
 (the reference), then cast to the benchmark dtype; every provider's max error against the fp32 output
@@ -55,7 +57,9 @@ from benchmarks.utils import Provider, Session
 
 FAMILY = "diffusers"
 OPS = ("transformer", "unet", "vae-decode")
-PROVIDERS = ("torch", "compile", "patched", "patched-native", "patched-compile", "cache", "patched-cache")
+PROVIDERS = ("torch", "compile", "patched", "patched-native", "patched-compile", "cache", "patched-cache", "streaming",
+             "patched-streaming")
+STREAMING_VAES = ("AutoencoderKLCogVideoX", "AutoencoderKLWan")
 QUICK_BUDGET_S = 40  # tools/gpu_check.py's cap for this stage
 QUICK_STOP = 0.6     # GPU --quick starts no case after this fraction of the budget (imports and CUDA start-up
                      # come on top of it, and one case takes seconds)
@@ -419,12 +423,28 @@ def _vae_case(spec: VAE, dtype: torch.dtype, session: Session) -> ModelCase:
         reference = vae.decode(z, **kw).sample
         if dtype != torch.float32:
             vae.to(dtype)
-        return ModelRun(inputs=(z.to(dtype),), reference=reference,
-                        providers=_providers(session, vae, _patched_copy(vae), lambda v, z: v.decode(z, **kw).sample))
+        patched = _patched_copy(vae)
+        providers = _providers(session, vae, patched, lambda v, z: v.decode(z, **kw).sample)
+        providers += _streaming_providers(session, spec, vae, patched)
+        return ModelRun(inputs=(z.to(dtype),), reference=reference, providers=providers)
 
     extra = {"model": spec.source, "class": spec.cls}
     return ModelCase(op="vae-decode", label=spec.label, dims=list(spec.z), dtype=dtype, setup=setup if cls else None,
                      provider_names=PROVIDERS, extra=extra, why_not=why)
+
+
+def _streaming_providers(session: Session, spec: VAE, vae, patched) -> list[Provider]:
+    """``streaming`` / ``patched-streaming``: ``decode_streaming`` (the decoder on diffusers' own chunks,
+    each written into one preallocated video) of the unpatched / patched VAE."""
+    from i2v_kernels.integrations.diffusers import decode_streaming
+
+    why = None if spec.cls in STREAMING_VAES else f"{spec.cls} does not stream (decode_streaming: CogVideoX, Wan)"
+    out = []
+    for name, model in (("streaming", vae), ("patched-streaming", patched)):
+        if session.wants(name):
+            out.append(Provider(name, why_not=why, kind="ours") if why else
+                       Provider(name, lambda z, m=model: decode_streaming(m, z, strict=True), kind="ours"))
+    return out
 
 
 def build_cases(session: Session) -> list[ModelCase]:
@@ -450,13 +470,32 @@ LEGEND = (
     "eager and `mem<=orig` peak memory at most the unpatched decode's.",
     "Correctness (before timing): max |out - fp32 model| <= 2 x unpatched eager's own error in the same dtype + "
     "eps x max |fp32 output| (eps: fp32 1e-5, fp16 1e-3, bf16 1e-2); `max err` is that max error.",
-    "Peak MiB: what one call allocates beyond the live weights and inputs (CUDA only). CPU runs use tiny configs: "
-    "they prove the script and the patched models run, not speed.",
+    "VAE decode, every device and dtype: `stream>orig` the `patched-streaming` row (`decode_streaming` of the "
+    "patched VAE: diffusers' chunks written into one preallocated video) at least as fast as diffusers' own "
+    "`vae.decode` (`torch`) and with less peak memory (both ratios shown: time as a speedup, memory as a fraction).",
+    "Peak MiB: what one call allocates beyond the live weights and inputs, output included (GPU: the CUDA "
+    "allocator's peak; CPU: the running total of PyTorch's CPU allocator events, torch.profiler with profile_memory, "
+    "one untimed call). CPU runs use tiny configs: they prove the script and the patched models run, not speed.",
 )
 
 
 
+def _streaming_targets(row: dict, session: Session) -> dict:
+    """``patched-streaming`` against diffusers' own decode (``torch``): faster and less peak memory."""
+    eager = next((r for r in session.case_rows if r["provider"] == "torch" and r["status"] == "ok"), None)
+    if eager is None or row["ms"] is None:
+        return {"stream>orig": "n/a"}
+    faster = row["ms"] <= eager["ms"]
+    if row["peak_mem_mb"] is None or eager["peak_mem_mb"] is None:
+        return {"stream>orig": f"{utils.verdict(faster)} (time; memory n/a)"}
+    mem = row["peak_mem_mb"] / eager["peak_mem_mb"]
+    return {"stream>orig": f"{utils.verdict(faster and mem < 1)} ({eager['ms'] / row['ms']:.2f}x time, "
+                           f"{mem:.2f}x peak memory)"}
+
+
 def targets(row: dict, case: ModelCase, session: Session) -> dict:
+    if row["provider"] == "patched-streaming":
+        return _streaming_targets(row, session)
     if session.device.type != "cuda" or case.dtype != torch.bfloat16 or row["provider"] != "patched":
         return {}
     vs_eager = row["ratio_vs_eager"]

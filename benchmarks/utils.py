@@ -477,6 +477,33 @@ def cuda_peak_mb(fn: Callable[[], Any], device: torch.device) -> float:
     return peak / 2**20
 
 
+def cpu_peak_mb(fn: Callable[[], Any]) -> float:
+    """Peak CPU memory one call allocates beyond what was live before it (outputs included), MiB: the
+    running sum of PyTorch's CPU allocator events (``torch.profiler`` with ``profile_memory=True``, one
+    extra untimed call). Memory a library allocates outside PyTorch's allocator is not seen."""
+    import json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    allocs = sorted((float(e["ts"]), e["args"]["Bytes"]) for e in events
+                    if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0)
+    live = peak = 0
+    for _, nbytes in allocs:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 # --------------------------------------------------------------------------------------------------
 # Correctness
 
@@ -622,16 +649,20 @@ class Session:
             return [time_cuda(fn, self.quick) for fn in fns]
         return time_cpu_in_turns(fns, self.quick) if fns else []
 
-    def time_checked(self, checked: Sequence[tuple[dict, Optional[Callable[[], Any]]]]) -> list[dict]:
+    def time_checked(self, checked: Sequence[tuple[dict, Optional[Callable[[], Any]]]],
+                     cpu_memory: bool = False) -> list[dict]:
         """Time the rows that passed their check (``(row, call)``; call None: not timed) and fill in
-        ``ms``, ``ms_min``, ``reps`` and the CUDA peak memory; returns the rows in order."""
+        ``ms``, ``ms_min``, ``reps`` and the peak memory: on CUDA always, on the CPU with ``cpu_memory``
+        (:func:`cpu_peak_mb`, one more untimed call per row); returns the rows in order."""
         pending = [(r, call) for r, call in checked if call is not None]
         for (r, call), (ms, ms_min, reps) in zip(pending, self.time_all([call for _, call in pending])):
             r.update(ms=ms, ms_min=ms_min, reps=reps)
             if self.device.type == "cuda":
                 r["peak_mem_mb"] = cuda_peak_mb(call, self.device)
+            elif cpu_memory:
+                r["peak_mem_mb"] = cpu_peak_mb(call)
             print(f"   {r['provider']:<14} {ms:10.4f} ms  (min {ms_min:.4f}, {reps} reps, max err {r['max_err']:.2e}"
-                  + (f", peak {r['peak_mem_mb']:,.0f} MiB" if r.get("peak_mem_mb") is not None else "") + ")",
+                  + (f", peak {r['peak_mem_mb']:,.1f} MiB" if r.get("peak_mem_mb") is not None else "") + ")",
                   flush=True)
         return [r for r, _ in checked]
 

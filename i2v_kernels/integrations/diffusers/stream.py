@@ -273,8 +273,8 @@ def _decode_into(vae, z: Tensor, samples: slice, out: Optional[Tensor]) -> Tenso
         nonlocal pos
         t = frames.shape[2]
         if pos + t > out.shape[2]:
-            raise ValueError(f"decode_streaming: the decoded video has more frames than out ({pos + t} > "
-                             f"{out.shape[2]})")
+            raise ValueError(f"decode_streaming: out must be as long as the decoded video, which has more frames "
+                             f"than out's {out.shape[2]} (at least {pos + t})")
         dst = out[samples, :, pos:pos + t]
         if clamp:
             torch.clamp(frames, -1.0, 1.0, out=dst)
@@ -301,7 +301,7 @@ def _decode_into(vae, z: Tensor, samples: slice, out: Optional[Tensor]) -> Tenso
         put(frames, clamp)
         del frames
     if pos != out.shape[2]:
-        raise ValueError(f"decode_streaming: the decoded video has {pos} frames, out has {out.shape[2]}")
+        raise ValueError(f"decode_streaming: out must have the decoded video's {pos} frames, got {out.shape[2]}")
     return out
 
 
