@@ -174,3 +174,20 @@ def test_bad_arguments_are_refused():
         decode_streaming(vae, z, out=[0])
     with pytest.raises(ValueError, match="strict must be a bool"):
         decode_streaming(vae, z, strict="yes")
+
+
+@pytest.mark.parametrize("wrong", [-2, 1, 3], ids=["fewer", "one-more", "three-more"])
+@pytest.mark.parametrize("name", STREAMING)
+def test_video_is_right_when_the_frame_count_guess_is_wrong(name, wrong, monkeypatch):
+    """The video is allocated from the first two chunks and the chunk count; a decoder whose chunks do not
+    follow that pattern costs a reallocation or a trim, never a wrong or failed decode."""
+    from i2v_kernels.integrations.diffusers import stream
+
+    vae = VAES[name][0]()
+    z = _z(5)
+    expected = _decode(vae, z)
+    real = stream._chunk_count
+    monkeypatch.setattr(stream, "_chunk_count", lambda v, T: max(real(v, T) + wrong, 2))
+    video = decode_streaming(vae, z)
+    _exact(video, expected)
+    assert video.stride() == expected.stride()

@@ -250,9 +250,10 @@ def decode_streaming(vae, z: Tensor, *, callback: Optional[Callable[[StreamChunk
             del chunk
         return None
     _pre_forward(vae)
+    owned = out is None
     with torch.no_grad():
         for samples in _samples(vae, z):
-            out = _decode_into(vae, z, samples, out)
+            out = _decode_into(vae, z, samples, out, owned)
     return out
 
 
@@ -262,19 +263,26 @@ def _check_out(out: Tensor, shape, dtype, device) -> None:
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
 
 
-def _decode_into(vae, z: Tensor, samples: slice, out: Optional[Tensor]) -> Tensor:
+def _decode_into(vae, z: Tensor, samples: slice, out: Optional[Tensor], owned: bool) -> Tensor:
     """Decode samples ``samples`` of ``z`` into ``out`` (allocated here when None, once the frame count is
     known: the first chunk can differ from the others, which are all alike, so the first one waits for the
-    second)."""
+    second). ``owned``: ``out`` is ours (not the caller's), so a decoder whose chunks break that rule only
+    costs a reallocation, never an error."""
     n_chunks = _chunk_count(vae, z.shape[2])
-    pending, pos = None, 0
+    pending, pos, done = None, 0, 0
 
     def put(frames: Tensor, clamp: bool) -> None:
-        nonlocal pos
+        nonlocal pos, out, done
         t = frames.shape[2]
+        done += 1
         if pos + t > out.shape[2]:
-            raise ValueError(f"decode_streaming: out must be as long as the decoded video, which has more frames "
-                             f"than out's {out.shape[2]} (at least {pos + t})")
+            if not owned:
+                raise ValueError(f"decode_streaming: out must be as long as the decoded video, which has more "
+                                 f"frames than out's {out.shape[2]} (at least {pos + t})")
+            grown = torch.empty((*out.shape[:2], pos + t * max(n_chunks - done + 1, 1), *out.shape[3:]), dtype=out.dtype,
+                                device=out.device, memory_format=_format(out))
+            grown[:, :, :pos].copy_(out[:, :, :pos])
+            out = grown
         dst = out[samples, :, pos:pos + t]
         if clamp:
             torch.clamp(frames, -1.0, 1.0, out=dst)
@@ -290,9 +298,7 @@ def _decode_into(vae, z: Tensor, samples: slice, out: Optional[Tensor]) -> Tenso
             first = frames if pending is None else pending[0]
             total = first.shape[2] + frames.shape[2] * (n_chunks - 1) if pending is not None else frames.shape[2]
             shape = (z.shape[0], frames.shape[1], total, *frames.shape[3:])
-            fmt = (torch.channels_last_3d if not frames.is_contiguous()
-                   and frames.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format)
-            out = torch.empty(shape, dtype=frames.dtype, device=frames.device, memory_format=fmt)
+            out = torch.empty(shape, dtype=frames.dtype, device=frames.device, memory_format=_format(frames))
         elif pos == 0 and pending is None:
             _check_out_frames(out, z, frames, samples)
         if pending is not None:
@@ -301,8 +307,17 @@ def _decode_into(vae, z: Tensor, samples: slice, out: Optional[Tensor]) -> Tenso
         put(frames, clamp)
         del frames
     if pos != out.shape[2]:
-        raise ValueError(f"decode_streaming: out must have the decoded video's {pos} frames, got {out.shape[2]}")
+        if not owned:
+            raise ValueError(f"decode_streaming: out must have the decoded video's {pos} frames, got {out.shape[2]}")
+        out = out[:, :, :pos].contiguous(memory_format=_format(out))
     return out
+
+
+def _format(t: Tensor) -> torch.memory_format:
+    """The memory format the decoder gave (diffusers' ``torch.cat`` keeps it): NCDHW unless channels-last."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def _check_out_frames(out: Tensor, z: Tensor, frames: Tensor, samples: slice) -> None:
