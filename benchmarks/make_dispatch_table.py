@@ -138,6 +138,9 @@ def _case(row: dict) -> tuple:
 # Choosing
 
 
+BENCH_ROW_KEYS = ("op", "provider", "device", "timestamp")
+
+
 def load_rows(paths: Iterable[Path]) -> list[dict]:
     rows = []
     for path in paths:
@@ -151,6 +154,8 @@ def load_rows(paths: Iterable[Path]) -> list[dict]:
                 except json.JSONDecodeError as e:
                     print(f"{path}:{n}: skipped, not JSON ({e})", file=sys.stderr)
                     continue
+                if not isinstance(row, dict) or not all(k in row for k in BENCH_ROW_KEYS):
+                    continue  # not a benchmark row (diffusers_upstream_tests.jsonl holds test outcomes)
                 row["results_file"] = path.name
                 rows.append(row)
     return rows
