@@ -254,6 +254,9 @@ def select(op: str, device: torch.device, why_not: Callable[[str], Optional[str]
     return "torch"  # the reference runs everywhere
 
 
+_Parameter = torch.nn.Parameter
+
+
 def direct_call_ok(*tensors) -> bool:
     """May a public function run its implementation directly instead of through its ``torch.library``
     op? Only in plain eager calls: not under ``torch.compile``, with no autograd to record, no
@@ -266,7 +269,10 @@ def direct_call_ok(*tensors) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+        # nn.Parameter counts as plain: a module's weights are Parameters, and its subclass adds no
+        # dispatch of its own (no __torch_function__ / __torch_dispatch__ override)
+        if t is not None and ((type(t) is not torch.Tensor and type(t) is not _Parameter)
+                              or (grad and t.requires_grad)):
             return False
     return True
 

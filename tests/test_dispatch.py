@@ -393,3 +393,23 @@ def test_op_ties_keep_native(tuner):
     i2v_kernels.adaln_modulate(*_adaln_inputs())
     (d,) = _decision("adaln_modulate")
     assert d["backend"] == "native"
+
+
+def test_direct_call_takes_module_parameters():
+    """A module's weights are nn.Parameters: in a no-grad eager call they must not push the op onto its
+    torch.library path (tens of microseconds of autograd redispatch per call); tensors that need autograd
+    and tensor subclasses with their own dispatch still take it."""
+    from torch import nn
+
+    from i2v_kernels import _backend
+
+    class Traced(torch.Tensor):
+        pass
+
+    x = torch.randn(2, 3)
+    w = nn.Parameter(torch.randn(3))
+    with torch.no_grad():
+        assert _backend.direct_call_ok(x, w, None)
+        assert not _backend.direct_call_ok(x.as_subclass(Traced), w)
+    assert not _backend.direct_call_ok(x, w)  # grad on and w requires it: the op records autograd
+    assert _backend.direct_call_ok(x, nn.Parameter(torch.randn(3), requires_grad=False))
