@@ -406,6 +406,11 @@ def cached(key: str, device: torch.device) -> Optional[str]:
     return None
 
 
+def decision(key: str) -> Optional[dict]:
+    """``key``'s measured or disk-loaded decision record (backend, times), or None."""
+    return _decisions.get(key)
+
+
 def settled(key: str) -> bool:
     """Whether ``key`` has a measured or disk-loaded decision (final; a static choice may be measured
     later), so a caller may memoize it until :data:`_generation` changes."""
@@ -460,6 +465,21 @@ def choose(op: str, key: str, device: torch.device, candidates: Sequence[str], r
             choice = default_choice(device, candidates)
         _static_used[key] = {"backend": choice, "source": "static", "op": op, "why_not_measured": forbidden}
         return choice
+
+
+def revise(key: str, backend: str, in_context_ms: dict) -> None:
+    """Replace ``key``'s measured decision by ``backend``, chosen from times taken in the caller's real
+    calls (``in_context_ms``: candidate -> median ms); kept on disk like a measured one, marked so that
+    it is not verified again."""
+    with _lock:
+        rec = _decisions.get(key)
+        if rec is None:
+            return
+        _decisions[key] = {**rec, "backend": backend, "in_context_ms": dict(in_context_ms), "source": "measured"}
+        _save_disk()
+        if _logging_on():
+            logger.warning("i2v_kernels dispatch: %s -> %s in context (%s)", key, backend,
+                           ", ".join(f"{b} {t:.4g} ms" for b, t in sorted(in_context_ms.items(), key=lambda kv: kv[1])))
 
 
 def default_choice(device: torch.device, candidates: Sequence[str]) -> str:

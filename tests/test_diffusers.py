@@ -797,8 +797,11 @@ def measured(monkeypatch, tmp_path):
         return times.get(backend, 1.0)  # op backends not named here tie
 
     monkeypatch.setattr(_dispatch, "_timer", timer)
+    monkeypatch.setattr(core, "IN_CONTEXT_CALLS", 0)  # no check in real calls (test_in_context_check turns it on)
+    core._trials.clear()
     yield times
     _dispatch.clear()
+    core._trials.clear()
 
 
 def calls_after_measuring(model, run) -> Counter:
@@ -898,3 +901,38 @@ def test_vae_outputs_keep_diffusers_memory_format(name):
         out = vae.decode(z).sample
     assert out.stride() == ref.stride() and out.is_contiguous()
     torch.testing.assert_close(out, ref, **FP32_TOL)
+
+
+@pytest.mark.parametrize("in_context_winner", ["i2v_kernels", "diffusers"])
+def test_in_context_check_of_a_module_that_won_alone(measured, monkeypatch, in_context_winner):
+    """On a CPU, a module whose code won the isolated measurement takes turns with diffusers' code in its
+    next real calls, each timed where it runs; the faster there is kept (a tie keeps diffusers'), and the
+    decision is not checked again."""
+    from i2v_kernels import _dispatch
+
+    measured["diffusers"] = 2.0  # alone: ours (1.0) wins every key
+    monkeypatch.setattr(core, "IN_CONTEXT_CALLS", 2)
+    context = {"i2v_kernels": 1.0, "diffusers": 1.0, in_context_winner: 0.5}
+    ran = Counter()
+
+    def timed(name, fn):
+        ran[name] += 1
+        return fn(), context[name]
+
+    monkeypatch.setattr(core, "_timed", timed)
+    vae = cogvideox_vae()
+    z = torch.randn(1, 4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = vae.decode(z).sample
+        patch(vae)
+        outs = [vae.decode(z).sample for _ in range(6)]  # measured, then 2 + 2 timed turns per key
+    for out in outs:
+        torch.testing.assert_close(out, ref, **FP32_TOL)
+    assert ran["i2v_kernels"] >= 2 and ran["diffusers"] >= 2 and not core._trials
+    revised = [d for d in _dispatch.decisions() if d["op"].startswith("diffusers:")]
+    assert revised and all(d["backend"] == in_context_winner and d["in_context_ms"] == {
+        "i2v_kernels": context["i2v_kernels"], "diffusers": context["diffusers"]} for d in revised), revised
+    ran.clear()
+    _, calls = run_counted(lambda v: v.decode(z).sample, vae)
+    assert not ran  # settled: no more turns
+    assert (calls["causal_conv3d"] > 0) == (in_context_winner == "i2v_kernels"), dict(calls)
