@@ -42,6 +42,9 @@ def _cpu_padded(x, weight, bias, cache, residual, stride, dilation, padding_hw, 
     """The CPU path (module docstring): the padded NCDHW input built once, an unpadded conv."""
     B, C, T, H, W = x.shape
     ph, pw = padding_hw
+    if not (ph or pw):  # no spatial padding (a 1x1 or (k, 1, 1) kernel): eager's one cat is the padded input
+        padded = torch.cat([front_padding(x, P, time_pad, cache), x], dim=2) if P else x
+        return _conv_residual(padded, weight, bias, residual, stride, dilation, x.dtype)
     zero_front = P and cache is None and time_pad == "zeros"
     shape = (B, C, P + T, H + 2 * ph, W + 2 * pw)
     padded = x.new_zeros(shape) if ph or pw or zero_front else x.new_empty(shape)
@@ -49,11 +52,16 @@ def _cpu_padded(x, weight, bias, cache, residual, stride, dilation, padding_hw, 
     inner[:, :, P:].copy_(x)
     if P and not zero_front:
         inner[:, :, :P].copy_(front_padding(x, P, time_pad, cache))
+    return _conv_residual(padded, weight, bias, residual, stride, dilation, x.dtype)
+
+
+def _conv_residual(padded, weight, bias, residual, stride, dilation, dtype):
+    """The unpadded conv of the padded input, plus the residual; NCDHW (the op's CPU output format)."""
     padded, stride = _single_output_unstrided(padded, weight, stride, dilation)
-    y = F.conv3d(padded, weight, None if bias is None else bias.to(x.dtype), tuple(stride), 0, tuple(dilation))
+    y = F.conv3d(padded, weight, None if bias is None else bias.to(dtype), tuple(stride), 0, tuple(dilation))
     if residual is not None:
         y += residual
-    return y.contiguous()  # NCDHW already (a no-op); the op's CPU output format
+    return y.contiguous()  # NCDHW already unless the input was channels-last and unpadded (P = 0)
 
 
 def _single_output_unstrided(padded, weight, stride, dilation):
