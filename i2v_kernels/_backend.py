@@ -145,8 +145,16 @@ def load_extension() -> Optional[str]:
     return None
 
 
+_registered: set = set()  # (op, dispatch key) pairs seen registered: a registration is never undone
+
+
 def _has_kernel(op: str, key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"i2v_kernels::{op}", key)
+    if (op, key) in _registered:
+        return True
+    found = torch._C._dispatch_has_kernel_for_dispatch_key(f"i2v_kernels::{op}", key)
+    if found:
+        _registered.add((op, key))
+    return found
 
 
 def triton_interpreted() -> bool:

@@ -48,6 +48,11 @@ def check_int(owner: str, name: str, value, *, minimum: int = 1) -> int:
 
 def check_triple(owner: str, name: str, v) -> tuple[int, int, int]:
     """``v`` as a ``(t, h, w)`` triple of positive ints (an int applies to all three dims)."""
+    if type(v) is int and v >= 1:  # the common cases first: a plain int, a tuple of three plain ints
+        return (v, v, v)
+    if (type(v) is tuple and len(v) == 3 and type(v[0]) is int and type(v[1]) is int and type(v[2]) is int
+            and v[0] >= 1 and v[1] >= 1 and v[2] >= 1):
+        return v
     if isinstance(v, int) and not isinstance(v, bool):
         v = (v, v, v)
     if (not isinstance(v, (tuple, list)) or len(v) != 3

@@ -57,8 +57,14 @@ def _cpu_padded(x, weight, bias, cache, residual, stride, dilation, padding_hw, 
 
 def _conv_residual(padded, weight, bias, residual, stride, dilation, dtype):
     """The unpadded conv of the padded input, plus the residual; NCDHW (the op's CPU output format)."""
-    padded, stride = _single_output_unstrided(padded, weight, stride, dilation)
-    y = F.conv3d(padded, weight, None if bias is None else bias.to(dtype), tuple(stride), 0, tuple(dilation))
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    if stride[0] > 1 or stride[1] > 1 or stride[2] > 1:
+        padded, stride = _single_output_unstrided(padded, weight, stride, dilation)
+    if dilation[0] == dilation[1] == dilation[2] == stride[0] == stride[1] == stride[2] == 1:
+        y = F.conv3d(padded, weight, bias)  # the call as eager code writes it
+    else:
+        y = F.conv3d(padded, weight, bias, tuple(stride), 0, tuple(dilation))
     if residual is not None:
         y += residual
     return y.contiguous()  # NCDHW already unless the input was channels-last and unpadded (P = 0)
