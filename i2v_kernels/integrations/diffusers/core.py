@@ -216,7 +216,7 @@ _MEMO_SIGNATURES = 8  # call signatures remembered per patched module and label
 # each timed where it runs, and ours is kept only if it still wins by PREFER_MARGIN. The turns compute
 # the same thing (to rounding), so they cost nothing but the slower half of them.
 IN_CONTEXT_CALLS = 6  # real calls per candidate
-_trials: dict[str, dict[str, list]] = {}  # key -> {OURS: [ms, ...], DIFFUSERS: [...]}
+_trials: dict[str, dict] = {}  # key -> {OURS: [ms, ...], DIFFUSERS: [...], "generation": _dispatch._generation}
 
 
 def _in_context(key: str, device: torch.device) -> bool:
@@ -241,12 +241,14 @@ def _trial_call(key: str, ours: Callable[[], Any], theirs: Callable[[], Any]):
     """One real call of a key under check: the candidate with fewer timed calls runs, timed."""
     import statistics
 
-    trial = _trials.setdefault(key, {OURS: [], DIFFUSERS: []})
+    trial = _trials.get(key)
+    if trial is None or trial["generation"] != _dispatch._generation:  # none yet, or from forgotten decisions
+        trial = _trials[key] = {OURS: [], DIFFUSERS: [], "generation": _dispatch._generation}
     name = OURS if len(trial[OURS]) <= len(trial[DIFFUSERS]) else DIFFUSERS
     out, ms = _timed(name, ours if name == OURS else theirs)
     trial[name].append(ms)
-    if min(len(v) for v in trial.values()) >= IN_CONTEXT_CALLS:
-        medians = {b: statistics.median(v) for b, v in trial.items()}
+    if min(len(trial[OURS]), len(trial[DIFFUSERS])) >= IN_CONTEXT_CALLS:
+        medians = {b: statistics.median(trial[b]) for b in (OURS, DIFFUSERS)}
         _dispatch.revise(key, _dispatch._fastest(medians, DIFFUSERS), medians)
         _trials.pop(key, None)
     return out
