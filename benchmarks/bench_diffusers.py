@@ -441,9 +441,13 @@ def _streaming_providers(session: Session, spec: VAE, vae, patched) -> list[Prov
     why = None if spec.cls in STREAMING_VAES else f"{spec.cls} does not stream (decode_streaming: CogVideoX, Wan)"
     out = []
     for name, model in (("streaming", vae), ("patched-streaming", patched)):
-        if session.wants(name):
-            out.append(Provider(name, why_not=why, kind="ours") if why else
-                       Provider(name, lambda z, m=model: decode_streaming(m, z, strict=True), kind="ours"))
+        if not session.wants(name):
+            continue
+        reason = why
+        if reason is None and name == "streaming" and session.quick and session.device.type == "cuda":
+            reason = "GPU --quick: only patched-streaming, within the stage's time cap"
+        out.append(Provider(name, why_not=reason, kind="ours") if reason else
+                   Provider(name, lambda z, m=model: decode_streaming(m, z, strict=True), kind="ours"))
     return out
 
 
