@@ -264,10 +264,14 @@ def _memo_hit(label: str, module: nn.Module, args: tuple, kwargs: dict) -> Optio
     if seen is None or module.training or _compiling() or _backend.requested_backend() != "auto":
         return None
     tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
-    if not tensors:
-        return None
+    return seen.get(_call_signature(tensors)) if tensors else None
+
+
+def _call_signature(tensors: list) -> tuple:
+    """A call's memo key: device and dtype of the first tensor argument, every tensor's shape, and the
+    dispatch generation (a forgotten decision invalidates the memo)."""
     first = tensors[0]
-    return seen.get((first.device, first.dtype, _dispatch._generation, *(t.shape for t in tensors)))
+    return (first.device, first.dtype, _dispatch._generation, *(t.shape for t in tensors))
 
 
 def _measured_call(label: str, module: nn.Module, args: tuple, kwargs: dict, ours: Callable[[], Any],
@@ -288,7 +292,7 @@ def _measured_call(label: str, module: nn.Module, args: tuple, kwargs: dict, our
     # toy-sized model calls a dozen patched modules per forward, and the key lookup cost ~3% of it. A
     # few signatures per module, not one: CogVideoX's decoder calls each conv with alternating frame
     # counts (first chunk, then the rest), and a one-entry memo missed on every call.
-    signature = (first.device, first.dtype, _dispatch._generation, *(t.shape for t in tensors))
+    signature = _call_signature(tensors)
     memo = module.__dict__.get(_CHOICE)
     seen = None if memo is None else memo.get(label)
     if seen is not None:
