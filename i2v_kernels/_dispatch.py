@@ -467,6 +467,16 @@ def choose(op: str, key: str, device: torch.device, candidates: Sequence[str], r
         return choice
 
 
+def fastest(times_ms: dict, prefer: Optional[str] = None) -> str:
+    """The candidate with the least time; ``prefer`` unless another is :data:`PREFER_MARGIN` faster."""
+    return _fastest(times_ms, prefer)
+
+
+def measuring_forbidden(device: torch.device) -> Optional[str]:
+    """Why nothing may be measured now on ``device`` (compile tracing, graph capture, tuning off), or None."""
+    return _measuring_forbidden(device)
+
+
 def revise(key: str, backend: str, in_context_ms: dict) -> None:
     """Replace ``key``'s measured decision by ``backend``, chosen from times taken in the caller's real
     calls (``in_context_ms``: candidate -> median ms); kept on disk like a measured one, marked so that

@@ -249,7 +249,7 @@ def _trial_call(key: str, ours: Callable[[], Any], theirs: Callable[[], Any]):
     trial[name].append(ms)
     if min(len(trial[OURS]), len(trial[DIFFUSERS])) >= IN_CONTEXT_CALLS:
         medians = {b: statistics.median(trial[b]) for b in (OURS, DIFFUSERS)}
-        _dispatch.revise(key, _dispatch._fastest(medians, DIFFUSERS), medians)
+        _dispatch.revise(key, _dispatch.fastest(medians, DIFFUSERS), medians)
         _trials.pop(key, None)
     return out
 
@@ -304,7 +304,7 @@ def _measured_call(label: str, module: nn.Module, args: tuple, kwargs: dict, our
     key = _dispatch.make_key(op, first.device, first.dtype, features)
     choice = _dispatch.choose(op, key, first.device, (OURS, DIFFUSERS), lambda b: ours() if b == OURS else theirs(),
                               lambda: OURS, prefer=DIFFUSERS)  # a measured tie keeps diffusers' own code
-    if choice == OURS and _in_context(key, first.device) and _dispatch._measuring_forbidden(first.device) is None:
+    if choice == OURS and _in_context(key, first.device) and _dispatch.measuring_forbidden(first.device) is None:
         return _trial_call(key, ours, theirs)  # no memo until the check is done
     if _dispatch.settled(key):
         seen = module.__dict__.setdefault(_CHOICE, {}).setdefault(label, {})
