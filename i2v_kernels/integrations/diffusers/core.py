@@ -288,17 +288,11 @@ def _measured_call(label: str, module: nn.Module, args: tuple, kwargs: dict, our
     if not tensors:
         return ours()
     first = tensors[0]
-    # A module called again with shapes it saw before takes that decision from a memo on itself: a
-    # toy-sized model calls a dozen patched modules per forward, and the key lookup cost ~3% of it. A
-    # few signatures per module, not one: CogVideoX's decoder calls each conv with alternating frame
-    # counts (first chunk, then the rest), and a one-entry memo missed on every call.
-    signature = _call_signature(tensors)
-    memo = module.__dict__.get(_CHOICE)
-    seen = None if memo is None else memo.get(label)
-    if seen is not None:
-        hit = seen.get(signature)
-        if hit is not None:
-            return ours() if hit else theirs()
+    # The decision is memoized on the module per call signature (read by the callers through _memo_hit
+    # before they build their closures): a toy-sized model calls a dozen patched modules per forward, and
+    # the key lookup cost ~3% of it. A few signatures per module, not one: CogVideoX's decoder calls each
+    # conv with alternating frame counts (first chunk, then the rest), and a one-entry memo missed on
+    # every call.
     features = tuple(tuple(t.shape) for t in tensors)
     op = f"diffusers:{label}"
     key = _dispatch.make_key(op, first.device, first.dtype, features)
@@ -310,7 +304,7 @@ def _measured_call(label: str, module: nn.Module, args: tuple, kwargs: dict, our
         seen = module.__dict__.setdefault(_CHOICE, {}).setdefault(label, {})
         if len(seen) >= _MEMO_SIGNATURES:
             seen.pop(next(iter(seen)))  # oldest first
-        seen[signature] = choice == OURS
+        seen[_call_signature(tensors)] = choice == OURS
     return ours() if choice == OURS else theirs()
 
 
@@ -378,7 +372,11 @@ class _Processor:
             if getattr(self.original, "_attention_backend", None) is not None:
                 # set_attention_backend(...) asked for one of diffusers' backends: its processor runs it
                 return self.original(attn, *args, **kw)
-            return _measured_call(type(self).__name__, attn, args, kw, lambda: self.compute(attn, *args, **kw),
+            label = type(self).__name__
+            hit = _memo_hit(label, attn, args, kw)  # the common case, without building the closures
+            if hit is not None:
+                return self.compute(attn, *args, **kw) if hit else self.original(attn, *args, **kw)
+            return _measured_call(label, attn, args, kw, lambda: self.compute(attn, *args, **kw),
                                   lambda: self.original(attn, *args, **kw))
 
         __call__.__signature__ = inspect.signature(cls.compute)
