@@ -59,7 +59,6 @@ FAMILY = "diffusers"
 OPS = ("transformer", "unet", "vae-decode")
 PROVIDERS = ("torch", "compile", "patched", "patched-native", "patched-compile", "cache", "patched-cache", "streaming",
              "patched-streaming")
-STREAMING_VAES = ("AutoencoderKLCogVideoX", "AutoencoderKLWan")
 QUICK_BUDGET_S = 40  # tools/gpu_check.py's cap for this stage
 QUICK_STOP = 0.6     # GPU --quick starts no case after this fraction of the budget (imports and CUDA start-up
                      # come on top of it, and one case takes seconds)
@@ -437,6 +436,7 @@ def _streaming_providers(session: Session, spec: VAE, vae, patched) -> list[Prov
     """``streaming`` / ``patched-streaming``: ``decode_streaming`` (the decoder on diffusers' own chunks,
     each written into one preallocated video) of the unpatched / patched VAE."""
     from i2v_kernels.integrations.diffusers import decode_streaming
+    from i2v_kernels.integrations.diffusers.stream import STREAMING_VAES
 
     why = None if spec.cls in STREAMING_VAES else f"{spec.cls} does not stream (decode_streaming: CogVideoX, Wan)"
     out = []
