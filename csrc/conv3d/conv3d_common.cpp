@@ -2,7 +2,6 @@
 // conv3d_cuda.cpp. The argument checks mirror _check in i2v_kernels/ops/conv3d/__init__.py.
 #include "conv3d/conv3d_common.h"
 
-#include <algorithm>
 #include <array>
 #include <vector>
 
@@ -14,6 +13,7 @@
 #include <c10/core/MemoryFormat.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
+#include <c10/util/strides.h>
 
 namespace i2v {
 namespace conv3d {
@@ -152,12 +152,9 @@ at::Tensor causal_conv3d_forward(const at::Tensor& x, const at::Tensor& weight, 
               ", expected ", c10::IntArrayRef(out_sizes));
   // The residual is added in the math dtype (fp32 for fp16/bf16 on CPU, as the reference), in place or
   // fused with the one copy to the output's dtype and layout.
-  std::vector<int64_t> out_strides(5, 1);
-  if (cpu) {
-    for (int d = 3; d >= 0; --d) out_strides[d] = out_strides[d + 1] * std::max<int64_t>(out_sizes[d + 1], 1);
-  } else {
-    out_strides = c10::get_channels_last_strides_3d(c10::IntArrayRef(out_sizes));
-  }
+  const c10::IntArrayRef sizes(out_sizes);
+  const c10::DimVector out_strides =
+      cpu ? c10::contiguous_strides(sizes) : c10::DimVector(c10::IntArrayRef(c10::get_channels_last_strides_3d(sizes)));
   if (y.scalar_type() == x.scalar_type() && y.strides() == c10::IntArrayRef(out_strides)) {
     if (residual.has_value()) y.add_(*residual);
     return y;
