@@ -42,6 +42,11 @@ TORCH_LIBRARY(i2v_kernels, m) {
   // fp64 on the CPU); out contiguous. The CPU kernel applies the non-finite rule of
   // i2v_kernels/ops/attention/semantics.py itself.
   m.def("_temporal_attention_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal) -> Tensor");
+  // Attention through ATen's CPU flash kernel (CPU only) when q, k, v [batch, H, seq, D] (unit stride
+  // on D) hold no NaN or infinity; bias is the kernel's additive mask in q's dtype, or None. Returns
+  // the kernel's output, or None (the kernel not run) when an input is not finite, for the caller to
+  // run the non-finite rule's full path.
+  m.def("_sdpa_cpu_checked(Tensor q, Tensor k, Tensor v, Tensor? bias, bool causal, float scale) -> Tensor?");
   // Causal 3D convolution forward (CPU and CUDA; ATen convolution, cuDNN on CUDA): x [B, Cin, T, H, W],
   // weight [Cout, Cin, kt, kh, kw]; x is padded in front in time by P = (kt - 1) * dilation_t frames --
   // `cache` [B, Cin, P, H, W] when given, else the first frame repeated (time_pad == 0, "replicate") or

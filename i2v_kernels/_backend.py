@@ -151,7 +151,10 @@ _registered: set = set()  # (op, dispatch key) pairs seen registered: a registra
 def _has_kernel(op: str, key: str) -> bool:
     if (op, key) in _registered:
         return True
-    found = torch._C._dispatch_has_kernel_for_dispatch_key(f"i2v_kernels::{op}", key)
+    try:
+        found = torch._C._dispatch_has_kernel_for_dispatch_key(f"i2v_kernels::{op}", key)
+    except RuntimeError:  # no such operator: the extension is missing or older than this package
+        return False
     if found:
         _registered.add((op, key))
     return found

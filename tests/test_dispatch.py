@@ -413,3 +413,42 @@ def test_direct_call_takes_module_parameters():
         assert not _backend.direct_call_ok(x.as_subclass(Traced), w)
     assert not _backend.direct_call_ok(x, w)  # grad on and w requires it: the op records autograd
     assert _backend.direct_call_ok(x, nn.Parameter(torch.randn(3), requires_grad=False))
+
+
+def test_repeated_attention_calls_reuse_the_decision_and_keep_the_checks(tuner, monkeypatch):
+    """A plain call whose decision is settled is remembered by its signature (attention's _plans):
+    the next call with that signature skips the argument checks and the dispatch lookup. A call that
+    differs in anything the checks or the decision read (a dtype, a forced backend, kv_lens, the
+    decision generation) goes the full way again, and kv_lens values are checked on every call."""
+    from i2v_kernels.ops import attention as attn
+    from i2v_kernels.ops.attention import reference
+
+    tuner.times = {"native": 1.0, "native_packed": 2.0}
+    q = torch.randn(2, 9, 2, 8)
+    k, v = torch.randn(2, 5, 2, 2, 8).unbind(2)
+    kv_lens = torch.tensor([3, 5])
+    want = reference.attention(q, k, v)
+    torch.testing.assert_close(i2v_kernels.attention(q, k, v), want, **TOL[q.dtype])
+    torch.testing.assert_close(i2v_kernels.attention(q, k, v, kv_lens=kv_lens),
+                               reference.attention(q, k, v, kv_lens=kv_lens), **TOL[q.dtype])
+    assert "native" in attn._plans.values()
+
+    full = []
+    forward = attn._forward
+    monkeypatch.setattr(attn, "_forward", lambda *a, **kw: full.append(1) or forward(*a, **kw))
+    torch.testing.assert_close(i2v_kernels.attention(q, k, v), want, **TOL[q.dtype])
+    i2v_kernels.attention(q, k, v, kv_lens=kv_lens)
+    assert full == []  # both remembered
+    with pytest.raises(ValueError, match="kv_lens values"):
+        i2v_kernels.attention(q, k, v, kv_lens=torch.tensor([0, 5]))
+    with pytest.raises(TypeError, match="k must have q's dtype"):
+        i2v_kernels.attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="head dim|expected"):
+        i2v_kernels.attention(q, k[..., :4], v)
+    assert len(full) == 2
+    with i2v_kernels.use_backend("torch"):
+        torch.testing.assert_close(i2v_kernels.attention(q, k, v), want, **TOL[q.dtype])
+    assert len(full) == 3
+    _dispatch.clear()  # a forgotten decision is not reused
+    i2v_kernels.attention(q, k, v)
+    assert len(full) == 4

@@ -97,6 +97,89 @@ def test_packed_views_non_finite(value, where, order, attn_backend):
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
+_BAD = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("value", list(_BAD))
+@pytest.mark.parametrize("where", ["q-element", "q-row", "k", "v", "k-masked", "none"])
+@pytest.mark.parametrize("grad", [False, True], ids=["plain", "autograd"])
+def test_cpu_flash_check_follows_the_nan_rule(dtype, value, where, grad, attn_backend):
+    """A plain CPU call checks q, k, v and runs the flash kernel in one C++ call
+    (native._cpu_flash_checked); a call recording autograd sums with ATen ops. Every kind of
+    non-finite input, in every attention mode, gives exactly the reference's NaNs. The shapes are
+    short on purpose: at 6 keys ATen's kernel returned a zero row and lse 0 for a NaN query, so the
+    kernel's lse cannot stand in for reading q. k holds a -inf whose scores are all -inf (q >= 0),
+    which leaves the kernel's output finite."""
+    torch.manual_seed(3)
+    bad = _BAD[value]
+    B, T, S, H, D, M = 2, 5, 6, 2, 16, 7
+    q, k, v = (torch.randn(B, T, S, H, D, dtype=dtype) for _ in range(3))
+    qd = torch.randn(B, 11, H, D, dtype=dtype)
+    kd, vd = (torch.randn(B, M, H, D, dtype=dtype) for _ in range(2))
+    kv_lens = torch.tensor([4, 7])
+    if where == "q-element":
+        q[1, 2, 3, 1, 5] = qd[1, 4, 0, 7] = bad
+    elif where == "q-row":
+        q[0, 1, 2, 0] = qd[0, 3, 1] = bad
+    elif where == "k":
+        q, qd = q.abs(), qd.abs()  # every score of the bad key is -inf for value "-inf": the lse stays finite
+        k[1, 3, 4, 1, :] = kd[1, 2, 0, :] = bad
+    elif where == "v":
+        v[0, 4, 1, 1, 3] = vd[1, 5, 1, 2] = bad
+    elif where == "k-masked":  # past kv_lens[0]: no row of sample 0 sees it
+        kd[0, 5, 1, 3] = bad
+    tensors = (q, k, v, qd, kd, vd)
+    if grad:
+        for t in tensors:
+            t.requires_grad_(True)
+    cases = [(lambda: i2v_kernels.attention(qd, kd, vd, kv_lens=kv_lens),
+              lambda: attn_ref.attention(qd, kd, vd, kv_lens=kv_lens))]
+    if where != "k-masked":
+        cases += [
+            (lambda: i2v_kernels.spatial_attention(q, k, v), lambda: attn_ref.spatial_attention(q, k, v)),
+            (lambda: i2v_kernels.temporal_attention(q, k, v, causal=True),
+             lambda: attn_ref.temporal_attention(q, k, v, causal=True)),
+            (lambda: i2v_kernels.temporal_attention(q, k, v), lambda: attn_ref.temporal_attention(q, k, v)),
+            (lambda: i2v_kernels.attention(qd, kd, vd), lambda: attn_ref.attention(qd, kd, vd)),
+        ]
+    for ours, ref in cases:
+        out, expected = _native(ours), ref()
+        if where == "none" or where == "k-masked":
+            assert torch.isfinite(expected).all()
+        else:
+            assert expected.isnan().any()
+        assert out.dtype == dtype and out.shape == expected.shape
+        torch.testing.assert_close(out.detach().double(), expected.detach().double(), equal_nan=True,
+                                   **NATIVE_TOL[dtype])
+
+
+def test_cpu_flash_check_runs_the_cpp_op(monkeypatch):
+    """A plain CPU call goes through the C++ op (one call: check, then the kernel); when the op says
+    None the full path still gives the rule's NaNs."""
+    if not _backend._has_kernel("_sdpa_cpu_checked", "CPU"):
+        pytest.skip("i2v_kernels._C without the CPU kernels")
+    from i2v_kernels.ops.attention import native
+
+    calls = []
+    real = torch.ops.i2v_kernels._sdpa_cpu_checked
+
+    class Ops:
+        @staticmethod
+        def _sdpa_cpu_checked(*args):
+            calls.append(args)
+            return real(*args)
+
+    monkeypatch.setattr(native.torch.ops, "i2v_kernels", Ops)
+    q, k, v = (torch.randn(1, 9, 2, 8) for _ in range(3))
+    _close(_native(i2v_kernels.attention, q, k, v), attn_ref.attention(q, k, v), torch.float32)
+    assert len(calls) == 1
+    q[0, 3, 1, 2] = float("nan")
+    assert real(*(t.transpose(1, 2) for t in (q, k, v)), None, False, 0.3) is None
+    out = _native(i2v_kernels.attention, q, k, v)
+    assert out[0, 3, 1].isnan().all() and out.isnan().sum() == 8
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("qk_norm", [None, "layer", "rms"])
 @pytest.mark.parametrize("rope_style", [None, "interleaved", "half"])

@@ -225,16 +225,15 @@ def _static_choice(op, device, dtype, flags, sizes):
     return choice
 
 
-def _forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style):
+def _forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style,
+             signature=None):
     op = _NAMES[mode]
     _check(mode, q, k, v, scale, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style)
     _check_kv_lens_values(kv_lens, k.shape[1], op)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    rope = None if cos is None else (cos, sin)
-    kwargs = dict(scale=scale, qk_norm=qk_norm, q_norm_weight=qw, q_norm_bias=qb, k_norm_weight=kw, k_norm_bias=kb,
-                  norm_eps=norm_eps, rope=rope, rope_style=rope_style)
     if q.numel() == 0:
-        return reference_forward(mode, q, k, v, causal, kv_lens, kwargs)
+        return _run("torch", mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin,
+                    rope_style)
 
     def why_not(backend):
         if backend == "triton":
@@ -250,27 +249,41 @@ def _forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, nor
         return None
 
     def run(backend):
-        if backend == "torch":
-            return reference_forward(mode, q, k, v, causal, kv_lens, kwargs)
-        if backend in ("native", "native_packed"):
-            return native.sdpa(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin,
-                               rope_style, packed=backend == "native_packed")
-        if backend in _backend.OUTSIDE:
-            return native.outside(backend, _backend._outside[backend].get(), mode, q, k, v, scale, causal, qk_norm,
-                                  qw, qb, kw, kb, norm_eps, cos, sin, rope_style)
-        if backend == "cuda":
-            return torch.ops.i2v_kernels._temporal_attention_fwd(_unit_d(q), _unit_d(k), _unit_d(v), scale, causal)
-        if backend == "cpu":
-            qp, kp = _prologue_first(q, k, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style)
-            return torch.ops.i2v_kernels._temporal_attention_fwd(_unit_d(qp), _unit_d(kp), _unit_d(v), scale, causal)
-        return _triton_forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin,
-                               rope_style)
+        return _run(backend, mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin,
+                    rope_style)
 
     flags, sizes = dispatch_features(mode, q.shape, k.shape, causal, kv_lens is not None, qk_norm, cos is not None,
                                      rope_style)
     features = flags + tuple(_dispatch.bucket(n) for n in sizes[:3]) + (sizes[3],)
-    return _backend.dispatch(op, q.device, q.dtype, why_not, _IMPLEMENTED_FWD[mode], features, run,
-                             lambda: _static_choice(op, q.device, q.dtype, flags, sizes))
+    out = _backend.dispatch(op, q.device, q.dtype, why_not, _IMPLEMENTED_FWD[mode], features, run,
+                            lambda: _static_choice(op, q.device, q.dtype, flags, sizes))
+    if signature is not None:
+        key = _dispatch.make_key(op, q.device, q.dtype, features)
+        if _dispatch.settled(key) and len(_plans) < _PLANS_MAX:
+            _plans[signature] = _dispatch.cached(key, q.device)
+    return out
+
+
+def _run(backend, mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style):
+    """One call on ``backend`` (arguments checked, ``scale`` resolved)."""
+    if backend in ("native", "native_packed"):
+        return native.sdpa(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin,
+                           rope_style, packed=backend == "native_packed")
+    if backend == "torch":
+        kwargs = dict(scale=scale, qk_norm=qk_norm, q_norm_weight=qw, q_norm_bias=qb, k_norm_weight=kw,
+                      k_norm_bias=kb, norm_eps=norm_eps, rope=None if cos is None else (cos, sin),
+                      rope_style=rope_style)
+        return reference_forward(mode, q, k, v, causal, kv_lens, kwargs)
+    if backend in _backend.OUTSIDE:
+        return native.outside(backend, _backend._outside[backend].get(), mode, q, k, v, scale, causal, qk_norm,
+                              qw, qb, kw, kb, norm_eps, cos, sin, rope_style)
+    if backend == "cuda":
+        return torch.ops.i2v_kernels._temporal_attention_fwd(_unit_d(q), _unit_d(k), _unit_d(v), scale, causal)
+    if backend == "cpu":
+        qp, kp = _prologue_first(q, k, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style)
+        return torch.ops.i2v_kernels._temporal_attention_fwd(_unit_d(qp), _unit_d(kp), _unit_d(v), scale, causal)
+    return _triton_forward(mode, q, k, v, scale, causal, kv_lens, qk_norm, qw, qb, kw, kb, norm_eps, cos, sin,
+                           rope_style)
 
 
 def reference_forward(mode, q, k, v, causal, kv_lens, kwargs):
@@ -548,7 +561,13 @@ _register(_dense_lse_op, DENSE, _fake_lse)
 # Public functions
 
 
+_NO_PROLOGUE = (None, None, None, None, None, 1e-6, None, None, "interleaved")  # the defaults: no QK-norm, no RoPE
+
+
 def _prologue_args(op, qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, norm_eps, rope, rope_style):
+    if (qk_norm is None and rope is None and q_norm_weight is None and q_norm_bias is None and k_norm_weight is None
+            and k_norm_bias is None and type(norm_eps) is float and norm_eps == 1e-6 and rope_style == "interleaved"):
+        return _NO_PROLOGUE  # the common call, recognised by identity in _signature
     if rope is not None and (not isinstance(rope, (tuple, list)) or len(rope) != 2):
         raise TypeError(f"{op}: rope must be a pair (cos, sin) of tensors, got {type(rope).__name__}")
     norm_eps = check_float_arg(op, "norm_eps", norm_eps, positive=True)
@@ -560,10 +579,31 @@ def _scale_arg(op, scale):
     return None if scale is None else check_float_arg(op, "scale", scale)
 
 
-def _tensors(op, **tensors):
-    for name, t in tensors.items():
+def _tensors(op, q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+
+
+# Call signature -> the settled decision of its key, for plain eager calls that passed the checks once:
+# a repeated call (every layer of a DiT at every step) skips the argument checks and the dispatch
+# lookup, ~20 us of Python per call. The signature holds everything the checks and the decision read.
+_plans: dict[tuple, str] = {}
+_PLANS_MAX = 4096
+
+
+def _meta(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _signature(mode, q, k, v, scale, causal, kv_lens, prologue) -> tuple:
+    if prologue is _NO_PROLOGUE and kv_lens is None:
+        return (mode, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
+                q.device, k.device, v.device, scale, causal, _backend.requested_backend(), _dispatch._generation)
+    qk_norm, qw, qb, kw, kb, norm_eps, cos, sin, rope_style = prologue
+    return (mode, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+            k.device, v.device, scale, causal, _meta(kv_lens), qk_norm, _meta(qw), _meta(qb), _meta(kw), _meta(kb),
+            norm_eps, _meta(cos), _meta(sin), rope_style, _backend.requested_backend(), _dispatch._generation)
 
 
 def _call(mode, q, k, v, scale, causal, kv_lens, prologue, return_lse=False):
@@ -574,7 +614,14 @@ def _call(mode, q, k, v, scale, causal, kv_lens, prologue, return_lse=False):
             return _forward_lse(q, k, v, scale, kv_lens, *prologue)
         return tuple(torch.ops.i2v_kernels.attention_lse(q, k, v, scale, kv_lens, *prologue))
     if _backend.direct_call_ok(q, k, v, kv_lens, qw, qb, kw, kb, cos, sin):
-        return _forward(mode, q, k, v, scale, causal, kv_lens, *prologue)
+        signature = _signature(mode, q, k, v, scale, causal, kv_lens, prologue)
+        backend = _plans.get(signature)
+        if backend is None:
+            return _forward(mode, q, k, v, scale, causal, kv_lens, *prologue, signature=signature)
+        if kv_lens is not None:
+            _check_kv_lens_values(kv_lens, k.shape[1], _NAMES[mode])
+        return _run(backend, mode, q, k, v, q.shape[-1] ** -0.5 if scale is None else scale, causal, kv_lens,
+                    *prologue)
     if mode == SPATIAL:
         return torch.ops.i2v_kernels.spatial_attention(q, k, v, scale, *prologue)
     if mode == TEMPORAL:
@@ -593,7 +640,7 @@ def spatial_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float]
         q, k, v = qkv.view(2, 16, 256, 3, 16, 72).unbind(3)                           # views, no copy
         out = i2v_kernels.spatial_attention(q, k, v)                                   # [2, 16, 256, 16, 72]
     """
-    _tensors("spatial_attention", q=q, k=k, v=v)
+    _tensors("spatial_attention", q, k, v)
     return _call(SPATIAL, q, k, v, _scale_arg("spatial_attention", scale), False, None,
                  _prologue_args("spatial_attention", qk_norm, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
                                 norm_eps, rope, rope_style))
@@ -606,7 +653,7 @@ def temporal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float
 
     ``causal=True`` lets frame ``t`` see frames ``<= t`` only.
     """
-    _tensors("temporal_attention", q=q, k=k, v=v)
+    _tensors("temporal_attention", q, k, v)
     if not isinstance(causal, bool):
         raise TypeError(f"temporal_attention: causal must be a bool, got {type(causal).__name__}")
     return _call(TEMPORAL, q, k, v, _scale_arg("temporal_attention", scale), causal, None,
@@ -627,7 +674,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     :mod:`i2v_kernels.distributed`). Only backends that compute it run such a call (``torch``,
     ``native``, ``triton``).
     """
-    _tensors("attention", q=q, k=k, v=v)
+    _tensors("attention", q, k, v)
     if not isinstance(return_lse, bool):
         raise TypeError(f"attention: return_lse must be a bool, got {type(return_lse).__name__}")
     return _call(DENSE, q, k, v, _scale_arg("attention", scale), False, kv_lens,

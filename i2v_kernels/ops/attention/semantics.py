@@ -30,21 +30,32 @@ def _bad(t: Tensor) -> Tensor:
     return ~torch.isfinite(t)
 
 
-def _fp32_sum(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """The fp32 sum of all three tensors: NaN or infinite when one of them holds a NaN or an infinity.
-    Views of one packed QKV projection (one storage, one shape and strides, equally spaced offsets:
-    ``qkv.unbind(dim)``) are summed as one ``[3, ...]`` view of that storage: one reduction over
-    contiguous memory instead of three strided ones and a stack (2-core CPU, 6 MiB of q, k, v:
-    0.13 ms instead of 0.20-0.28). Adding the sums keeps a non-finite one non-finite (inf - inf is
+def _fp32_sum(*ts: Tensor) -> Tensor:
+    """The fp32 sum of all the tensors: NaN or infinite when one of them holds a NaN or an infinity.
+    Views of one packed projection (one storage, one shape and strides, equally spaced offsets:
+    ``qkv.unbind(dim)``, ``kv.unbind(dim)``) are summed as one ``[n, ...]`` view of that storage: one
+    reduction over contiguous memory instead of n strided ones and a stack (2-core CPU, 6 MiB of q, k,
+    v: 0.13 ms instead of 0.20-0.28). Adding the sums keeps a non-finite one non-finite (inf - inf is
     NaN); finite sums that overflow only send the call down the full path."""
-    ts = sorted((q, k, v), key=Tensor.storage_offset)
-    step = ts[1].storage_offset() - ts[0].storage_offset()
-    if (all(t.shape == q.shape and t.stride() == q.stride() for t in ts)
-            and ts[2].storage_offset() - ts[1].storage_offset() == step
-            and ts[0].untyped_storage().data_ptr() == ts[1].untyped_storage().data_ptr()
-            == ts[2].untyped_storage().data_ptr()):
-        return ts[0].as_strided((3, *q.shape), (step, *q.stride())).sum(dtype=torch.float32)
-    return q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32) + v.sum(dtype=torch.float32)
+    ts = sorted(ts, key=Tensor.storage_offset)
+    first = ts[0]
+    if len(ts) > 1:
+        step = ts[1].storage_offset() - first.storage_offset()
+        ptr = first.untyped_storage().data_ptr()
+        if step > 0 and all(t.shape == first.shape and t.stride() == first.stride() and t.dtype == first.dtype
+                            and t.storage_offset() - first.storage_offset() == i * step
+                            and t.untyped_storage().data_ptr() == ptr for i, t in enumerate(ts)):
+            return first.as_strided((len(ts), *first.shape), (step, *first.stride())).sum(dtype=torch.float32)
+    total = first.sum(dtype=torch.float32)
+    for t in ts[1:]:
+        total = total + t.sum(dtype=torch.float32)
+    return total
+
+
+def all_finite(*ts: Tensor) -> bool:
+    """Whether none of the tensors holds a NaN or an infinity, by their fp32 sum (:func:`_fp32_sum`);
+    False also where a finite sum overflows, which only sends a caller down its full path."""
+    return math.isfinite(_fp32_sum(*ts).item())
 
 
 def finite_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, kv_lens: Optional[Tensor]):
@@ -57,7 +68,7 @@ def finite_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, kv_lens: Option
     Only such a call -- or one inside CUDA-graph capture, where the check cannot read the result --
     takes the full path."""
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and math.isfinite(_fp32_sum(q, k, v).item()):
+    if not capturing and all_finite(q, k, v):
         return q, k, v, None
     q_row = _bad(q).any(-1)  # [..., Sq]
     k_row = _bad(k).any(-1)  # [..., Sk]
