@@ -257,6 +257,9 @@ COGVIDEOX_VAE = VAE("cogvideox-vae-240x360", "AutoencoderKLCogVideoX", {}, (1, 1
                     "-> 49 frames at 240x360 (half of 480x720 in each dimension)")
 COGVIDEOX_VAE_QUICK = VAE("cogvideox-vae-240x360-5f", "AutoencoderKLCogVideoX", {}, (1, 16, 5, 30, 45),
                           "AutoencoderKLCogVideoX default config, 5 latent frames of 30x45 -> 17 frames at 240x360")
+COGVIDEOX_VAE_CPU = VAE("cogvideox-vae-48x48-5f", "AutoencoderKLCogVideoX", {}, (1, 16, 2, 6, 6),
+                        "AutoencoderKLCogVideoX default config (the released widths), 2 latent frames of 6x6 -> 5 frames "
+                        "at 48x48: a CPU-sized decode where the decoder's activations set the peak memory")
 WAN_VAE = VAE("wan2.1-vae-240x416", "AutoencoderKLWan", {}, (1, 16, 21, 30, 52),
               "AutoencoderKLWan default config (the released Wan2.1 VAE), 21 latent frames of 30x52 -> 81 frames "
               "at 240x416 (half of 480x832 in each dimension)")
@@ -291,7 +294,7 @@ MODELS = {
     ("cuda", True): ((WAN_1_3B_QUICK, WAN_14B_I2V_QUICK, LATTE_1_QUICK, LTX_VIDEO_QUICK, SVD_XT_QUICK),
                      (COGVIDEOX_VAE_QUICK, WAN_VAE_QUICK)),
     ("cpu", False): ((COGVIDEOX_TINY, WAN_TINY, LATTE_TINY, LTX_TINY, SVD_TINY),
-                     (COGVIDEOX_VAE_TINY, WAN_VAE_TINY, SVD_VAE_TINY)),
+                     (COGVIDEOX_VAE_TINY, WAN_VAE_TINY, SVD_VAE_TINY, COGVIDEOX_VAE_CPU)),
     ("cpu", True): ((COGVIDEOX_TINY, WAN_TINY), (COGVIDEOX_VAE_TINY,)),
 }
 HEADLINE = COGVIDEOX_5B  # GPU --quick: run after the others, the only case that compiles there
