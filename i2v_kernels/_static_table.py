@@ -14,9 +14,9 @@ cpu: AMD EPYC, 2 threads (2026-12-04); cpu: Intel(R) Xeon(R) Processor, 2 thread
 """
 
 TABLE = [
-    # spatial cpu-small on cpu: Intel(R) Xeon(R) Processor, 2 threads, 2026-12-06: native 4.151,
-    # native_packed 5.782 ms
-    ('spatial_attention', 'cpu', 'float32', (0, 0, 'none', 'none'), (32, 256, 256, 64), 'native'),
+    # spatial cpu-small on cpu: Intel(R) Xeon(R) Processor, 2 threads, 2026-12-06: native_packed
+    # 2.99, native 3.076 ms
+    ('spatial_attention', 'cpu', 'float32', (0, 0, 'none', 'none'), (32, 256, 256, 64), 'native_packed'),
     # spatial latte-xl on NVIDIA H200, 2026-12-04: native 0.08206, native_packed 0.1333, triton
     # 0.1917 ms
     ('spatial_attention', 'cuda', 'bfloat16', (0, 0, 'none', 'none'), (512, 256, 256, 72), 'native'),
@@ -26,9 +26,9 @@ TABLE = [
     # spatial cogvideox-5b on NVIDIA H200, 2026-12-04: native 1.537, native_packed 2.403, triton
     # 2.979 ms
     ('spatial_attention', 'cuda', 'bfloat16', (0, 0, 'none', 'none'), (1248, 1350, 1350, 64), 'native'),
-    # temporal cpu-small on cpu: Intel(R) Xeon(R) Processor, 2 threads, 2026-12-06: native
-    # 1.587, native_packed 2.515 ms
-    ('temporal_attention', 'cpu', 'float32', (0, 0, 'none', 'none'), (1024, 8, 8, 64), 'native'),
+    # temporal cpu-small on cpu: Intel(R) Xeon(R) Processor, 2 threads, 2026-12-06:
+    # native_packed 0.5739, native 0.5967 ms
+    ('temporal_attention', 'cpu', 'float32', (0, 0, 'none', 'none'), (1024, 8, 8, 64), 'native_packed'),
     # temporal latte-xl on NVIDIA H200, 2026-12-04: cuda 0.1973, triton 0.2994, native 0.3037,
     # native_packed 0.3051 ms
     ('temporal_attention', 'cuda', 'bfloat16', (0, 0, 'none', 'none'), (8192, 16, 16, 72), 'cuda'),
@@ -47,11 +47,11 @@ TABLE = [
     # temporal cogvideox-5b on NVIDIA H200, 2026-12-04: triton 0.3072, cuda 1.976, native 3.33,
     # native_packed 3.332 ms
     ('temporal_attention', 'cuda', 'bfloat16', (0, 0, 'none', 'none'), (129600, 13, 13, 64), 'triton'),
-    # cross cpu-small on cpu: Intel(R) Xeon(R) Processor, 2 threads, 2026-12-06: native 3.323,
-    # native_packed 3.57 ms
-    ('attention', 'cpu', 'float32', (0, 0, 'none', 'none'), (4, 2048, 226, 64), 'native'),
+    # cross cpu-small on cpu: Intel(R) Xeon(R) Processor, 2 threads, 2026-12-06: native_packed
+    # 2.406, native 2.451 ms
+    ('attention', 'cpu', 'float32', (0, 0, 'none', 'none'), (4, 2048, 226, 64), 'native_packed'),
     # dense cpu-small on cpu: Intel(R) Xeon(R) Processor, 2 threads, 2026-12-06: native_packed
-    # 24.09, native 24.71 ms
+    # 18.56, native 19.03 ms
     ('attention', 'cpu', 'float32', (0, 0, 'none', 'none'), (4, 2048, 2048, 64), 'native_packed'),
     # cross latte-xl on NVIDIA H200, 2026-12-04: native 0.05245, triton 0.1232 ms
     ('attention', 'cuda', 'bfloat16', (0, 0, 'none', 'none'), (32, 4096, 77, 72), 'native'),
@@ -66,28 +66,28 @@ TABLE = [
     # 33.53 ms
     ('attention', 'cuda', 'bfloat16', (0, 0, 'none', 'none'), (96, 17550, 17550, 64), 'native'),
     # qk_norm_rope cogvideox-5b-2k on cpu: Intel(R) Xeon(R) Processor, 2 threads, 2026-12-06:
-    # cpu 32.66, native 42.81 ms
+    # cpu 27.03, native 45.27 ms
     ('qk_norm_rope', 'cpu', 'float32', ('layer', 'interleaved', 1, 1), (98304, 64), 'cpu'),
-    # qk_norm_rope latte-like-1f on cpu: Intel(R) Xeon(R) Processor, 2 threads, 2026-12-06: cpu
-    # 3.536, native 4.393 ms
-    ('qk_norm_rope', 'cpu', 'float32', ('rms', 'half', 1, 0), (8192, 72), 'cpu'),
+    # qk_norm_rope latte-like-1f on cpu: Intel(R) Xeon(R) Processor, 2 threads, 2026-12-06:
+    # native 2.37, cpu 2.818 ms
+    ('qk_norm_rope', 'cpu', 'float32', ('rms', 'half', 1, 0), (8192, 72), 'native'),
     # adaln_modulate cogvideox-5b-3f per-frame on cpu: Intel(R) Xeon(R) Processor, 2 threads,
-    # 2026-12-06: cpu 40.7, native 99.78 ms
+    # 2026-12-06: cpu 28.5, native 75.59 ms
     ('adaln_modulate', 'cpu', 'float32', ('frame',), (8100, 3072), 'cpu'),
     # adaln_modulate latte per-frame on cpu: AMD EPYC, 2 threads, 2026-12-04: cpu 47.88, native
     # 117 ms
     ('adaln_modulate', 'cpu', 'float32', ('frame',), (8192, 1152), 'cpu'),
     # adaln_modulate latte-b8 per-frame on cpu: Intel(R) Xeon(R) Processor, 2 threads,
-    # 2026-12-06: cpu 56.81, native 151.6 ms
+    # 2026-12-06: cpu 42.39, native 113.1 ms
     ('adaln_modulate', 'cpu', 'float32', ('frame',), (32768, 1152), 'cpu'),
     # adaln_modulate cogvideox-5b-3f per-sample on cpu: Intel(R) Xeon(R) Processor, 2 threads,
-    # 2026-12-06: cpu 37.11, native 96.62 ms
+    # 2026-12-06: cpu 29.26, native 77.08 ms
     ('adaln_modulate', 'cpu', 'float32', ('sample',), (8100, 3072), 'cpu'),
     # adaln_modulate latte per-sample on cpu: AMD EPYC, 2 threads, 2026-12-04: cpu 49.59, native
     # 145 ms
     ('adaln_modulate', 'cpu', 'float32', ('sample',), (8192, 1152), 'cpu'),
     # adaln_modulate latte-b8 per-sample on cpu: Intel(R) Xeon(R) Processor, 2 threads,
-    # 2026-12-06: cpu 54.95, native 142.4 ms
+    # 2026-12-06: cpu 40.2, native 109 ms
     ('adaln_modulate', 'cpu', 'float32', ('sample',), (32768, 1152), 'cpu'),
     # adaln_modulate latte per-frame on NVIDIA H200, 2026-12-04: native 0.113, cuda 0.1135,
     # triton 0.2162 ms
@@ -108,19 +108,19 @@ TABLE = [
     # 0.3436, native 1.076 ms
     ('adaln_modulate', 'cuda', 'bfloat16', ('shared',), (32760, 5120), 'triton'),
     # gated_residual_adaln cogvideox-5b-3f per-frame on cpu: Intel(R) Xeon(R) Processor, 2
-    # threads, 2026-12-06: cpu 23.11, native 66.91 ms
+    # threads, 2026-12-06: cpu 53.43, native 103.5 ms
     ('gated_residual_adaln', 'cpu', 'float32', ('frame',), (8100, 3072), 'cpu'),
     # gated_residual_adaln latte-b8 per-frame on cpu: Intel(R) Xeon(R) Processor, 2 threads,
-    # 2026-12-06: cpu 112.9, native 211.4 ms
+    # 2026-12-06: cpu 89.53, native 170.5 ms
     ('gated_residual_adaln', 'cpu', 'float32', ('frame',), (32768, 1152), 'cpu'),
     # gated_residual_adaln cogvideox-5b-3f per-sample on cpu: Intel(R) Xeon(R) Processor, 2
-    # threads, 2026-12-06: cpu 47.46, native 117.8 ms
+    # threads, 2026-12-06: cpu 53.58, native 105.7 ms
     ('gated_residual_adaln', 'cpu', 'float32', ('sample',), (8100, 3072), 'cpu'),
     # gated_residual_adaln latte per-sample on cpu: AMD EPYC, 2 threads, 2026-12-04: cpu 85.65,
     # native 173.6 ms
     ('gated_residual_adaln', 'cpu', 'float32', ('sample',), (8192, 1152), 'cpu'),
     # gated_residual_adaln latte-b8 per-sample on cpu: Intel(R) Xeon(R) Processor, 2 threads,
-    # 2026-12-06: cpu 107.8, native 207.8 ms
+    # 2026-12-06: cpu 87.18, native 168.3 ms
     ('gated_residual_adaln', 'cpu', 'float32', ('sample',), (32768, 1152), 'cpu'),
     # gated_residual_adaln latte per-sample on NVIDIA H200, 2026-12-04: cuda 0.16, native
     # 0.1666, triton 0.322 ms
@@ -132,13 +132,13 @@ TABLE = [
     # cuda 0.4836, native 1.539 ms
     ('gated_residual_adaln', 'cuda', 'bfloat16', ('shared',), (32760, 5120), 'triton'),
     # gated_residual cogvideox-5b-3f per-sample on cpu: Intel(R) Xeon(R) Processor, 2 threads,
-    # 2026-12-06: native 35.83, cpu 40.82 ms
+    # 2026-12-06: native 26.44, cpu 29.98 ms
     ('gated_residual', 'cpu', 'float32', ('sample',), (8100, 3072), 'native'),
     # gated_residual latte per-sample on cpu: AMD EPYC, 2 threads, 2026-12-04: native 43.57, cpu
     # 47.73 ms
     ('gated_residual', 'cpu', 'float32', ('sample',), (8192, 1152), 'native'),
     # gated_residual latte-b8 per-sample on cpu: Intel(R) Xeon(R) Processor, 2 threads,
-    # 2026-12-06: native 51.71, cpu 56.68 ms
+    # 2026-12-06: native 37.83, cpu 42.8 ms
     ('gated_residual', 'cpu', 'float32', ('sample',), (32768, 1152), 'native'),
     # gated_residual latte per-sample on NVIDIA H200, 2026-12-04: native 0.06384, cuda 0.116,
     # triton 0.2355 ms
@@ -150,12 +150,12 @@ TABLE = [
     # 0.3271, native 0.471 ms
     ('gated_residual', 'cuda', 'bfloat16', ('shared',), (32760, 5120), 'triton'),
     # rms_norm cogvideox-5b-3f on cpu: Intel(R) Xeon(R) Processor, 2 threads, 2026-12-06: cpu
-    # 41.47, native 136.9 ms
+    # 28.18, native 89.74 ms
     ('rms_norm', 'cpu', 'float32', ('none',), (8100, 3072), 'cpu'),
     # rms_norm latte on cpu: AMD EPYC, 2 threads, 2026-12-04: cpu 39.43, native 115.9 ms
     ('rms_norm', 'cpu', 'float32', ('none',), (8192, 1152), 'cpu'),
-    # rms_norm latte-b8 on cpu: Intel(R) Xeon(R) Processor, 2 threads, 2026-12-06: cpu 57.79,
-    # native 216 ms
+    # rms_norm latte-b8 on cpu: Intel(R) Xeon(R) Processor, 2 threads, 2026-12-06: cpu 43.98,
+    # native 173.5 ms
     ('rms_norm', 'cpu', 'float32', ('none',), (32768, 1152), 'cpu'),
     # rms_norm latte on NVIDIA H200, 2026-12-04: native 0.01936, cuda 0.03104, triton 0.1465 ms
     ('rms_norm', 'cuda', 'bfloat16', ('none',), (8192, 1152), 'native'),
@@ -166,19 +166,19 @@ TABLE = [
     # ms
     ('rms_norm', 'cuda', 'bfloat16', ('none',), (35100, 3072), 'triton'),
     # causal_conv3d wan-time_conv-k311-crop on cpu: Intel(R) Xeon(R) Processor, 2 threads,
-    # 2026-12-06: native 0.9871, cpu 1.404 ms
+    # 2026-12-06: native 0.7844, cpu 1.035 ms
     ('causal_conv3d', 'cpu', 'float32', ((3, 1, 1), (1, 1, 1), (1, 1, 1), 'cache', 0, 1), (1, 96, 294912, 384, 768), 'native'),
     # causal_conv3d wan-mid-chunk-crop on cpu: Intel(R) Xeon(R) Processor, 2 threads,
-    # 2026-12-06: native 4.425, cpu 5.403 ms
+    # 2026-12-06: native 3.369, cpu 3.577 ms
     ('causal_conv3d', 'cpu', 'float32', ((3, 3, 3), (1, 1, 1), (1, 1, 1), 'cache', 0, 1), (1, 96, 147456, 384, 384), 'native'),
     # causal_conv3d cogvideox-mid-chunk-crop on cpu: Intel(R) Xeon(R) Processor, 2 threads,
-    # 2026-12-06: native 13.51, cpu 14.17 ms
+    # 2026-12-06: native 10.73, cpu 11.44 ms
     ('causal_conv3d', 'cpu', 'float32', ((3, 3, 3), (1, 1, 1), (1, 1, 1), 'cache', 0, 1), (2, 96, 262144, 512, 512), 'native'),
     # causal_conv3d cogvideox-up3-chunk-crop on cpu: Intel(R) Xeon(R) Processor, 2 threads,
-    # 2026-12-06: cpu 3.374, native 4.887 ms
+    # 2026-12-06: cpu 2.486, native 3.743 ms
     ('causal_conv3d', 'cpu', 'float32', ((3, 3, 3), (1, 1, 1), (1, 1, 1), 'cache', 0, 1), (2, 384, 16384, 128, 128), 'cpu'),
     # causal_conv3d cogvideox-up3-whole-crop on cpu: Intel(R) Xeon(R) Processor, 2 threads,
-    # 2026-12-06: cpu 11.58, native 12.53 ms
+    # 2026-12-06: cpu 9.407, native 10.2 ms
     ('causal_conv3d', 'cpu', 'float32', ((3, 3, 3), (1, 1, 1), (1, 1, 1), 'replicate', 0, 1), (9, 384, 16384, 128, 128), 'cpu'),
     # causal_conv3d wan-time_conv-k311 on NVIDIA H200, 2026-12-04: native 0.1249, triton 0.2441,
     # cuda 0.2845 ms
